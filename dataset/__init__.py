@@ -1,0 +1,16 @@
+"""Training datasets: stage-1 hybrid synthetic/real data and stage-2 static pairs."""
+from dataset.checks import DataError
+from dataset.degradation import DegradationParams, degrade, haze_formula
+from dataset.hybrid import STAGE1_PROMPT, HybridTrainingData
+from dataset.paired import STAGE2_PROMPT, StaticPairedData
+
+__all__ = [
+    "DataError",
+    "DegradationParams",
+    "HybridTrainingData",
+    "STAGE1_PROMPT",
+    "STAGE2_PROMPT",
+    "StaticPairedData",
+    "degrade",
+    "haze_formula",
+]

@@ -1,0 +1,57 @@
+"""Shared builders for tests: tiny random-init models and checkpoints written in the release formats."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from model.cldm import SD_PREFIXES, ControlLDM
+from utils.common import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ROOT / "configs" / "tiny" / "model.yaml"
+
+
+def tiny_config(base: str = "configs/inference/stage2.yaml", **overrides):
+    """A published config with its ``model`` section replaced by the tiny model; dotlist-style overrides."""
+    cfg = OmegaConf.load(ROOT / base)
+    cfg.model = OmegaConf.load(TINY_MODEL).model
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    return cfg
+
+
+def build_tiny(seed: int = 0, cfg=None) -> ControlLDM:
+    torch.manual_seed(seed)
+    cfg = cfg if cfg is not None else tiny_config()
+    return instantiate_from_config(cfg.model.cldm)
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Give every parameter non-trivial random values (zero-init layers included) so equalities are meaningful."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def ldm_state_dict(model: ControlLDM) -> dict[str, torch.Tensor]:
+    """The SD checkpoint layout: prefixed unet/vae/clip tensors."""
+    sd = {}
+    for name, prefix in SD_PREFIXES.items():
+        sd.update({prefix + k: v.clone() for k, v in getattr(model, name).state_dict().items()})
+    return sd
+
+
+def write_release_checkpoints(model: ControlLDM, folder: Path, extra_sd_keys: bool = True) -> tuple[Path, Path]:
+    """Write ``sd.ckpt`` as ``{"state_dict": {...}}`` (with LDM extra buffers) and ``controlnet.pt`` (flat)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = ldm_state_dict(model)
+    if extra_sd_keys:
+        sd["betas"] = torch.linspace(1e-4, 2e-2, 1000)
+        sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd_path, cn_path = folder / "sd.ckpt", folder / "controlnet.pt"
+    torch.save({"state_dict": sd, "global_step": 1}, sd_path)
+    torch.save(model.controlnet_state_dict(), cn_path)
+    return sd_path, cn_path

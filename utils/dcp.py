@@ -1,0 +1,179 @@
+"""Dark Channel Prior (He et al., CVPR 2009 / TPAMI 2011) in batched torch.
+
+All images are ``img01``: (B,3,H,W) float in [0,1]. The functions ``dark_channel``,
+``estimate_airlight`` and ``transmission`` follow the published DCP transmission used by the
+AccSamp guidance of "Learning Hazing to Dehazing" (CVPR 2025): 15x15 dark channel, airlight
+from the top 0.1 % dark-channel pixels, t = 1 - 0.95 * dark(I / A) clamped to [0.05, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+_MIN_AIRLIGHT = 1e-6
+
+
+def _check_img(img01: torch.Tensor, name: str = "img01") -> None:
+    if img01.ndim != 4 or img01.shape[1] != 3:
+        raise ValueError(f"{name} must be (B,3,H,W), got shape {tuple(img01.shape)}")
+
+
+def min_filter(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Square ``patch``x``patch`` minimum filter of (B,C,H,W), same size output.
+
+    Implemented as -max_pool2d(-x) on an edge-replicated pad of patch//2, so border pixels
+    take the minimum over the part of the window inside the image. ``patch`` must be odd.
+    """
+    if patch < 1 or patch % 2 == 0:
+        raise ValueError(f"patch must be a positive odd integer, got {patch}")
+    if patch == 1:
+        return x
+    r = patch // 2
+    padded = F.pad(-x, (r, r, r, r), mode="replicate")
+    return -F.max_pool2d(padded, kernel_size=patch, stride=1)
+
+
+def dark_channel(img01: torch.Tensor, patch: int = 15) -> torch.Tensor:
+    """Dark channel: per-pixel min over RGB, then a patch x patch min filter.
+
+    img01: (B,3,H,W) -> (B,1,H,W), same value range as the input.
+    """
+    _check_img(img01)
+    return min_filter(img01.amin(dim=1, keepdim=True), patch)
+
+
+def estimate_airlight(img01: torch.Tensor, dark: torch.Tensor, top: float = 0.001) -> torch.Tensor:
+    """Atmospheric light per image (He et al.).
+
+    Among the brightest ``top`` fraction (at least one pixel) of the dark channel ``dark``
+    (B,1,H,W), pick the pixel with the largest R+G+B and return its colour: (B,3) in [0,1].
+    """
+    _check_img(img01)
+    b, _, h, w = img01.shape
+    if dark.shape != (b, 1, h, w):
+        raise ValueError(f"dark must be {(b, 1, h, w)}, got {tuple(dark.shape)}")
+    if not 0.0 < top <= 1.0:
+        raise ValueError(f"top must be in (0, 1], got {top}")
+    n = max(1, int(h * w * top))
+    idx = dark.reshape(b, h * w).topk(n, dim=1).indices
+    flat = img01.reshape(b, 3, h * w)
+    cand = flat.gather(2, idx.unsqueeze(1).expand(b, 3, n))
+    best = cand.sum(dim=1).argmax(dim=1)
+    return cand[torch.arange(b, device=img01.device), :, best]
+
+
+def transmission(
+    img01: torch.Tensor,
+    airlight: torch.Tensor,
+    omega: float = 0.95,
+    patch: int = 15,
+    t_min: float = 0.05,
+) -> torch.Tensor:
+    """Coarse DCP transmission t = clamp(1 - omega * dark_channel(I / A), t_min, 1).
+
+    img01: (B,3,H,W) in [0,1]; airlight: (B,3). Returns (B,1,H,W) in [t_min, 1].
+    A is floored at 1e-6 per channel so that a black airlight does not divide by zero.
+    """
+    _check_img(img01)
+    if airlight.shape != (img01.shape[0], 3):
+        raise ValueError(f"airlight must be ({img01.shape[0]}, 3), got {tuple(airlight.shape)}")
+    norm = img01 / airlight.clamp_min(_MIN_AIRLIGHT)[:, :, None, None]
+    t = 1.0 - omega * dark_channel(norm, patch)
+    return t.clamp(t_min, 1.0)
+
+
+def _box_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Sum over the window [i-r, i+r] ∩ [0, n) along ``dim`` via a float64 cumulative sum."""
+    n = x.shape[dim]
+    c = torch.cumsum(x.double(), dim=dim)
+    c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim=dim)
+    i = torch.arange(n, device=x.device)
+    hi = (i + r + 1).clamp(max=n)
+    lo = (i - r).clamp(min=0)
+    return c.index_select(dim, hi) - c.index_select(dim, lo)
+
+
+def box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over the (2r+1)^2 window around each pixel of (B,C,H,W), window clipped at the
+    image border (divided by the number of pixels inside). O(HW) for any radius."""
+    h, w = x.shape[-2:]
+    s = _box_sum_1d(_box_sum_1d(x, r, dim=-2), r, dim=-1)
+    ones_h = _box_sum_1d(torch.ones(h, 1, device=x.device), r, dim=0)
+    ones_w = _box_sum_1d(torch.ones(1, w, device=x.device), r, dim=1)
+    return (s / (ones_h * ones_w)).to(x.dtype)
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """Guided filter (He et al., ECCV 2010 / TPAMI 2013).
+
+    guide: (B,1,H,W) or (B,3,H,W) (colour guided filter); src: (B,1,H,W).
+    Windows are (2*radius+1)^2, clipped at the borders. Returns (B,1,H,W).
+    """
+    if guide.ndim != 4 or guide.shape[1] not in (1, 3):
+        raise ValueError(f"guide must be (B,1,H,W) or (B,3,H,W), got {tuple(guide.shape)}")
+    if src.ndim != 4 or src.shape[1] != 1 or src.shape[-2:] != guide.shape[-2:] or src.shape[0] != guide.shape[0]:
+        raise ValueError(f"src must be (B,1,H,W) matching guide, got {tuple(src.shape)}")
+    if radius < 0 or eps < 0:
+        raise ValueError(f"radius and eps must be non-negative, got {radius}, {eps}")
+    mean_i = box_mean(guide, radius)
+    mean_p = box_mean(src, radius)
+    cov_ip = box_mean(guide * src, radius) - mean_i * mean_p
+    if guide.shape[1] == 1:
+        var_i = box_mean(guide * guide, radius) - mean_i * mean_i
+        a = cov_ip / (var_i + eps)
+        b = mean_p - a * mean_i
+        return box_mean(a, radius) * guide + box_mean(b, radius)
+    bsz, _, h, w = guide.shape
+    prod = guide.unsqueeze(2) * guide.unsqueeze(1)
+    sigma = box_mean(prod.reshape(bsz, 9, h, w), radius).reshape(bsz, 3, 3, h, w)
+    sigma = sigma - mean_i.unsqueeze(2) * mean_i.unsqueeze(1)
+    eye = torch.eye(3, dtype=guide.dtype, device=guide.device)
+    lhs = sigma.permute(0, 3, 4, 1, 2) + eps * eye
+    rhs = cov_ip.permute(0, 2, 3, 1).unsqueeze(-1)
+    a = torch.linalg.solve(lhs, rhs).squeeze(-1).permute(0, 3, 1, 2)
+    b = mean_p - (a * mean_i).sum(dim=1, keepdim=True)
+    return (box_mean(a, radius) * guide).sum(dim=1, keepdim=True) + box_mean(b, radius)
+
+
+def default_guided_radius(h: int, w: int) -> int:
+    """Guided-filter radius for DCP refinement: min(60, max(1, round(0.15 * min(H, W)))).
+
+    He et al. use r = 60 for ~600x400 images, i.e. 15 % of the short side; smaller images
+    scale the radius down so the window does not swallow the whole image.
+    """
+    return min(60, max(1, round(0.15 * min(h, w))))
+
+
+def dcp_dehaze(
+    img01: torch.Tensor,
+    patch: int = 15,
+    omega: float = 0.95,
+    top: float = 0.001,
+    radius: Optional[int] = None,
+    eps: float = 1e-3,
+    t0: float = 0.1,
+    t_min: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classical DCP dehazing (He et al.) with guided-filter refinement.
+
+    Coarse t from ``transmission`` is refined by a guided filter (guide = BT.601 grey of I,
+    radius ``radius`` or ``default_guided_radius``, ``eps``), clamped to [t0, 1], and the
+    scene is recovered as J = (I - A) / t + A, clamped to [0,1].
+    img01: (B,3,H,W) in [0,1]. Returns (J01 (B,3,H,W) in [0,1], t (B,1,H,W) in [t0,1], A (B,3)).
+    """
+    _check_img(img01)
+    h, w = img01.shape[-2:]
+    dark = dark_channel(img01, patch)
+    airlight = estimate_airlight(img01, dark, top)
+    t_coarse = transmission(img01, airlight, omega=omega, patch=patch, t_min=t_min)
+    weights = torch.tensor(_GRAY_WEIGHTS, dtype=img01.dtype, device=img01.device)
+    gray = (img01 * weights[None, :, None, None]).sum(dim=1, keepdim=True)
+    r = default_guided_radius(h, w) if radius is None else radius
+    t = guided_filter(gray, t_coarse, r, eps).clamp(t0, 1.0)
+    a4 = airlight[:, :, None, None]
+    j01 = ((img01 - a4) / t + a4).clamp(0.0, 1.0)
+    return j01, t, airlight

@@ -1,0 +1,286 @@
+"""Deterministic per-image fog analyser (HCD-YC extension, not in the paper).
+
+``analyze_fog(img01)`` estimates, for each hazy image, a haze density ``rho`` in [0,1], a
+density level, a haze type, a coarse scene class and a numeric feature vector used by the
+prompt builder (utils.prompts) and the text-condition modulation (model.text_processor).
+Everything is computed without gradients on a copy downscaled to ``max_side`` pixels, from
+the Dark Channel Prior (utils.dcp) plus simple image statistics; all rules are heuristics
+documented here and in the function docstrings.
+
+Density (mean-based, so monotone in the scattering coefficient beta of the atmospheric model
+I = J t + A (1 - t), t = exp(-beta d), for a fixed scene J and depth d):
+
+    h_t   = clamp((1 - mean t) / omega, 0, 1)        DCP haze opacity, t = coarse DCP transmission
+    h_lum = clamp((mean Y - 0.3) / 0.5, 0, 1)         haze brightens the image (BT.601 luma Y)
+    h_con = 1 - clamp(std Y / 0.2, 0, 1)              haze removes global contrast
+    rho   = 0.6 h_t + 0.2 h_lum + 0.2 h_con
+    level = light (rho < 0.45) | moderate (rho < 0.65) | dense
+
+Haze type, from the coarse transmission averaged on a G x G grid T (G = 16), rows indexed by
+y in [-0.5, 0.5] (top to bottom) and a least-squares line r(y) = a + s y through its row means:
+
+    layered      |s| >= 0.35 (t changes by >= 0.35 from top to bottom), the line explains
+                 >= 80 % of the row-mean variance and >= 50 % of the variance of T;
+    non-uniform  otherwise, if std(T - r(y)) >= 0.12 (strong left-right / patchy variation);
+    uniform      otherwise.
+
+Note that depth also changes t, so an outdoor scene whose depth grows towards the horizon can
+read as layered: the label describes the visible transmission pattern, not beta alone.
+
+Scene, from the DCP-restored image J = (I - A) / max(t, 0.1) + A (colours and edges that the
+haze hides) and from the hazy image's top quarter:
+
+    veg_frac  fraction of J pixels with HSV hue in [65, 170] deg, saturation >= 0.2, value >= 0.1;
+    sky_frac  fraction of top-quarter pixels of I that are bright (Y >= 0.55), smooth
+              (Sobel magnitude < 0.02 everywhere in their 9x9 neighbourhood) and close to the airlight (min_c I_c / A_c >= 0.85);
+              in very dense fog (t < ~0.15 everywhere) every smooth region looks like sky;
+    edge_den  fraction of J pixels whose Sobel luma magnitude >= 0.05 (a step of 0.1);
+    axis_frac fraction of those edge pixels whose gradient is within 15 deg of horizontal or
+              vertical (about 1/3 for isotropic texture, higher for buildings / furniture).
+
+    natural  if veg_frac >= 0.2
+    indoor   elif sky_frac < 0.1 and axis_frac >= 0.4   (no sky, man-made structure)
+    urban    elif axis_frac >= 0.4 and edge_den >= 0.02
+    natural  otherwise
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from utils.color import rgb_to_ycbcr
+from utils.dcp import dark_channel, estimate_airlight, transmission
+
+DENSITY_LEVELS = ("light", "moderate", "dense")
+HAZE_TYPES = ("uniform", "layered", "non-uniform")
+SCENES = ("urban", "natural", "indoor")
+
+FOG_FEATURE_NAMES = (
+    "density",
+    "mean_t",
+    "std_t",
+    "vertical_span",
+    "row_fit_r2",
+    "residual_std",
+    "airlight_luma",
+    "luminance",
+    "contrast",
+    "edge_density",
+    "axis_fraction",
+    "vegetation_fraction",
+    "sky_fraction",
+    "saturation",
+)
+FOG_FEATURE_DIM = len(FOG_FEATURE_NAMES)
+
+_OMEGA = 0.95
+_GRID = 16
+_LIGHT_MAX, _MODERATE_MAX = 0.45, 0.65
+_LAYER_SPAN, _LAYER_ROW_R2, _LAYER_SHARE = 0.35, 0.8, 0.5
+_NONUNIFORM_STD = 0.12
+_EDGE_MAG = 0.05
+_SKY_SMOOTH = 0.02
+_SKY_WINDOW = 9
+_SKY_NEAR_A = 0.85
+_AXIS_TOL_DEG = 15.0
+_VEG_MIN, _SKY_INDOOR, _AXIS_MIN, _EDGE_URBAN = 0.2, 0.1, 0.4, 0.02
+
+
+@dataclass(frozen=True, eq=False)
+class FogInfo:
+    """Analysis of one image. ``features``: (FOG_FEATURE_DIM,) float32 on CPU, see FOG_FEATURE_NAMES."""
+
+    density: float
+    level: str
+    haze_type: str
+    scene: str
+    features: torch.Tensor
+
+    def stats(self) -> dict[str, float]:
+        """Feature vector as a name -> value dict (for logging)."""
+        return dict(zip(FOG_FEATURE_NAMES, self.features.tolist()))
+
+
+def sobel(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel derivatives of a single-channel map y: (B,1,H,W) -> (gx, gy), each (B,1,H,W).
+
+    Kernels are divided by 8 so a step of height h gives a magnitude of h/2; replicate padding.
+    Differentiable.
+    """
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=y.dtype, device=y.device) / 8.0
+    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)
+    g = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), kernels)
+    return g[:, :1], g[:, 1:]
+
+
+def _hsv(img01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """img01: (B,3,H,W) -> hue in degrees [0,360), saturation [0,1], value [0,1], each (B,1,H,W)."""
+    r, g, b = img01[:, 0:1], img01[:, 1:2], img01[:, 2:3]
+    value, argmax = img01.max(dim=1, keepdim=True)
+    delta = value - img01.amin(dim=1, keepdim=True)
+    safe = delta.clamp_min(1e-8)
+    hue_r = torch.remainder((g - b) / safe, 6.0)
+    hue_g = (b - r) / safe + 2.0
+    hue_b = (r - g) / safe + 4.0
+    hue = torch.where(argmax == 0, hue_r, torch.where(argmax == 1, hue_g, hue_b)) * 60.0
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    sat = torch.where(value > 0, delta / value.clamp_min(1e-8), torch.zeros_like(value))
+    return hue, sat, value
+
+
+def _downscale(img01: torch.Tensor, max_side: int) -> torch.Tensor:
+    h, w = img01.shape[-2:]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return img01
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(img01, size=size, mode="area")
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def _transmission_layout(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Vertical trend / residual statistics of t: (B,1,H,W), each returned as (B,)."""
+    grid = (min(_GRID, t.shape[-2]), min(_GRID, t.shape[-1]))
+    cells = F.adaptive_avg_pool2d(t, grid)[:, 0]
+    rows = cells.mean(dim=2)
+    y = torch.linspace(-0.5, 0.5, grid[0], dtype=t.dtype, device=t.device) if grid[0] > 1 else t.new_zeros(1)
+    yc = y - y.mean()
+    var_y = (yc**2).mean().clamp_min(1e-12)
+    rows_c = rows - rows.mean(dim=1, keepdim=True)
+    slope = (rows_c * yc).mean(dim=1) / var_y
+    trend = slope[:, None] * yc[None, :]
+    row_var = (rows_c**2).mean(dim=1)
+    row_r2 = torch.where(row_var > 1e-12, (trend**2).mean(dim=1) / row_var.clamp_min(1e-12), torch.zeros_like(row_var))
+    centred = cells - cells.mean(dim=(1, 2), keepdim=True)
+    total_var = (centred**2).mean(dim=(1, 2))
+    residual = centred - trend[:, :, None]
+    share = torch.where(total_var > 1e-12, (trend**2).mean(dim=1) / total_var.clamp_min(1e-12), torch.zeros_like(total_var))
+    return {
+        "vertical_span": slope * (y[-1] - y[0]) if grid[0] > 1 else slope * 0.0,
+        "row_fit_r2": row_r2.clamp(0.0, 1.0),
+        "vertical_share": share.clamp(0.0, 1.0),
+        "residual_std": residual.flatten(1).std(dim=1, unbiased=False),
+    }
+
+
+def _scene_stats(hazy01: torch.Tensor, t: torch.Tensor, airlight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Colour / edge statistics for the scene rule (see module docstring), each (B,)."""
+    a4 = airlight[:, :, None, None]
+    restored = ((hazy01 - a4) / t.clamp_min(0.1) + a4).clamp(0.0, 1.0)
+    hue, sat, value = _hsv(restored)
+    veg = (hue >= 65.0) & (hue <= 170.0) & (sat >= 0.2) & (value >= 0.1)
+
+    gx, gy = sobel(rgb_to_ycbcr(restored)[:, :1])
+    mag = torch.sqrt(gx**2 + gy**2)
+    edges = mag >= _EDGE_MAG
+    angle = torch.rad2deg(torch.atan2(gy.abs(), gx.abs()))
+    axis = edges & ((angle <= _AXIS_TOL_DEG) | (angle >= 90.0 - _AXIS_TOL_DEG))
+    n_edges = _mean(edges.float())
+    axis_frac = torch.where(n_edges > 0, _mean(axis.float()) / n_edges.clamp_min(1e-12), torch.zeros_like(n_edges))
+
+    top = max(1, hazy01.shape[-2] // 4)
+    hazy_top = hazy01[:, :, :top]
+    y_top = rgb_to_ycbcr(hazy_top)[:, :1]
+    hx, hy = sobel(rgb_to_ycbcr(hazy01)[:, :1])
+    local_max = F.max_pool2d(torch.sqrt(hx**2 + hy**2), _SKY_WINDOW, stride=1, padding=_SKY_WINDOW // 2)
+    smooth_top = local_max[:, :, :top] < _SKY_SMOOTH
+    near_airlight = (hazy_top / a4.clamp_min(1e-6)).amin(dim=1, keepdim=True) >= _SKY_NEAR_A
+    sky = (y_top >= 0.55) & smooth_top & near_airlight
+    return {
+        "edge_density": n_edges,
+        "axis_fraction": axis_frac,
+        "vegetation_fraction": _mean(veg.float()),
+        "sky_fraction": _mean(sky.float()),
+        "saturation": _mean(sat),
+    }
+
+
+def density_level(rho: float) -> str:
+    """rho in [0,1] -> 'light' (< 0.45), 'moderate' (< 0.65) or 'dense'."""
+    if rho < _LIGHT_MAX:
+        return "light"
+    return "moderate" if rho < _MODERATE_MAX else "dense"
+
+
+def _haze_type(span: float, row_r2: float, share: float, residual_std: float) -> str:
+    if abs(span) >= _LAYER_SPAN and row_r2 >= _LAYER_ROW_R2 and share >= _LAYER_SHARE:
+        return "layered"
+    return "non-uniform" if residual_std >= _NONUNIFORM_STD else "uniform"
+
+
+def _scene(veg: float, sky: float, axis: float, edges: float) -> str:
+    if veg >= _VEG_MIN:
+        return "natural"
+    if sky < _SKY_INDOOR and axis >= _AXIS_MIN:
+        return "indoor"
+    if axis >= _AXIS_MIN and edges >= _EDGE_URBAN:
+        return "urban"
+    return "natural"
+
+
+@torch.no_grad()
+def analyze_fog(img01: torch.Tensor, patch: int = 15, max_side: int = 256) -> list[FogInfo]:
+    """Analyse a batch of hazy images. img01: (B,3,H,W) in [0,1] -> one FogInfo per image.
+
+    Deterministic; images are first downscaled (area) so that the long side is <= ``max_side``;
+    ``patch`` is the DCP dark-channel patch size (odd) at that resolution.
+    """
+    if img01.dim() != 4 or img01.shape[1] != 3:
+        raise ValueError(f"img01 must have shape (B,3,H,W), got {tuple(img01.shape)}")
+    img = _downscale(img01.float().clamp(0.0, 1.0), max_side)
+    dark = dark_channel(img, patch)
+    airlight = estimate_airlight(img, dark)
+    t = transmission(img, airlight, omega=_OMEGA, patch=patch, t_min=0.05)
+    luma = rgb_to_ycbcr(img)[:, :1]
+
+    mean_t = _mean(t)
+    luminance = _mean(luma)
+    contrast = luma.flatten(1).std(dim=1, unbiased=False)
+    h_t = ((1.0 - mean_t) / _OMEGA).clamp(0.0, 1.0)
+    h_lum = ((luminance - 0.3) / 0.5).clamp(0.0, 1.0)
+    h_con = 1.0 - (contrast / 0.2).clamp(0.0, 1.0)
+    rho = 0.6 * h_t + 0.2 * h_lum + 0.2 * h_con
+
+    stats = {
+        "density": rho,
+        "mean_t": mean_t,
+        "std_t": t.flatten(1).std(dim=1, unbiased=False),
+        "airlight_luma": rgb_to_ycbcr(airlight[:, :, None, None])[:, 0, 0, 0],
+        "luminance": luminance,
+        "contrast": contrast,
+    }
+    layout = _transmission_layout(t)
+    stats.update(layout)
+    stats.update(_scene_stats(img, t, airlight))
+    features = torch.stack([stats[name] for name in FOG_FEATURE_NAMES], dim=1).float().cpu()
+    share = layout["vertical_share"].cpu()
+
+    infos = []
+    for i in range(img.shape[0]):
+        f = dict(zip(FOG_FEATURE_NAMES, features[i].tolist()))
+        if not all(math.isfinite(v) for v in f.values()):
+            raise ValueError(f"fog analysis produced non-finite statistics for image {i}: {f}")
+        infos.append(
+            FogInfo(
+                density=f["density"],
+                level=density_level(f["density"]),
+                haze_type=_haze_type(f["vertical_span"], f["row_fit_r2"], share[i].item(), f["residual_std"]),
+                scene=_scene(f["vegetation_fraction"], f["sky_fraction"], f["axis_fraction"], f["edge_density"]),
+                features=features[i].clone(),
+            )
+        )
+    return infos
+
+
+def fog_features(infos: list[FogInfo], device: torch.device | str | None = None) -> torch.Tensor:
+    """Stack the per-image feature vectors: -> (B, FOG_FEATURE_DIM) float32."""
+    if not infos:
+        raise ValueError("fog_features needs at least one FogInfo")
+    return torch.stack([info.features for info in infos]).to(device)

@@ -1,0 +1,140 @@
+"""Image file I/O and resizing for HCD-YC.
+
+All tensors use the ``img01`` convention: float32, RGB, values in [0, 1].
+Reading relies on Pillow with ``ImageFile.LOAD_TRUNCATED_IMAGES`` left at its default
+(False), so truncated files raise :class:`ImageReadError` instead of being silently padded.
+EXIF orientation is not applied: pixels are returned as stored, so hazy/clean pairs keep
+matching sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageReadError(Exception):
+    """An image file could not be decoded; carries the offending ``path`` and a ``reason``."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """Files directly inside ``folder`` whose suffix is in IMAGE_EXTS (case-insensitive).
+
+    Hidden files (leading '.') are skipped; the result is sorted by file name.
+    Raises FileNotFoundError / NotADirectoryError naming ``folder``.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder does not exist: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    files = [
+        p for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+    ]
+    return sorted(files, key=lambda p: p.name)
+
+
+def pil_to_tensor01(img: Image.Image) -> torch.Tensor:
+    """PIL image of any common mode -> (3,H,W) float32 in [0,1].
+
+    16-bit greyscale modes ('I;16*', 'I') are divided by 65535 and clipped; palette, L, LA,
+    RGBA, CMYK, 1-bit, ... are converted to RGB by Pillow (alpha is dropped, not composited).
+    Raises ValueError for modes with no defined [0,1] scaling (e.g. float 'F').
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+        gray = torch.from_numpy(np.clip(arr, 0.0, 1.0))
+        return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if img.mode == "F":
+        raise ValueError("float image mode 'F' has no defined value range")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor01_to_pil(img01: torch.Tensor) -> Image.Image:
+    """(3,H,W) tensor in [0,1] -> 8-bit RGB PIL image (clamped, rounded to nearest)."""
+    if img01.ndim != 3 or img01.shape[0] != 3:
+        raise ValueError(f"expected a (3,H,W) tensor, got shape {tuple(img01.shape)}")
+    if not torch.isfinite(img01).all():
+        raise ValueError("image tensor contains NaN or Inf")
+    arr = (img01.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+
+
+def load_rgb01(path: PathLike) -> torch.Tensor:
+    """Read an image file -> (3,H,W) float32 in [0,1].
+
+    Raises ImageReadError(path, reason) for missing, non-image, truncated or unsupported files.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return pil_to_tensor01(img)
+    except FileNotFoundError as exc:
+        raise ImageReadError(p, "file not found") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(p, "not a recognised image format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(p, f"image too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(p, f"corrupt, truncated or unsupported image ({exc})") from exc
+
+
+def save_png01(img01: torch.Tensor, path: PathLike) -> None:
+    """Write ``img01`` (3,H,W) in [0,1] as an 8-bit RGB PNG, atomically.
+
+    Values are clamped to [0,1] and rounded. The PNG is written to a temporary file in the
+    destination folder and moved into place with os.replace, so readers never see a partial
+    file. Parent folders are created. Raises ValueError for a wrong shape or non-finite values.
+    """
+    dst = Path(path)
+    pil = tensor01_to_pil(img01)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pil.save(fh, format="PNG")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, dst)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def resize01(img01: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
+    """Bicubic, antialiased resize of (B,C,H,W) -> (B,C,h,w) with (h, w) = ``size_hw``.
+
+    Uses F.interpolate(mode="bicubic", antialias=True, align_corners=False). The result is
+    NOT clamped: bicubic overshoot may leave [0,1]; callers clamp when needed.
+    """
+    if img01.ndim != 4:
+        raise ValueError(f"expected a (B,C,H,W) tensor, got shape {tuple(img01.shape)}")
+    h, w = (int(s) for s in size_hw)
+    if h < 1 or w < 1:
+        raise ValueError(f"target size must be positive, got {(h, w)}")
+    if not img01.is_floating_point():
+        raise TypeError(f"expected a floating point tensor, got {img01.dtype}")
+    return F.interpolate(img01, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
