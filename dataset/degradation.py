@@ -19,6 +19,8 @@ of operations, checked against RIDCP's and the CVPR 2025 reference data code:
 8. clipped to [0,1] and quantised to 8 bit (the reference returns uint8).
 
 All randomness comes from the ``numpy.random.Generator`` passed in.
+``depth_proxy`` gives a depth map in the same convention when no depth
+estimator is available (used by tools/make_synthetic_set.py and tools/make_inputs.py).
 """
 from __future__ import annotations
 
@@ -140,8 +142,8 @@ def add_gaussian_noise(
     "color" (independent per channel, std sigma = level/255), "gray" (one value
     per pixel added to all channels, std sigma) or "correlated" (per-pixel 3-vector
     with covariance |L^2 U^T D U|, sigma reported as the scale L = levels[1]/255).
-    The elementwise |.| of the reference can make that matrix indefinite; its
-    negative eigenvalues are clipped to 0 before sampling.
+    The elementwise |.| of the reference can make that matrix indefinite; as numpy's
+    SVD-based multivariate_normal in the reference does, eigenvalues enter as |lambda|.
     """
     level = int(rng.integers(levels[0], levels[1] + 1))
     choice = rng.random()
@@ -158,12 +160,13 @@ def add_gaussian_noise(
         u = np.linalg.svd(rng.random((3, 3)))[0]
         cov = np.abs(sigma**2 * (u.T @ d @ u))
         eigval, eigvec = np.linalg.eigh(cov)
-        mix = eigvec * np.sqrt(np.clip(eigval, 0.0, None))
+        mix = eigvec * np.sqrt(np.abs(eigval))
         noise = rng.standard_normal((h, w, 3)) @ mix.T
     return np.clip(img01 + noise, 0.0, 1.0), sigma, kind
 
 
-def _uniform(rng: np.random.Generator, bounds: tuple[float, float], size: Any = None) -> Any:
+def _uniform(rng: np.random.Generator, bounds: tuple[float, float], size: int | None = None) -> Any:
+    """One U[bounds) draw (float) or ``size`` draws ((size,) array)."""
     return rng.uniform(bounds[0], bounds[1], size)
 
 

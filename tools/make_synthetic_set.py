@@ -31,11 +31,17 @@ LOG = logging.getLogger("make_synthetic_set")
 
 
 def atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """Call ``write(file_object)`` on a temp file in path's folder, then os.replace it to path."""
+    """Call ``write(file_object)`` on a temp file in path's folder, then os.replace it to path.
+
+    The file gets the usual permissions (0o666 less the umask), not mkstemp's 0o600.
+    """
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):

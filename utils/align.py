@@ -11,7 +11,8 @@ with the bottom/right border (at size - patch) when the grid does not end there,
 pixel is covered. Along a side shorter than the patch, the patch is clipped to that side
 (a single patch spanning the image), for both settings.
 
-``align_op`` is the O(HW) path (integral images + difference arrays, float64 accumulation);
+``align_op`` is the O(HW) path (separable float64 window means on the patch grid + difference
+arrays over runs of pixels sharing their covering patches);
 ``align_op_reference`` materialises every patch, like the published unfold/fold code, and is
 meant for tests and benchmarks only.
 """
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _grid(size: int, patch: int, stride: int, cover_border: bool) -> tuple[int, list[int]]:
-    """Effective patch length along one side and the patch start positions."""
+def patch_grid(size: int, patch: int, stride: int, cover_border: bool) -> tuple[int, list[int]]:
+    """Patch length along one side of length ``size`` (clipped to ``size``) and the patch
+    start positions: 0, stride, ... while start + patch <= size, plus size - patch when
+    ``cover_border`` and the grid does not already end there."""
     p = min(patch, size)
     starts = list(range(0, size - p + 1, stride))
     if cover_border and starts[-1] != size - p:
@@ -59,8 +62,8 @@ def align_op_reference(
     _check(x_pm1, ref_pm1, patch, stride)
     b, c, h, w = x_pm1.shape
     dev = x_pm1.device
-    ph, ys = _grid(h, patch, stride, cover_border)
-    pw, xs = _grid(w, patch, stride, cover_border)
+    ph, ys = patch_grid(h, patch, stride, cover_border)
+    pw, xs = patch_grid(w, patch, stride, cover_border)
     iy = (torch.tensor(ys, device=dev)[:, None] + torch.arange(ph, device=dev))[:, None, :, None]
     ix = (torch.tensor(xs, device=dev)[:, None] + torch.arange(pw, device=dev))[None, :, None, :]
     xp = x_pm1[:, :, iy, ix]
@@ -78,37 +81,43 @@ def align_op_reference(
     return (total / count.clamp_min(1.0)[:, :, None, None]).permute(2, 3, 0, 1).contiguous()
 
 
-def _window_sums(planes: torch.Tensor, ys: torch.Tensor, ph: int, xs: torch.Tensor, pw: int) -> torch.Tensor:
-    """Sums of (N,H,W) float64 planes over the ph x pw windows starting at ys x xs -> (N,nY,nX)."""
-    cy = F.pad(planes, (0, 0, 1, 0)).cumsum_(dim=1)
-    rows = cy.index_select(1, ys + ph) - cy.index_select(1, ys)
-    cx = F.pad(rows, (1, 0)).cumsum_(dim=2)
-    return cx.index_select(2, xs + pw) - cx.index_select(2, xs)
+def _window_means_1d(planes: torch.Tensor, starts: list[int], p: int, stride: int, dim: int) -> torch.Tensor:
+    """Means of (N,H,W) planes over windows [s, s+p) along ``dim`` (1 or 2) for s in ``starts``.
+
+    The regular grid 0, stride, ... is an average pool; a border-flush window is appended."""
+    size = planes.shape[dim]
+    n_regular = (size - p) // stride + 1
+    kernel = (p, 1) if dim == 1 else (1, p)
+    step = (stride, 1) if dim == 1 else (1, stride)
+    means = F.avg_pool2d(planes, kernel_size=kernel, stride=step)
+    if len(starts) > n_regular:
+        means = torch.cat([means, planes.narrow(dim, size - p, p).mean(dim=dim, keepdim=True)], dim=dim)
+    return means
 
 
-def _spread(coef: torch.Tensor, ys: torch.Tensor, ph: int, h: int, xs: torch.Tensor, pw: int, w: int) -> torch.Tensor:
-    """Per pixel, the sum of (N,nY,nX) patch coefficients over all patches covering it -> (N,H,W).
+class _Segments:
+    """Runs of one image side over which the set of covering patches is constant."""
 
-    Separable difference arrays: +coef at a window start, -coef one past its end, then cumsum.
-    """
-    n, _, nx = coef.shape
-    dy = coef.new_zeros(n, h + 1, nx)
-    dy.index_add_(1, ys, coef)
-    dy.index_add_(1, ys + ph, -coef)
-    rows = dy.cumsum_(dim=1)[:, :h]
-    dx = coef.new_zeros(n, h, w + 1)
-    dx.index_add_(2, xs, rows)
-    dx.index_add_(2, xs + pw, -rows)
-    return dx.cumsum_(dim=2)[:, :, :w]
+    def __init__(self, size: int, starts: list[int], p: int, device: torch.device) -> None:
+        cuts = sorted({0, size, *starts, *(s + p for s in starts)})
+        where = {v: k for k, v in enumerate(cuts)}
+        self.count = len(cuts) - 1
+        self.lengths = torch.tensor([b - a for a, b in zip(cuts, cuts[1:])], device=device)
+        self.first = torch.tensor([where[s] for s in starts], device=device)
+        self.stop = torch.tensor([where[s + p] for s in starts], device=device)
 
+    def sum_covering(self, coef: torch.Tensor, dim: int) -> torch.Tensor:
+        """Per segment, the sum of ``coef`` over the patches covering it, along ``dim``."""
+        shape = list(coef.shape)
+        shape[dim] = self.count + 1
+        diff = coef.new_zeros(shape)
+        diff.index_add_(dim, self.first, coef)
+        diff.index_add_(dim, self.stop, -coef)
+        return diff.cumsum_(dim=dim).narrow(dim, 0, self.count)
 
-def _cover_count(size: int, starts: torch.Tensor, p: int) -> torch.Tensor:
-    """Number of windows [s, s+p) covering each index of a side of length ``size`` -> (size,)."""
-    d = torch.zeros(size + 1, dtype=torch.float64, device=starts.device)
-    ones = torch.ones(starts.numel(), dtype=torch.float64, device=starts.device)
-    d.index_add_(0, starts, ones)
-    d.index_add_(0, starts + p, -ones)
-    return d.cumsum_(dim=0)[:size]
+    def expand(self, coarse: torch.Tensor, dim: int) -> torch.Tensor:
+        """Repeat each segment entry of ``coarse`` along ``dim`` over the pixels of its run."""
+        return coarse.repeat_interleave(self.lengths, dim=dim, output_size=int(self.lengths.sum()))
 
 
 def align_op(
@@ -123,32 +132,49 @@ def align_op(
 
     Per patch the alignment is affine, x -> a x + b with a = sigma_r / sigma_x and
     b = mu_r - a mu_x, so the averaged output is x * sum(a) / n + sum(b) / n over the n patches
-    covering a pixel. Patch means/variances come from float64 integral images; the sums of a
-    and b are spread with difference arrays, one (batch, channel) plane at a time.
+    covering a pixel. Patch means of x, x^2, r, r^2 are separable float64 window means on
+    the patch grid (no per-patch tensors). The patch borders cut each side into runs over
+    which the covering set is constant; sum(a)/n and sum(b)/n are computed per run with
+    difference arrays and expanded to pixels, so only a few full-size tensors are made.
     x_pm1: content (B,C,H,W) in [-1,1] (hazy image); ref_pm1: reference (B,C,H,W) in [-1,1]
     (decoded x0 prediction). Returns (B,C,H,W) in x_pm1's dtype; uncovered pixels are 0.
+    Not differentiable (AccSamp applies it to detached tensors): raises ValueError when
+    autograd is enabled and an input requires grad.
     """
     _check(x_pm1, ref_pm1, patch, stride)
+    if torch.is_grad_enabled() and (x_pm1.requires_grad or ref_pm1.requires_grad):
+        raise ValueError("align_op is not differentiable; pass detached tensors or use torch.no_grad()")
     b, c, h, w = x_pm1.shape
     dev = x_pm1.device
-    ph, ys_list = _grid(h, patch, stride, cover_border)
-    pw, xs_list = _grid(w, patch, stride, cover_border)
-    ys = torch.tensor(ys_list, device=dev)
-    xs = torch.tensor(xs_list, device=dev)
-    area = float(ph * pw)
-    count = _cover_count(h, ys, ph)[:, None] * _cover_count(w, xs, pw)[None, :]
-    inv_count = 1.0 / count.clamp_min(1.0)
+    ph, ys = patch_grid(h, patch, stride, cover_border)
+    pw, xs = patch_grid(w, patch, stride, cover_border)
+    seg_y = _Segments(h, ys, ph, dev)
+    seg_x = _Segments(w, xs, pw, dev)
+    buf = torch.empty(2, h, w, dtype=torch.float64, device=dev)
+
+    def moments(plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buf[0].copy_(plane)
+        torch.mul(buf[0], buf[0], out=buf[1])
+        means = _window_means_1d(_window_means_1d(buf, ys, ph, stride, 1), xs, pw, stride, 2)
+        mean, mean_sq = means.unbind(0)
+        return mean, ((mean_sq - mean * mean).clamp_min(0.0) + eps).sqrt()
+
+    coefs = []
+    for bi in range(b):
+        for ci in range(c):
+            mu_x, sd_x = moments(x_pm1[bi, ci])
+            mu_r, sd_r = moments(ref_pm1[bi, ci])
+            a = sd_r / sd_x
+            coefs.append(torch.stack([a, mu_r - a * mu_x]))
+    coef = torch.stack(coefs).flatten(0, 1)
+    ones = coef.new_ones(1, *coef.shape[1:])
+    sums = seg_x.sum_covering(seg_y.sum_covering(torch.cat([coef, ones]), 1), 2)
+    n = sums[-1]
+    per_run = (sums[:-1] * torch.where(n > 0, 1.0 / n.clamp_min(1.0), 0.0)).to(x_pm1.dtype)
+    per_run = per_run.view(b, c, 2, seg_y.count, seg_x.count)
     out = torch.empty_like(x_pm1)
     for bi in range(b):
         for ci in range(c):
-            xd = x_pm1[bi, ci].double()
-            rd = ref_pm1[bi, ci].double()
-            mu_x, ex2 = (_window_sums(torch.stack([xd, xd * xd]), ys, ph, xs, pw) / area).unbind(0)
-            mu_r, er2 = (_window_sums(torch.stack([rd, rd * rd]), ys, ph, xs, pw) / area).unbind(0)
-            del rd
-            sd_x = ((ex2 - mu_x * mu_x).clamp_min(0.0) + eps).sqrt()
-            sd_r = ((er2 - mu_r * mu_r).clamp_min(0.0) + eps).sqrt()
-            a = sd_r / sd_x
-            sum_a, sum_b = _spread(torch.stack([a, mu_r - a * mu_x]), ys, ph, h, xs, pw, w).unbind(0)
-            out[bi, ci] = (xd.mul_(sum_a).add_(sum_b).mul_(inv_count)).to(x_pm1.dtype)
+            gain, offset = seg_y.expand(seg_x.expand(per_run[bi, ci], 2), 1).unbind(0)
+            torch.addcmul(offset, x_pm1[bi, ci], gain, out=out[bi, ci])
     return out

@@ -32,7 +32,8 @@ haze hides) and from the hazy image's top quarter:
 
     veg_frac  fraction of J pixels with HSV hue in [65, 170] deg, saturation >= 0.2, value >= 0.1;
     sky_frac  fraction of top-quarter pixels of I that are bright (Y >= 0.55), smooth
-              (Sobel magnitude < 0.02 everywhere in their 9x9 neighbourhood) and close to the airlight (min_c I_c / A_c >= 0.85);
+              (Sobel magnitude < 0.02 everywhere in their 9x9 neighbourhood) and close to the
+              airlight (min_c I_c / A_c >= 0.85);
               in very dense fog (t < ~0.15 everywhere) every smooth region looks like sky;
     edge_den  fraction of J pixels whose Sobel luma magnitude >= 0.05 (a step of 0.1);
     axis_frac fraction of those edge pixels whose gradient is within 15 deg of horizontal or
@@ -42,6 +43,11 @@ haze hides) and from the hazy image's top quarter:
     indoor   elif sky_frac < 0.1 and axis_frac >= 0.4   (no sky, man-made structure)
     urban    elif axis_frac >= 0.4 and edge_den >= 0.02
     natural  otherwise
+
+Feature vector (``FOG_FEATURE_NAMES``, length ``FOG_FEATURE_DIM``): rho, the transmission
+statistics, airlight luma, luminance, contrast and the scene statistics above. All lie in
+[0,1] except ``vertical_span`` in [-1,1] (positive: clearer at the bottom), so they can feed a
+small MLP without further normalisation.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ FOG_FEATURE_NAMES = (
     "std_t",
     "vertical_span",
     "row_fit_r2",
+    "vertical_share",
     "residual_std",
     "airlight_luma",
     "luminance",
@@ -133,6 +140,7 @@ def _hsv(img01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _downscale(img01: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Area-downscale (B,3,H,W) so that max(H,W) <= max_side; smaller images are returned as is."""
     h, w = img01.shape[-2:]
     scale = max_side / max(h, w)
     if scale >= 1.0:
@@ -146,11 +154,14 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _transmission_layout(t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Vertical trend / residual statistics of t: (B,1,H,W), each returned as (B,)."""
+    """Vertical trend / residual statistics of t: (B,1,H,W), each returned as (B,).
+
+    Rows span y in [-0.5, 0.5], so the fitted slope equals the bottom-minus-top change of t.
+    """
     grid = (min(_GRID, t.shape[-2]), min(_GRID, t.shape[-1]))
     cells = F.adaptive_avg_pool2d(t, grid)[:, 0]
     rows = cells.mean(dim=2)
-    y = torch.linspace(-0.5, 0.5, grid[0], dtype=t.dtype, device=t.device) if grid[0] > 1 else t.new_zeros(1)
+    y = torch.linspace(-0.5, 0.5, grid[0], dtype=t.dtype, device=t.device)
     yc = y - y.mean()
     var_y = (yc**2).mean().clamp_min(1e-12)
     rows_c = rows - rows.mean(dim=1, keepdim=True)
@@ -161,9 +172,11 @@ def _transmission_layout(t: torch.Tensor) -> dict[str, torch.Tensor]:
     centred = cells - cells.mean(dim=(1, 2), keepdim=True)
     total_var = (centred**2).mean(dim=(1, 2))
     residual = centred - trend[:, :, None]
-    share = torch.where(total_var > 1e-12, (trend**2).mean(dim=1) / total_var.clamp_min(1e-12), torch.zeros_like(total_var))
+    share = torch.where(
+        total_var > 1e-12, (trend**2).mean(dim=1) / total_var.clamp_min(1e-12), torch.zeros_like(total_var)
+    )
     return {
-        "vertical_span": slope * (y[-1] - y[0]) if grid[0] > 1 else slope * 0.0,
+        "vertical_span": slope,
         "row_fit_r2": row_r2.clamp(0.0, 1.0),
         "vertical_share": share.clamp(0.0, 1.0),
         "residual_std": residual.flatten(1).std(dim=1, unbiased=False),
@@ -234,6 +247,8 @@ def analyze_fog(img01: torch.Tensor, patch: int = 15, max_side: int = 256) -> li
     """
     if img01.dim() != 4 or img01.shape[1] != 3:
         raise ValueError(f"img01 must have shape (B,3,H,W), got {tuple(img01.shape)}")
+    if max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
     img = _downscale(img01.float().clamp(0.0, 1.0), max_side)
     dark = dark_channel(img, patch)
     airlight = estimate_airlight(img, dark)
@@ -256,11 +271,9 @@ def analyze_fog(img01: torch.Tensor, patch: int = 15, max_side: int = 256) -> li
         "luminance": luminance,
         "contrast": contrast,
     }
-    layout = _transmission_layout(t)
-    stats.update(layout)
+    stats.update(_transmission_layout(t))
     stats.update(_scene_stats(img, t, airlight))
     features = torch.stack([stats[name] for name in FOG_FEATURE_NAMES], dim=1).float().cpu()
-    share = layout["vertical_share"].cpu()
 
     infos = []
     for i in range(img.shape[0]):
@@ -271,7 +284,7 @@ def analyze_fog(img01: torch.Tensor, patch: int = 15, max_side: int = 256) -> li
             FogInfo(
                 density=f["density"],
                 level=density_level(f["density"]),
-                haze_type=_haze_type(f["vertical_span"], f["row_fit_r2"], share[i].item(), f["residual_std"]),
+                haze_type=_haze_type(f["vertical_span"], f["row_fit_r2"], f["vertical_share"], f["residual_std"]),
                 scene=_scene(f["vegetation_fraction"], f["sky_fraction"], f["axis_fraction"], f["edge_density"]),
                 features=features[i].clone(),
             )

@@ -85,6 +85,8 @@ def load_rgb01(path: PathLike) -> torch.Tensor:
     """Read an image file -> (3,H,W) float32 in [0,1].
 
     Raises ImageReadError(path, reason) for missing, non-image, truncated or unsupported files.
+    16-bit greyscale PNGs keep full precision; Pillow decodes 16-bit RGB(A) PNGs to 8 bits
+    per channel (high byte), so those are correctly scaled but quantised to 1/255.
     """
     p = Path(path)
     try:

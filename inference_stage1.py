@@ -1,0 +1,48 @@
+"""HazeGen (stage 1): turn every clean image of a folder into ``num_samples`` realistic hazy variants.
+
+Blended sampling (published): prompt "hazy, foggy, misty, obscure, smoggy."; the unconditional branch uses the same
+text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85.
+Outputs are ``<stem>_<k>.png`` (k = 0..num_samples−1), the names the stage-2 paired dataset reads.
+
+    python inference_stage1.py --config configs/inference/stage1.yaml [--set inference.num_samples=4]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from omegaconf import DictConfig
+
+from sampler.spaced import sample_spaced
+from utils.pipeline import DiffusionRunner, check_weights, main_wrapper, run_folder
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    inf = cfg.inference
+    num_samples = int(inf.get("num_samples", 1))
+    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
+    runner = DiffusionRunner(cfg)
+
+    def names(stem: str) -> list[str]:
+        return [f"{stem}_{k}.png" for k in range(num_samples)]
+
+    @torch.no_grad()
+    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
+        clean, geom = runner.prepare(img01, inf)
+        cond = runner.condition(clean, runner.prompt_for(cfg, img01, stage=1))
+        uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
+        outputs = {}
+        for k, name in enumerate(names(stem)):
+            gen = runner.generator(int(inf.seed) + k)
+            x_T = runner.initial_noise((1, 4, clean.shape[-2] // 8, clean.shape[-1] // 8), gen)
+            z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,
+                              cfg_scale=float(inf.w), parameterization=runner.parameterization, generator=gen,
+                              disable=not args.show_steps)
+            outputs[name] = runner.finish(z, geom)
+        return outputs
+
+    return run_folder(cfg, process, names, args.skip_existing, "HazeGen")
+
+
+if __name__ == "__main__":
+    main_wrapper(run, "HazeGen (stage 1): realistic hazy images from clean ones", "configs/inference/stage1.yaml")

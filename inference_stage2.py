@@ -1,0 +1,35 @@
+"""DiffDehaze (stage 2): dehaze every image of a folder with the 50-step spaced sampler.
+
+    python inference_stage2.py --config configs/inference/stage2.yaml [--set inference.seed=1 ...]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from omegaconf import DictConfig
+
+from sampler.spaced import sample_spaced
+from utils.pipeline import DiffusionRunner, check_weights, main_wrapper, run_folder
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    inf = cfg.inference
+    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
+    runner = DiffusionRunner(cfg)
+
+    @torch.no_grad()
+    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
+        hazy, geom = runner.prepare(img01, inf)
+        cond = runner.condition(hazy, runner.prompt_for(cfg, img01, stage=2))
+        gen = runner.generator(inf.seed)
+        x_T = runner.initial_noise((1, 4, hazy.shape[-2] // 8, hazy.shape[-1] // 8), gen)
+        z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
+                          parameterization=runner.parameterization, generator=gen, disable=not args.show_steps)
+        return {f"{stem}.png": runner.finish(z, geom)}
+
+    return run_folder(cfg, process, lambda stem: [f"{stem}.png"], args.skip_existing, "DiffDehaze")
+
+
+if __name__ == "__main__":
+    main_wrapper(run, "DiffDehaze (stage 2) inference with the spaced sampler", "configs/inference/stage2.yaml")

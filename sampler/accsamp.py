@@ -1,0 +1,78 @@
+"""AccSamp (Accelerated Fidelity-Preserving Sampling) of "Learning Hazing to Dehazing" (CVPR 2025).
+
+Phase 1 runs ordinary spaced steps from pure noise up to the step at which (k+1)/N = 1−τ, takes that step's x0
+prediction, decodes it and aligns the hazy image to it with AlignOp to get a dehazed estimate. Phase 2 encodes the
+estimate (posterior mode), diffuses it with fresh noise to the timestep of step k = (1−ω)·N and runs the remaining
+steps with DCP-weighted MS-SSIM fidelity guidance towards the estimate.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sampler.guidance import WeightedMSSSIMGuidance
+from sampler.spaced import ModelFn, SpacedSchedule, sample_spaced
+
+
+def accsamp_steps(num_steps: int, tau: float, omega: float) -> tuple[int, int]:
+    """(estimate step k_e, restart step k_r) in sampling order: (k_e+1)/N = 1−τ, k_r = (1−ω)·N (rounded)."""
+    if not (0.0 < tau < 1.0 and 0.0 < omega <= 1.0):
+        raise ValueError(f"need 0 < tau < 1 and 0 < omega <= 1, got tau={tau}, omega={omega}")
+    k_est = int(round((1.0 - tau) * num_steps)) - 1
+    k_restart = int(round((1.0 - omega) * num_steps))
+    if k_est < 0:
+        raise ValueError(f"tau={tau} leaves no phase-1 step with {num_steps} steps")
+    return k_est, k_restart
+
+
+def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedule, cond: Any, hazy01: torch.Tensor,
+                   *, tau: float, omega: float, guidance: WeightedMSSSIMGuidance | None,
+                   decode_fn: Callable[[torch.Tensor], torch.Tensor],
+                   encode_fn: Callable[[torch.Tensor], torch.Tensor],
+                   align_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   transmission_fn: Callable[[torch.Tensor], torch.Tensor],
+                   parameterization: str = "eps", generator: torch.Generator | None = None,
+                   callback: Callable[[dict], None] | None = None,
+                   disable: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run AccSamp.
+
+    x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in [0,1] (the padded input, H = 8h);
+    decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
+    align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W).
+    Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": (B,1,H,W)}``.
+    """
+    n = len(schedule)
+    k_est, k_restart = accsamp_steps(n, tau, omega)
+    last: dict = {}
+
+    def keep_last(info: dict) -> None:
+        last.update(info)
+        if callback is not None:
+            callback(info)
+
+    with torch.no_grad():
+        sample_spaced(model_fn, x_T, schedule, cond, parameterization=parameterization, start_step=0,
+                      end_step=k_est + 1, callback=keep_last, generator=generator, disable=disable)
+        x0_est = last["x0"]
+        decoded = decode_fn(x0_est)[..., : hazy01.shape[-2], : hazy01.shape[-1]]
+        estimate = align_fn(hazy01 * 2 - 1, decoded.float()).clamp(-1, 1)
+        trans = transmission_fn(hazy01)
+        z_est = encode_fn(estimate)
+    i_restart = n - 1 - k_restart
+    ac = float(schedule.alphas_cumprod[i_restart])
+    noise = torch.randn(z_est.shape, generator=generator, device=z_est.device, dtype=z_est.dtype)
+    x = float(np.sqrt(ac)) * z_est + float(np.sqrt(1.0 - ac)) * noise
+    x0_fn = None
+    if guidance is not None:
+        guidance.set_target(estimate, trans)
+
+        def x0_fn(x0: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
+            return guidance(x0, int(schedule.timesteps[i]), float(schedule.posterior_mean_coef1[i]), decode_fn)
+
+    with torch.no_grad():
+        x = sample_spaced(model_fn, x, schedule, cond, parameterization=parameterization, start_step=k_restart,
+                          end_step=n, x0_fn=x0_fn, callback=callback, generator=generator, disable=disable)
+    return x, {"estimate": estimate, "transmission": trans}
+

@@ -1,0 +1,61 @@
+"""Fidelity guidance for AccSamp: DCP-weighted MS-SSIM between the decoded x0 and the AlignOp estimate."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from utils.ssim import ms_ssim
+
+GRADIENT_GAIN = 3000.0
+
+
+class WeightedMSSSIMGuidance:
+    """Published AccSamp guidance (``guidance`` section of ``stage2_accsamp.yaml``).
+
+    On each active step: decode x0 with gradients, loss = −MS-SSIM(decoded·0.5+0.5, estimate·0.5+0.5) (5 scales,
+    per-scale values mapped (v+1)/2 before the weighted product), take g = ∂loss/∂decoded, form the pixel update
+    −g · transmission · scale · 3000, pull it back through the decoder (vector-Jacobian product) to the latent x0
+    and add it times 1/posterior_mean_coef1 of the step. Active while ``t_stop < t + 1 < t_start`` on the original
+    1000-step timestep t; applied ``repeat`` times per step.
+    """
+
+    def __init__(self, scale: float = 0.1, t_start: int = 601, t_stop: int = -1, space: str = "rgb",
+                 repeat: int = 1):
+        if space != "rgb":
+            raise ValueError(f"only pixel-space ('rgb') guidance is implemented, got space='{space}'")
+        if repeat < 1:
+            raise ValueError("repeat must be >= 1")
+        self.scale, self.t_start, self.t_stop, self.repeat = scale, t_start, t_stop, repeat
+        self.target_pm1: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+
+    def set_target(self, estimate_pm1: torch.Tensor, weight: torch.Tensor) -> None:
+        """estimate_pm1: (B,3,H,W) in [-1,1]; weight: (B,1,H,W) transmission in [0.05,1]."""
+        self.target_pm1, self.weight = estimate_pm1.detach(), weight.detach()
+
+    def active(self, t: int) -> bool:
+        return self.t_stop < t + 1 < self.t_start
+
+    def loss(self, decoded_pm1: torch.Tensor) -> torch.Tensor:
+        """−MS-SSIM per image (B,) between the decoded prediction and the estimate, both mapped to [0,1]."""
+        return -ms_ssim(decoded_pm1 * 0.5 + 0.5, self.target_pm1 * 0.5 + 0.5, data_range=1.0, normalize=True)
+
+    def __call__(self, x0: torch.Tensor, t: int, coef1: float,
+                 decode_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Return the guided x0 latent (B,4,h,w); unchanged when inactive at t."""
+        if self.target_pm1 is None:
+            raise RuntimeError("set_target() must be called before guidance is applied")
+        if not self.active(t):
+            return x0
+        for _ in range(self.repeat):
+            with torch.enable_grad():
+                z = x0.detach().float().requires_grad_(True)
+                decoded = decode_fn(z)
+                h, w = self.target_pm1.shape[-2:]
+                decoded = decoded[..., :h, :w].float()
+                (g_img,) = torch.autograd.grad(self.loss(decoded).sum(), decoded, retain_graph=True)
+                delta_img = -g_img * self.weight * (self.scale * GRADIENT_GAIN)
+                (delta_z,) = torch.autograd.grad(decoded, z, grad_outputs=delta_img)
+            x0 = x0 + delta_z.to(x0.dtype) / coef1
+        return x0

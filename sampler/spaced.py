@@ -1,0 +1,135 @@
+"""Respaced DDPM sampling (guided-diffusion's ``space_timesteps`` rule) as used by DiffBIR/HazeGen/DiffDehaze.
+
+Sampling functions follow k-diffusion's style: pure functions over a latent, a ``model_fn`` and a schedule,
+with a ``callback`` receiving the intermediates of every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list[int]:
+    """Timesteps kept when respacing ``num_timesteps`` (guided-diffusion rule).
+
+    ``section_counts`` like ``"50"`` or ``[10, 15, 20]`` splits the range into equal sections and takes the given
+    number of evenly strided steps (rounded) from each; ``"ddimN"`` gives a fixed integer stride. Sorted ascending.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, kept = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(kept))
+
+
+@dataclass(frozen=True)
+class SpacedSchedule:
+    """Coefficients of the respaced chain; index i (0 = least noisy) maps to original timestep ``timesteps[i]``."""
+
+    timesteps: np.ndarray
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def make_spaced_schedule(base_alphas_cumprod: np.ndarray, num_steps: int | str) -> SpacedSchedule:
+    """Respaced betas from the kept ``alphas_cumprod`` (β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}) and DDPM posterior terms
+    (float64). The posterior log-variance is clipped by repeating its second value for the first step."""
+    kept = space_timesteps(len(base_alphas_cumprod), str(num_steps))
+    ac = np.asarray(base_alphas_cumprod, dtype=np.float64)[kept]
+    ac_prev = np.append(1.0, ac[:-1])
+    betas = 1.0 - ac / ac_prev
+    var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    return SpacedSchedule(
+        timesteps=np.asarray(kept, dtype=np.int64),
+        betas=betas,
+        alphas_cumprod=ac,
+        alphas_cumprod_prev=ac_prev,
+        posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+        posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+        posterior_log_variance_clipped=np.log(np.append(var[1], var[1:])),
+    )
+
+
+def predict_x0(x_t: torch.Tensor, model_out: torch.Tensor, alpha_cumprod: float, parameterization: str) -> torch.Tensor:
+    """x̂0 from eps (x̂0 = (x_t − sqrt(1−ᾱ)·ε)/sqrt(ᾱ)) or from v (x̂0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v)."""
+    a, s = float(np.sqrt(alpha_cumprod)), float(np.sqrt(1.0 - alpha_cumprod))
+    if parameterization == "eps":
+        return (x_t - s * model_out) / a
+    return a * x_t - s * model_out
+
+
+def guided_model_output(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any = None,
+                        cfg_scale: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + s·(cond − uncond)``; plain ``model_fn(x, t, cond)`` when s == 1 or no
+    ``uncond`` is given."""
+    out = model_fn(x, t, cond)
+    if uncond is None or cfg_scale == 1.0:
+        return out
+    out_uncond = model_fn(x, t, uncond)
+    return out_uncond + cfg_scale * (out - out_uncond)
+
+
+def posterior_step(x_t: torch.Tensor, x0: torch.Tensor, schedule: SpacedSchedule, i: int,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """One ancestral DDPM step from index i to i−1: posterior mean plus noise (no noise at i == 0)."""
+    mean = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x_t
+    if i == 0:
+        return mean
+    noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return mean + float(np.exp(0.5 * schedule.posterior_log_variance_clipped[i])) * noise
+
+
+def sample_spaced(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, cond: Any, *,
+                  uncond: Any = None, cfg_scale: float = 1.0, parameterization: str = "eps",
+                  start_step: int = 0, end_step: int | None = None, x0_fn: Callable | None = None,
+                  callback: Callable[[dict], None] | None = None, generator: torch.Generator | None = None,
+                  disable: bool = True) -> torch.Tensor:
+    """Run the respaced chain on latent ``x`` (B,4,h,w).
+
+    Steps are counted in sampling order: step k uses schedule index i = N−1−k (k = 0 is the noisiest).
+    ``start_step``/``end_step`` run the sub-range [start_step, end_step) (AccSamp uses both). ``x0_fn(x0, x, i)``
+    may modify the x0 prediction (fidelity guidance). ``callback`` gets ``{"step", "index", "t", "x", "x0"}``
+    after each step, where ``x`` is the new latent. Returns the latent after the last step run.
+    """
+    n = len(schedule)
+    end_step = n if end_step is None else end_step
+    for k in tqdm(range(start_step, end_step), disable=disable, desc="sampling", leave=False):
+        i = n - 1 - k
+        t = torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
+        model_out = guided_model_output(model_fn, x, t, cond, uncond, cfg_scale)
+        x0 = predict_x0(x, model_out, schedule.alphas_cumprod[i], parameterization)
+        if x0_fn is not None:
+            x0 = x0_fn(x0, x, i)
+        x = posterior_step(x, x0, schedule, i, generator)
+        if callback is not None:
+            callback({"step": k, "index": i, "t": int(schedule.timesteps[i]), "x": x, "x0": x0})
+    return x

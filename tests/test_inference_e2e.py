@@ -1,0 +1,131 @@
+"""End-to-end runs of the three inference scripts on tiny random-init models written in the release formats."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from tests.helpers import ROOT, build_tiny, randomize_, tiny_config, write_release_checkpoints
+
+SCRIPTS = {
+    "stage2": ("inference_stage2.py", "configs/inference/stage2.yaml"),
+    "accsamp": ("inference_accsamp.py", "configs/inference/stage2_accsamp.yaml"),
+    "stage1": ("inference_stage1.py", "configs/inference/stage1.yaml"),
+}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    model = build_tiny(seed=11)
+    randomize_(model.unet, seed=12, std=0.02)
+    randomize_(model.controlnet, seed=13, std=0.02)
+    return write_release_checkpoints(model, folder)
+
+
+def make_config(tmp_path: Path, which: str, weights, images: Path, results: Path, **extra) -> Path:
+    cfg = tiny_config(SCRIPTS[which][1], **{
+        "inference.sd_path": weights[0], "inference.controlnet_path": weights[1],
+        "inference.image_folder": images, "inference.result_folder": results,
+        "inference.steps": 10, "inference.device": "cpu", "inference.min_short_side": 64, **extra})
+    path = tmp_path / f"{which}.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def run_script(which: str, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPTS[which][0], "--config", str(config), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def real_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("real_hazy")
+    for src in sorted((ROOT / "tests" / "data" / "real_hazy").glob("*.png")):
+        shutil.copy(src, folder / src.name)
+    return folder
+
+
+@pytest.mark.parametrize("which", ["stage2", "accsamp"])
+def test_dehazing_scripts_keep_geometry_and_are_seeded(tmp_path, weights, real_images, which):
+    outs = []
+    for run in range(2):
+        results = tmp_path / f"out{run}"
+        extra = {"inference.save_intermediates": True} if which == "accsamp" else {}
+        proc = run_script(which, make_config(tmp_path, which, weights, real_images, results, **extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(results)
+    for src in sorted(real_images.glob("*.png")):
+        with Image.open(src) as im:
+            size = im.size
+        for results in outs:
+            with Image.open(results / src.name) as out:
+                assert out.size == size and out.mode == "RGB"
+        assert (outs[0] / src.name).read_bytes() == (outs[1] / src.name).read_bytes()
+        if which == "accsamp":
+            for suffix in ("estimate", "transmission"):
+                with Image.open(outs[0] / f"{src.stem}_{suffix}.png") as im:
+                    assert im.size == size
+
+
+def test_hazegen_writes_numbered_variants(tmp_path, weights, real_images):
+    results = tmp_path / "hazy"
+    cfg = make_config(tmp_path, "stage1", weights, real_images, results, **{"inference.num_samples": 2})
+    proc = run_script("stage1", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in results.iterdir())
+    assert names == ["real_1_0.png", "real_1_1.png", "real_4_0.png", "real_4_1.png"]
+    a = np.asarray(Image.open(results / "real_1_0.png"))
+    b = np.asarray(Image.open(results / "real_1_1.png"))
+    assert not np.array_equal(a, b)
+    proc = run_script("stage1", cfg, "--skip-existing")
+    assert proc.returncode == 0 and "0 done, 2 skipped" in proc.stderr
+
+
+def _bad_corpus(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "notes.png").write_text("this is not an image")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray((rng.integers(0, 65535, (40, 50))).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(folder / "dot.png")
+    Image.fromarray(rng.integers(0, 255, (20, 10000, 3), dtype=np.uint8)).save(folder / "strip.png")
+
+
+def test_bad_inputs_are_reported_and_batch_continues(tmp_path, weights):
+    images, results = tmp_path / "bad", tmp_path / "res"
+    _bad_corpus(images)
+    proc = run_script("stage2", make_config(tmp_path, "stage2", weights, images, results))
+    assert proc.returncode == 1
+    for name in ("notes.png", "truncated.jpg", "strip.png"):
+        assert f"failed: {name}" in proc.stderr
+    assert sorted(p.name for p in results.iterdir()) == ["deep16.png", "dot.png", "whole.png"]
+    with Image.open(results / "dot.png") as im:
+        assert im.size == (1, 1)
+    with Image.open(results / "deep16.png") as im:
+        assert im.size == (50, 40)
+    assert "3 done, 0 skipped, 3 failed" in proc.stderr
+
+
+def test_missing_weights_exit_2_and_same_folder_refused(tmp_path, weights, real_images):
+    cfg = make_config(tmp_path, "stage2", (tmp_path / "none.ckpt", weights[1]), real_images, tmp_path / "r")
+    proc = run_script("stage2", cfg)
+    assert proc.returncode == 2 and "none.ckpt" in proc.stderr and "README" in proc.stderr
+    cfg = make_config(tmp_path, "stage2", weights, real_images, real_images)
+    proc = run_script("stage2", cfg)
+    assert proc.returncode == 2 and "must differ" in proc.stderr
+
+
+def test_set_overrides_reach_the_config(tmp_path, weights, real_images):
+    cfg = make_config(tmp_path, "accsamp", weights, real_images, tmp_path / "r")
+    proc = run_script("accsamp", cfg, "--set", "inference.tau=1.5")
+    assert proc.returncode == 1 and "tau=1.5" in proc.stderr

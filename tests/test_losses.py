@@ -1,0 +1,287 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from model.losses import (
+    VGG16_RELU_INDEX,
+    HierarchicalCycleLoss,
+    ImageEmbedder,
+    VGGFeatures,
+    alignment_schedule,
+    cycle_schedule,
+    dcp_estimates,
+    dehaze_with_dcp,
+    feature_cycle_loss,
+    haze_density_weights,
+    info_nce,
+    pixel_cycle_loss,
+    predict_x0,
+    region_weight,
+    rehaze,
+    semantic_cycle_loss,
+    timestep_weight,
+)
+
+S = 32
+
+
+@pytest.fixture(scope="module")
+def vgg() -> VGGFeatures:
+    torch.manual_seed(0)
+    return VGGFeatures(None, allow_random_init=True)
+
+
+def _images(b: int = 2, seed: int = 0, size: int = S) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean, hazy, t) with hazy from the atmospheric model, all (b,·,size,size) in [0,1]."""
+    g = torch.Generator().manual_seed(seed)
+    clean = F.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False)
+    clean = (clean + 0.2 * torch.rand(b, 3, size, size, generator=g)).clamp(0, 1)
+    t = 0.3 + 0.5 * torch.rand(b, 1, 1, 1, generator=g).expand(b, 1, size, size)
+    hazy = rehaze(clean, t, torch.full((b, 3), 0.9))
+    return clean, hazy, t
+
+
+def test_predict_x0_formula():
+    z = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
+    eps = torch.tensor([0.5, -1.0]).view(2, 1, 1, 1)
+    abar = torch.tensor([0.25, 0.64])
+    expected = torch.tensor([(1.0 - math.sqrt(0.75) * 0.5) / 0.5, (2.0 + 0.6 * 1.0) / 0.8]).view(2, 1, 1, 1)
+    assert torch.allclose(predict_x0(z, eps, abar), expected)
+
+    x0 = torch.randn(2, 4, 3, 3)
+    noise = torch.randn(2, 4, 3, 3)
+    z_t = abar.sqrt().view(2, 1, 1, 1) * x0 + (1 - abar).sqrt().view(2, 1, 1, 1) * noise
+    assert torch.allclose(predict_x0(z_t, noise, abar), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="alphas_cumprod_t"):
+        predict_x0(z_t, noise, abar[:1])
+
+
+def test_timestep_weight_modes():
+    abar = torch.tensor([0.9, 0.5, 0.0047])
+    snr = timestep_weight(abar, "snr")
+    assert torch.allclose(snr, torch.tensor([1.0, 0.2, 0.0047 / 0.9953 / 5.0]), atol=1e-6)
+    assert torch.allclose(timestep_weight(abar, "sqrt_alpha"), abar.sqrt())
+    cut = timestep_weight(abar, "snr", max_t=500, t=torch.tensor([100, 600, 999]))
+    assert torch.allclose(cut, torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="mode"):
+        timestep_weight(abar, "linear")
+    with pytest.raises(ValueError, match="max_t"):
+        timestep_weight(abar, "snr", max_t=500)
+
+
+def test_timestep_weight_monotone_in_noise():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    abar = torch.cumprod(1 - betas, dim=0)
+    for mode in ("snr", "sqrt_alpha"):
+        w = timestep_weight(abar, mode)
+        assert (w[1:] <= w[:-1]).all() and w.max() <= 1.0 and w[-1] < 0.1
+
+
+def test_region_weight_marks_edges():
+    img = torch.zeros(1, 3, 6, 8)
+    img[..., 4:] = 0.4
+    w = region_weight(img)
+    expected = torch.ones(1, 1, 6, 8)
+    expected[..., 3:5] = 2.0
+    assert torch.equal(w, expected)
+    assert torch.equal(region_weight(img, boost=0.5), 1 + 0.5 * (expected - 1))
+    assert torch.equal(region_weight(torch.full((1, 3, 4, 4), 0.3)), torch.ones(1, 1, 4, 4))
+
+
+def test_pixel_cycle_loss_formula():
+    pred = torch.zeros(2, 1, 1, 2)
+    target = torch.tensor([[1.0, 3.0], [2.0, 2.0]]).view(2, 1, 1, 2)
+    w = torch.tensor([[1.0, 3.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    assert torch.allclose(pixel_cycle_loss(pred, target, w), torch.tensor([(1 + 9) / 4, 2.0]))
+    assert torch.allclose(pixel_cycle_loss(pred, target), torch.tensor([2.0, 2.0]))
+
+
+def test_feature_and_semantic_formulas():
+    a = {"x": torch.ones(2, 2, 2, 2), "y": torch.zeros(2, 1, 1, 1)}
+    b = {"x": torch.zeros(2, 2, 2, 2), "y": torch.full((2, 1, 1, 1), 3.0)}
+    assert torch.allclose(feature_cycle_loss(a, b, {"x": 0.5, "y": 2.0}), torch.tensor([6.5, 6.5]))
+    p = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    q = torch.tensor([1.0, 1.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    assert torch.allclose(semantic_cycle_loss(p, q, "cosine"), torch.tensor([1 - 1 / math.sqrt(2)]))
+    assert torch.allclose(semantic_cycle_loss(p, q, "l2"), torch.tensor([0.5]))
+    assert torch.allclose(semantic_cycle_loss(q, 2 * q, "cosine"), torch.zeros(1), atol=1e-6)
+
+
+def test_rehaze_and_dcp_inverse():
+    clean, hazy, t = _images()
+    a = torch.full((2, 3), 0.9)
+    assert torch.allclose(rehaze(clean, t, a), clean * t + 0.9 * (1 - t))
+
+    hazy = hazy.clone().requires_grad_(True)
+    t_dcp, a_dcp = dcp_estimates(hazy)
+    assert t_dcp.shape == (2, 1, S, S) and a_dcp.shape == (2, 3) and t_dcp.min() >= 0.1
+    j = dehaze_with_dcp(hazy)
+    expected = (hazy - a_dcp[:, :, None, None]) / t_dcp + a_dcp[:, :, None, None]
+    assert torch.allclose(j, expected, atol=1e-6)
+    j.sum().backward()
+    assert torch.allclose(hazy.grad, (1 / t_dcp).expand_as(hazy), atol=1e-5)
+    assert torch.allclose(rehaze(j.detach(), t_dcp, a_dcp), hazy.detach(), atol=1e-5)
+
+
+def test_haze_density_weights_formula():
+    rho = torch.tensor([0.0, 0.5, 1.0])
+    lp, lf, ls = haze_density_weights(rho, 2.0, 0.1, 0.04)
+    assert torch.allclose(lp, torch.tensor([2.0, 1.5, 1.0]))
+    assert torch.allclose(lf, torch.tensor([0.1, 0.125, 0.15]))
+    assert torch.allclose(ls, torch.tensor([0.04, 0.05, 0.06]))
+
+
+def test_schedules():
+    assert [cycle_schedule(s, 100, 50) for s in (0, 99, 100, 125, 150, 1000)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert cycle_schedule(100, 100, 0) == 1.0
+    assert [alignment_schedule(s, 200) for s in (0, 50, 200, 400)] == [0.0, 0.25, 1.0, 1.0]
+
+
+def test_vgg_refuses_without_weights(tmp_path):
+    with pytest.raises(ValueError, match="vgg16-397923af.pth"):
+        VGGFeatures(None)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        VGGFeatures(tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, bad)
+    with pytest.raises(KeyError, match="bad.pth"):
+        VGGFeatures(bad, layers=("relu1_2",), semantic_layer=None)
+    with pytest.raises(ValueError, match="relu9_9"):
+        VGGFeatures(None, layers=("relu9_9",), allow_random_init=True)
+
+
+def test_vgg_matches_torchvision_layout(tmp_path):
+    torch.manual_seed(1)
+    ours = VGGFeatures(None, layers=("relu1_2", "relu2_2", "relu3_3"), semantic_layer=None, allow_random_init=True)
+    assert len(ours.body) == VGG16_RELU_INDEX["relu3_3"] + 1 == 16
+    state = {f"features.{k}": v for k, v in ours.body.state_dict().items()}
+    state["classifier.0.bias"] = torch.zeros(4096)
+    path = tmp_path / "vgg16_part.pth"
+    torch.save(state, path)
+
+    with torch.device("meta"):
+        tv_features = torchvision.models.vgg16(weights=None).features[:16]
+    assert {f"features.{k}": tuple(v.shape) for k, v in tv_features.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in state.items() if k.startswith("features.")
+    }
+    tv_features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")},
+                                assign=True)
+    loaded = VGGFeatures(path, layers=("relu1_2", "relu2_2", "relu3_3"), semantic_layer=None)
+    img = torch.rand(1, 3, S, S)
+    feats = loaded(img)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    x = (img - mean) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    for i, layer in enumerate(tv_features):
+        x = layer(x)
+        if i == VGG16_RELU_INDEX["relu2_2"]:
+            assert torch.allclose(feats["relu2_2"], x, atol=1e-5)
+    assert torch.allclose(feats["relu3_3"], x, atol=1e-5)
+
+
+def test_vgg_frozen_but_passes_input_gradients(vgg):
+    assert all(not p.requires_grad for p in vgg.parameters())
+    vgg.train()
+    assert not vgg.training
+    img = torch.rand(1, 3, S, S, requires_grad=True)
+    feats = vgg(img)
+    assert set(feats) == {"relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"}
+    assert feats["relu5_3"].shape == (1, 512, S // 16, S // 16)
+    feats["relu3_3"].sum().backward()
+    assert img.grad.abs().sum() > 0
+
+
+class TinyPredictor(nn.Module):
+    """A learnable 1x1 conv standing in for the diffusion model's decoded prediction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1) * 0.9)
+            self.conv.bias.fill_(0.03)
+
+    def forward(self, img01: torch.Tensor) -> torch.Tensor:
+        return self.conv(img01)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("level", ["pixel", "feature", "semantic"])
+def test_cycle_loss_each_term_gives_gradients(vgg, stage, direction, level):
+    clean, hazy, _ = _images(seed=3)
+    weights = {"pixel_weight": 0.0, "feature_weight": 0.0, "semantic_weight": 0.0}
+    weights[f"{level}_weight"] = 1.0
+    loss_fn = HierarchicalCycleLoss(
+        vgg,
+        forward_weight=1.0 if direction == "forward" else 0.0,
+        backward_weight=1.0 if direction == "backward" else 0.0,
+        **weights,
+    )
+    net = TinyPredictor()
+    if stage == 2:
+        pred, target, cond = net(hazy), clean, hazy
+    else:
+        pred, target, cond = net(hazy), _images(seed=5)[1], clean
+    total, logs = loss_fn(stage, pred, target, cond, torch.tensor([0.9, 0.6]), rho=torch.tensor([0.2, 0.8]))
+    assert total.item() > 0
+    total.backward()
+    assert net.conv.weight.grad.abs().sum() > 0
+    short = "fwd" if direction == "forward" else "bwd"
+    assert logs[f"cycle_{short}_{level}"] > 0
+
+
+def test_cycle_loss_combination_stage2():
+    clean, hazy, _ = _images(seed=4)
+    pred = (clean + 0.05 * torch.randn_like(clean)).clamp(0, 1)
+    abar = torch.tensor([0.95, 0.3])
+    rho = torch.tensor([0.1, 0.9])
+    loss_fn = HierarchicalCycleLoss(None, pixel_weight=2.0, feature_weight=0.0, semantic_weight=0.0)
+    total, logs = loss_fn(2, pred, clean, hazy, abar, rho=rho)
+
+    t, a = dcp_estimates(hazy)
+    fwd = pixel_cycle_loss(pred, clean, region_weight(clean))
+    bwd = pixel_cycle_loss(rehaze(pred, t, a), hazy, region_weight(hazy))
+    lam = 2.0 * (1 - 0.5 * rho)
+    expected = (timestep_weight(abar) * lam * (0.7 * fwd + 0.3 * bwd)).mean()
+    assert torch.allclose(total, expected, atol=1e-6)
+    assert torch.allclose(logs["cycle_fwd_pixel"], fwd.mean())
+    assert logs["cycle_fwd_feature"] == 0
+
+    masked, _ = loss_fn(2, pred, clean, hazy, abar, rho=rho, sample_mask=torch.tensor([1.0, 0.0]))
+    assert torch.allclose(masked, (timestep_weight(abar) * lam * (0.7 * fwd + 0.3 * bwd))[0] / 2, atol=1e-6)
+    noisy, _ = loss_fn(2, pred, clean, hazy, torch.tensor([1e-4, 1e-4]), rho=rho)
+    assert noisy < 1e-3 * total
+
+
+def test_cycle_loss_config_errors(vgg):
+    with pytest.raises(ValueError, match="vgg is None"):
+        HierarchicalCycleLoss(None)
+    with pytest.raises(ValueError, match="relu5_3"):
+        HierarchicalCycleLoss(vgg, layer_weights={"relu5_3": 1.0})
+    clean, hazy, _ = _images()
+    with pytest.raises(ValueError, match="stage"):
+        HierarchicalCycleLoss(None, feature_weight=0.0, semantic_weight=0.0)(3, clean, clean, hazy, torch.ones(2))
+
+
+def test_info_nce_formula_and_gradients():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    img = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    tau = 0.5
+    c = 1 / math.sqrt(2)
+    logits = torch.tensor([[1.0, c], [0.0, c]]) / tau
+    expected = 0.5 * (F.cross_entropy(logits, torch.arange(2)) + F.cross_entropy(logits.t(), torch.arange(2)))
+    assert torch.allclose(info_nce(text, img, tau), expected)
+    assert info_nce(text, text * 3, 0.01) < 1e-6
+
+    torch.manual_seed(0)
+    embedder = ImageEmbedder(dim=8, width=4)
+    text_emb = torch.randn(3, 8, requires_grad=True)
+    img_emb = embedder(torch.rand(3, 3, S, S))
+    assert img_emb.shape == (3, 8)
+    info_nce(text_emb, img_emb).backward()
+    assert text_emb.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in embedder.parameters())

@@ -1,0 +1,111 @@
+"""Score methods on a benchmark made by tools/make_benchmark.py and print one table.
+
+Methods (``--methods``, in table order): ``hazy`` (the hazy input itself, i.e. doing nothing),
+``dcp`` (inference_dcp.py with --dcp-config, run into WORK/dcp) and any number of ``NAME=DIR``
+result folders (e.g. the output of inference_stage2.py over BENCH/hazy). Each is evaluated
+against BENCH/clean with evaluate.py
+(PSNR / SSIM / CIEDE2000, results matched by the <name>_<k> -> <name> rule); per-method reports
+go to WORK/<method>/eval, the table to WORK/benchmark.md and WORK/benchmark.json.
+
+    python tools/run_benchmark.py --bench data/bench [--methods hazy dcp stage2=results/stage2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import inference_dcp  # noqa: E402
+from evaluate import (FULL_REFERENCE, LABELS, evaluate_folders, format_value, write_report,  # noqa: E402
+                      write_text_atomic)
+from utils.common import load_config  # noqa: E402
+
+LOG = logging.getLogger("run_benchmark")
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = ("hazy", "dcp")
+
+
+def run_dcp(bench: Path, work: Path, config: Path, overrides: list[str], skip_existing: bool) -> Path:
+    """DCP over BENCH/hazy into WORK/dcp; returns the result folder. Raises RuntimeError if images failed."""
+    dst = work / "dcp"
+    cfg = load_config(config, [*overrides, f"inference.image_folder={bench / 'hazy'}", f"inference.result_folder={dst}",
+                               "inference.save_transmission=False"])
+    if inference_dcp.run(cfg, SimpleNamespace(skip_existing=skip_existing)) != 0:
+        raise RuntimeError(f"DCP failed on some images of {bench / 'hazy'} (see the log)")
+    return dst
+
+
+def benchmark_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown table: one row per method, mean ± std (population) of PSNR / SSIM / ΔE00 and n."""
+    lines = ["| method | n | " + " | ".join(LABELS[m] for m in FULL_REFERENCE) + " |",
+             "|---|---|" + "---|" * len(FULL_REFERENCE)]
+    for name, summary in rows:
+        n = max(summary[m]["n"] for m in FULL_REFERENCE)
+        lines.append(f"| {name} | {n} | " + " | ".join(format_value(summary[m]) for m in FULL_REFERENCE) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_method(text: str) -> tuple[str, Path | None]:
+    """'hazy' | 'dcp' -> (name, None); 'NAME=DIR' -> (NAME, DIR)."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        if text not in BUILTIN:
+            raise argparse.ArgumentTypeError(f"unknown method '{text}': use {' or '.join(BUILTIN)} or NAME=DIR")
+        return text, None
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got '{text}'")
+    return name, Path(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate hazy input, DCP and model results on a synthetic benchmark")
+    parser.add_argument("--bench", required=True, type=Path, help="folder with hazy/, clean/ (tools/make_benchmark.py)")
+    parser.add_argument("--methods", nargs="+", type=parse_method, default=[("hazy", None), ("dcp", None)],
+                        metavar="METHOD", help="hazy, dcp and/or NAME=DIR result folders over BENCH/hazy")
+    parser.add_argument("--work", type=Path, help="output folder (default: BENCH/runs)")
+    parser.add_argument("--dcp-config", type=Path, default=ROOT / "configs" / "inference" / "dcp.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DCP config overrides")
+    parser.add_argument("--skip-existing", action="store_true", help="keep DCP results that already exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    hazy, clean = args.bench / "hazy", args.bench / "clean"
+    for folder in (hazy, clean):
+        if not folder.is_dir():
+            parser.error(f"benchmark folder lacks {folder.name}/: {folder}")
+    names = [name for name, _ in args.methods]
+    if len(set(names)) != len(names):
+        parser.error(f"method names must be unique, got {names}")
+    work = args.work or args.bench / "runs"
+
+    folders: list[tuple[str, Path]] = []
+    for name, folder in args.methods:
+        if folder is None and name == "hazy":
+            folder = hazy
+        elif folder is None:
+            folder = run_dcp(args.bench, work, args.dcp_config, args.set, args.skip_existing)
+        folders.append((name, folder))
+    rows, status = [], 0
+    for name, folder in folders:
+        report = evaluate_folders(folder, clean)
+        summary = write_report(report, work / name / "eval", f"{name} on {args.bench}",
+                               {"results": str(folder), "references": str(clean)})
+        if report.failed or report.missing_reference:
+            LOG.warning("%s: %d failed, %d without reference (see %s)", name, len(report.failed),
+                        len(report.missing_reference), work / name / "eval" / "summary.md")
+            status = 1 if report.failed else status
+        rows.append((name, summary))
+    table = benchmark_table(rows)
+    write_text_atomic(work / "benchmark.md", f"# Benchmark {args.bench}\n\n{table}")
+    write_text_atomic(work / "benchmark.json", json.dumps({name: s for name, s in rows}, indent=2) + "\n")
+    print(table, end="")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

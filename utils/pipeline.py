@@ -1,0 +1,220 @@
+"""What every inference script shares: argument parsing, weight checks, model building, the published
+resize/pad geometry, the folder loop with skip-and-report, atomic outputs and the summary."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from sampler.spaced import make_spaced_schedule
+from utils.checkpoint import WEIGHTS_HELP, load_state_dict
+from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
+from utils.image_io import ImageReadError, list_images, load_rgb01, resize01, save_png01
+from utils.tiling import TiledDenoiser, tiled_apply
+
+log = logging.getLogger("hcdyc")
+EXIT_MISSING_WEIGHTS = 2
+
+
+def parse_args(description: str, default_config: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help="YAML config (model + inference sections)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set inference.tau=0.7 inference.seed=1")
+    parser.add_argument("--skip-existing", action="store_true", help="skip images whose outputs already exist")
+    parser.add_argument("--show-steps", action="store_true", help="also show a progress bar over sampling steps")
+    return parser.parse_args()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+
+def check_weights(paths: dict[str, str]) -> None:
+    """Exit with status 2 and a clear message if a weight file is missing (before any heavy work)."""
+    for key, path in paths.items():
+        if not Path(path).is_file():
+            log.error("weight file for '%s' not found: %s (%s)", key, path, WEIGHTS_HELP)
+            sys.exit(EXIT_MISSING_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """orig (H,W) -> resized (short side >= min_short) -> padded (multiples of ``multiple``)."""
+
+    orig_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+
+
+def plan_geometry(h: int, w: int, min_short: int = 512, multiple: int = 64, max_pixels: int | None = None) -> Geometry:
+    """Published preprocessing: upscale so the short side is ``min_short`` if it is smaller (aspect kept, sizes
+    rounded), then pad right/bottom to multiples of ``multiple``. Raises ValueError above ``max_pixels``."""
+    rh, rw = h, w
+    if min(h, w) < min_short:
+        scale = min_short / min(h, w)
+        rh, rw = (min_short, round(w * scale)) if h <= w else (round(h * scale), min_short)
+    ph, pw = -(-rh // multiple) * multiple, -(-rw // multiple) * multiple
+    if max_pixels is not None and ph * pw > max_pixels:
+        raise ValueError(f"{w}x{h} image becomes {pw}x{ph} after the published resize/pad, above "
+                         f"inference.max_pixels={max_pixels}")
+    return Geometry((h, w), (rh, rw), (ph, pw))
+
+
+def to_model_input(img01: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """(3,H,W) in [0,1] -> (1,3,Hp,Wp) resized (bicubic, antialiased) and zero-padded right/bottom."""
+    x = img01[None]
+    if geom.resized_hw != geom.orig_hw:
+        x = resize01(x, geom.resized_hw).clamp(0, 1)
+    ph, pw = geom.padded_hw[0] - geom.resized_hw[0], geom.padded_hw[1] - geom.resized_hw[1]
+    return F.pad(x, (0, pw, 0, ph))
+
+
+def from_model_output(out01: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """(1,C,Hp,Wp) -> (C,H,W): crop the padding, resize back to the original size (bicubic, antialiased), clip."""
+    x = out01[..., : geom.resized_hw[0], : geom.resized_hw[1]].float()
+    if geom.resized_hw != geom.orig_hw:
+        x = resize01(x, geom.orig_hw)
+    return x.clamp(0, 1)[0]
+
+
+class DiffusionRunner:
+    """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config."""
+
+    def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
+        inf = cfg.inference
+        self.device = choose_device(inf.get("device", "auto"))
+        self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
+        self.model = instantiate_from_config(cfg.model.cldm)
+        self.diffusion = instantiate_from_config(cfg.model.diffusion)
+        unused, missing = self.model.load_pretrained_sd(load_state_dict(inf.sd_path))
+        if missing:
+            raise RuntimeError(f"{inf.sd_path} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:3]}")
+        skipped = self.model.load_controlnet_from_ckpt(load_state_dict(inf[controlnet_key]))
+        if skipped:
+            log.info("published ControlNet loaded; %d new extension tensors keep their init", len(skipped))
+        self.model.eval().to(self.device)
+        if self.dtype != torch.float32:
+            self.model.cast_denoiser(self.dtype)
+        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.get("steps", 50))
+        self.parameterization = self.diffusion.parameterization
+        self.tiled = inf.get("tiled", "auto")
+        self.tile_threshold = int(inf.get("tile_threshold", 1536))
+        self.latent_tile = (int(inf.get("latent_tile_size", 64)), int(inf.get("latent_tile_stride", 32)))
+        self.vae_tile = (int(inf.get("vae_tile_size", 512)), int(inf.get("vae_tile_stride", 448)))
+
+    def use_tiles(self, hw: tuple[int, int]) -> bool:
+        if self.tiled == "auto":
+            return max(hw) > self.tile_threshold
+        return bool(self.tiled)
+
+    def encode(self, img_pm1: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> scaled latent (posterior mode), tiled for large images."""
+        fn = lambda x: self.model.vae_encode(x, sample=False)  # noqa: E731
+        if self.use_tiles(img_pm1.shape[-2:]):
+            return tiled_apply(fn, img_pm1, self.vae_tile[0], self.vae_tile[1], 1 / 8)
+        return fn(img_pm1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """scaled latent (B,4,h,w) -> image (B,3,8h,8w) in ~[-1,1], tiled for large images."""
+        if self.use_tiles((z.shape[-2] * 8, z.shape[-1] * 8)):
+            return tiled_apply(self.model.vae_decode, z, self.vae_tile[0] // 8, self.vae_tile[1] // 8, 8)
+        return self.model.vae_decode(z)
+
+    def denoiser(self, latent_hw: tuple[int, int]) -> Callable:
+        if self.use_tiles((latent_hw[0] * 8, latent_hw[1] * 8)):
+            return TiledDenoiser(self.model, *self.latent_tile)
+        return self.model
+
+    def condition(self, cond01: torch.Tensor, prompt: str) -> dict:
+        """Text embedding and condition latent, computed once per image (not per step)."""
+        with torch.no_grad():
+            cond = self.model.prepare_condition(cond01, [prompt] * cond01.shape[0])
+            if self.use_tiles(cond01.shape[-2:]):
+                cond["c_img"] = self.encode(cond01 * 2 - 1)
+        return cond
+
+    def prepare(self, img01: torch.Tensor, inf: DictConfig) -> tuple[torch.Tensor, Geometry]:
+        """(3,H,W) in [0,1] -> padded model input (1,3,Hp,Wp) on the device, and its geometry.
+
+        ``inference.min_short_side`` (published: 512) and ``inference.pad_multiple`` (64) set the geometry.
+        """
+        geom = plan_geometry(*img01.shape[-2:], min_short=int(inf.get("min_short_side", 512)),
+                             multiple=int(inf.get("pad_multiple", 64)), max_pixels=inf.get("max_pixels"))
+        return to_model_input(img01, geom).to(self.device), geom
+
+    def finish(self, z: torch.Tensor, geom: Geometry) -> torch.Tensor:
+        """Final latent -> (3,H,W) image in [0,1] at the original size."""
+        with torch.no_grad():
+            return from_model_output(self.decode(z) * 0.5 + 0.5, geom).cpu()
+
+    def prompt_for(self, cfg: DictConfig, img01: torch.Tensor, stage: int) -> str:
+        """The configured prompt, or a fog-analyser prompt when ``inference.dynamic_prompt`` is set."""
+        if cfg.inference.get("dynamic_prompt", False):
+            from utils.prompts import dynamic_prompts
+
+            return dynamic_prompts(img01[None], stage, None)[0]
+        return str(cfg.inference.prompt)
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def initial_noise(self, latent_shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(latent_shape, generator=generator, device=self.device)
+
+
+def run_folder(cfg: DictConfig, process: Callable[[torch.Tensor, str], dict[str, torch.Tensor]],
+               output_names: Callable[[str], list[str]], skip_existing: bool, desc: str) -> int:
+    """Loop over ``inference.image_folder``; ``process(img01 (3,H,W), stem)`` returns ``{file name: (C,H,W) [0,1]}``.
+
+    Per-image failures are logged by file name and the loop continues. Returns the exit status (1 if any failed).
+    """
+    src, dst = Path(cfg.inference.image_folder), Path(cfg.inference.result_folder)
+    if not src.is_dir():
+        log.error("inference.image_folder does not exist: %s", src)
+        return 2
+    if src.resolve() == dst.resolve():
+        log.error("inference.result_folder must differ from image_folder (%s): inputs are never overwritten", src)
+        return 2
+    dst.mkdir(parents=True, exist_ok=True)
+    images = list_images(src)
+    if not images:
+        log.error("no .png/.jpg/.jpeg images in %s", src)
+        return 1
+    done, skipped, failed = [], [], []
+    bar = tqdm(images, desc=desc, unit="img")
+    for path in bar:
+        names = output_names(path.stem)
+        if skip_existing and all((dst / n).is_file() for n in names):
+            skipped.append(path.name)
+            continue
+        bar.set_postfix_str(path.name)
+        try:
+            outputs = process(load_rgb01(path), path.stem)
+            for name, img in outputs.items():
+                save_png01(img, dst / name)
+            done.append(path.name)
+        except (ImageReadError, ValueError, RuntimeError, OSError) as err:
+            failed.append((path.name, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            log.debug("%s", traceback.format_exc())
+            log.error("failed: %s: %s", path.name, failed[-1][1])
+    log.info("summary: %d done, %d skipped, %d failed (results in %s)", len(done), len(skipped), len(failed), dst)
+    for name, reason in failed:
+        log.info("  failed %s: %s", name, reason)
+    return 1 if failed else 0
+
+
+def main_wrapper(fn: Callable[[DictConfig, argparse.Namespace], int], description: str, default_config: str) -> None:
+    setup_logging()
+    args = parse_args(description, default_config)
+    cfg = load_config(args.config, args.set)
+    sys.exit(fn(cfg, args))
