@@ -104,8 +104,10 @@ def _bad_corpus(folder: Path) -> None:
 def test_bad_inputs_are_reported_and_batch_continues(tmp_path, weights):
     images, results = tmp_path / "bad", tmp_path / "res"
     _bad_corpus(images)
-    proc = run_script("stage2", make_config(tmp_path, "stage2", weights, images, results))
+    cfg = make_config(tmp_path, "stage2", weights, images, results, **{"inference.max_pixels": 512 * 512})
+    proc = run_script("stage2", cfg)
     assert proc.returncode == 1
+    assert "becomes 32000x64 after the published resize/pad" in proc.stderr
     for name in ("notes.png", "truncated.jpg", "strip.png"):
         assert f"failed: {name}" in proc.stderr
     assert sorted(p.name for p in results.iterdir()) == ["deep16.png", "dot.png", "whole.png"]
