@@ -29,7 +29,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     @torch.no_grad()
     def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
         clean, geom = runner.prepare(img01, inf)
-        cond = runner.condition(clean, runner.prompt_for(cfg, img01, stage=1))
+        cond = runner.condition(clean, img01, stage=1)
         uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
         outputs = {}
         for k, name in enumerate(names(stem)):

@@ -47,7 +47,7 @@ class ControlNet(nn.Module, UNetEncoderMixin):
 
             self.ycbcr = YCbCrFusion(skip_channels=skip_channels, mid_channels=mid_ch,
                                      block_levels=self._block_levels(num_res_blocks, len(channel_mult)),
-                                     **(ycbcr_cfg or {}))
+                                     num_res_blocks=num_res_blocks, **(ycbcr_cfg or {}))
 
     @staticmethod
     def _block_levels(num_res_blocks: int, num_levels: int) -> list[int]:

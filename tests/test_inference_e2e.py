@@ -131,3 +131,21 @@ def test_set_overrides_reach_the_config(tmp_path, weights, real_images):
     cfg = make_config(tmp_path, "accsamp", weights, real_images, tmp_path / "r")
     proc = run_script("accsamp", cfg, "--set", "inference.tau=1.5")
     assert proc.returncode == 1 and "tau=1.5" in proc.stderr
+
+
+def test_extensions_at_inference_dynamic_prompt_fusion_and_text_processor(tmp_path, real_images):
+    ext = {"model.cldm.params.controlnet_cfg.params.ycbcr_fusion": True,
+           "model.cldm.params.text_processor_cfg.target": "model.text_processor.TextConditionProcessor",
+           "model.cldm.params.text_processor_cfg.params.dim": 32,
+           "model.cldm.params.text_processor_cfg.params.fog_feat_dim": 15}
+    model = build_tiny(seed=21, cfg=tiny_config(**ext))
+    randomize_(model.unet, seed=22, std=0.02)
+    randomize_(model.controlnet, seed=23, std=0.02)
+    randomize_(model.text_processor, seed=24, std=0.02)
+    sd_path, cn_path = write_release_checkpoints(model, tmp_path / "w")
+    assert any(k.startswith("text_processor.") for k in torch.load(cn_path, weights_only=True))
+    cfg = make_config(tmp_path, "stage2", (sd_path, cn_path), real_images, tmp_path / "r",
+                      **{"inference.dynamic_prompt": True, **ext})
+    proc = run_script("stage2", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "r").glob("*.png"))) == 2

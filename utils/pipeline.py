@@ -91,6 +91,7 @@ class DiffusionRunner:
     """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config."""
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
+        self.cfg = cfg
         inf = cfg.inference
         self.device = choose_device(inf.get("device", "auto"))
         self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
@@ -135,10 +136,30 @@ class DiffusionRunner:
             return TiledDenoiser(self.model, *self.latent_tile)
         return self.model
 
-    def condition(self, cond01: torch.Tensor, prompt: str) -> dict:
-        """Text embedding and condition latent, computed once per image (not per step)."""
+    def condition(self, cond01: torch.Tensor, img01: torch.Tensor, stage: int) -> dict:
+        """Text embedding and condition latent, computed once per image (not per step).
+
+        cond01: padded model input (1,3,Hp,Wp) in [0,1]; img01: the original image (3,H,W) in [0,1], analysed by the
+        fog analyser for dynamic prompts (``inference.dynamic_prompt``) and for the text processor's modulation.
+        """
+        infos = None
+        if self.cfg.inference.get("dynamic_prompt", False) or self.model.text_processor is not None:
+            from utils.fog import analyze_fog
+
+            infos = analyze_fog(img01[None].to(self.device))
+        if self.cfg.inference.get("dynamic_prompt", False):
+            from utils.prompts import prompts_from_infos
+
+            prompt = prompts_from_infos(infos, stage, None)[0]
+        else:
+            prompt = str(self.cfg.inference.prompt)
+        fog_feats = None
+        if self.model.text_processor is not None:
+            from utils.fog import fog_features
+
+            fog_feats = fog_features(infos, device=self.device)
         with torch.no_grad():
-            cond = self.model.prepare_condition(cond01, [prompt] * cond01.shape[0])
+            cond = self.model.prepare_condition(cond01, [prompt] * cond01.shape[0], fog_feats)
             if self.use_tiles(cond01.shape[-2:]):
                 cond["c_img"] = self.encode(cond01 * 2 - 1)
         return cond
@@ -156,14 +177,6 @@ class DiffusionRunner:
         """Final latent -> (3,H,W) image in [0,1] at the original size."""
         with torch.no_grad():
             return from_model_output(self.decode(z) * 0.5 + 0.5, geom).cpu()
-
-    def prompt_for(self, cfg: DictConfig, img01: torch.Tensor, stage: int) -> str:
-        """The configured prompt, or a fog-analyser prompt when ``inference.dynamic_prompt`` is set."""
-        if cfg.inference.get("dynamic_prompt", False):
-            from utils.prompts import dynamic_prompts
-
-            return dynamic_prompts(img01[None], stage, None)[0]
-        return str(cfg.inference.prompt)
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(int(seed))
