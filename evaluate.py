@@ -26,10 +26,8 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -40,6 +38,7 @@ import torch
 from utils import brisque as brisque_mod
 from utils import metrics as fr_metrics
 from utils import niqe as niqe_mod
+from utils.atomic import write_text_atomic
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, resize01
 
 LOG = logging.getLogger("evaluate")
@@ -67,22 +66,6 @@ class EvalReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def reference_for(stem: str, references: dict[str, Path]) -> Optional[Path]:

@@ -4,9 +4,13 @@ Phase 1 runs ordinary spaced steps from pure noise up to the step at which (k+1)
 prediction, decodes it and aligns the hazy image to it with AlignOp to get a dehazed estimate. Phase 2 encodes the
 estimate (posterior mode), diffuses it with fresh noise to the timestep of step k = (1−ω)·N and runs the remaining
 steps with DCP-weighted MS-SSIM fidelity guidance towards the estimate.
+
+The estimate is clamped to [-1,1] before encoding (AlignOp can overshoot the valid range where the reference's
+local contrast exceeds the hazy image's).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -14,6 +18,12 @@ import torch
 
 from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.spaced import ModelFn, SpacedSchedule, sample_spaced
+
+
+def _guide_x0(x0: torch.Tensor, x_t: torch.Tensor, i: int, *, guidance: WeightedMSSSIMGuidance,
+              schedule: SpacedSchedule, decode_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Fidelity guidance of x0 at schedule index i (the guidance uses the original timestep and coef1)."""
+    return guidance(x0, int(schedule.timesteps[i]), float(schedule.posterior_mean_coef1[i]), decode_fn)
 
 
 def accsamp_steps(num_steps: int, tau: float, omega: float) -> tuple[int, int]:
@@ -64,12 +74,10 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
     ac = float(schedule.alphas_cumprod[i_restart])
     noise = torch.randn(z_est.shape, generator=generator, device=z_est.device, dtype=z_est.dtype)
     x = float(np.sqrt(ac)) * z_est + float(np.sqrt(1.0 - ac)) * noise
-    x0_fn = None
+    x0_fn: Callable | None = None
     if guidance is not None:
         guidance.set_target(estimate, trans)
-
-        def x0_fn(x0: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
-            return guidance(x0, int(schedule.timesteps[i]), float(schedule.posterior_mean_coef1[i]), decode_fn)
+        x0_fn = partial(_guide_x0, guidance=guidance, schedule=schedule, decode_fn=decode_fn)
 
     with torch.no_grad():
         x = sample_spaced(model_fn, x, schedule, cond, parameterization=parameterization, start_step=k_restart,

@@ -33,7 +33,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate import write_text_atomic  # noqa: E402
+from utils.atomic import write_text_atomic  # noqa: E402
 from utils.image_io import (ImageReadError, list_images, load_rgb01, pil_to_tensor01,  # noqa: E402
                             resize01, save_png01)
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,28 +22,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.degradation import depth_proxy  # noqa: E402
+from utils.atomic import atomic_write  # noqa: E402
 from utils.image_io import ImageReadError, list_images, load_rgb01, resize01, tensor01_to_pil  # noqa: E402
 
 LOG = logging.getLogger("make_synthetic_set")
-
-
-def atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """Call ``write(file_object)`` on a temp file in path's folder, then os.replace it to path.
-
-    The file gets the usual permissions (0o666 less the umask), not mkstemp's 0o600.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
 
 
 def make_pair(image_path: Path, rgb_dir: Path, depth_dir: Path, size: int) -> None:

@@ -22,8 +22,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inference_dcp  # noqa: E402
-from evaluate import (FULL_REFERENCE, LABELS, evaluate_folders, format_value, write_report,  # noqa: E402
-                      write_text_atomic)
+from evaluate import FULL_REFERENCE, LABELS, evaluate_folders, format_value, write_report  # noqa: E402
+from utils.atomic import write_text_atomic  # noqa: E402
 from utils.common import load_config  # noqa: E402
 
 LOG = logging.getLogger("run_benchmark")

@@ -10,7 +10,6 @@ matching sizes.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from utils.atomic import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -112,18 +113,7 @@ def save_png01(img01: torch.Tensor, path: PathLike) -> None:
     """
     dst = Path(path)
     pil = tensor01_to_pil(img01)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pil.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, dst)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    atomic_write(dst, lambda handle: pil.save(handle, format="PNG"))
 
 
 def resize01(img01: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
