@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
 
@@ -26,31 +28,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(model, size: int, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(seconds per denoiser step, seconds for prepare_condition's YCbCr branch, peak GB on CUDA else nan)."""
+def make_inputs(model, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict, float]:
+    """Noisy latent, timestep and condition for one image; also the YCbCr branch time (run once per image)."""
     cond01 = torch.rand(1, 3, size, size, device=device)
     x = torch.randn(1, 4, size // 8, size // 8, device=device)
-    t = torch.tensor([500], device=device)
     with torch.no_grad():
-        c_txt = model.clip(["remove dense fog"])
-        cond = {"c_txt": c_txt, "c_img": torch.randn_like(x)}
+        cond = {"c_txt": model.clip(["remove dense fog"]), "c_img": torch.randn_like(x)}
         branch = float("nan")
         if model.controlnet.ycbcr is not None:
             start = time.perf_counter()
-            cond["c_ycbcr"] = model.controlnet.ycbcr.encode(cond01.to(next(model.controlnet.parameters()).dtype))
+            cond["c_ycbcr"] = model.controlnet.ycbcr.encode(cond01)
             _sync(device)
             branch = time.perf_counter() - start
+    return x, torch.tensor([500], device=device), cond, branch
+
+
+def step_flops(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> float:
+    """GFLOPs of one ControlNet+UNet forward (torch's FlopCounterMode: matmuls, convs, attention)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, t, cond)
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+    return counter.get_total_flops() / 1e9
+
+
+def time_steps(models: dict, inputs: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` seconds per step; the variants are interleaved so machine load hits both alike."""
+    best = {name: float("inf") for name in models}
+    with torch.no_grad():
+        for name, model in models.items():
+            model(*inputs[name][:3])
         for _ in range(repeats):
-            model(x, t, cond)
-        _sync(device)
-        per_step = (time.perf_counter() - start) / repeats
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return per_step, branch, peak
+            for name, model in models.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(*inputs[name][:3])
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -63,21 +76,26 @@ def main() -> None:
     device = choose_device(args.device)
     dtype = choose_dtype(args.precision, device)
     print(f"device={device} dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'size':>6} {'fusion':>7} {'s/step':>9} {'branch s':>9} {'peak GB':>8} {'overhead':>9}")
+    print(f"{'size':>6} {'fusion':>7} {'GFLOP':>9} {'s/step':>9} {'branch s':>9} {'peak GB':>8} {'overhead (flop / time)':>24}")
+    models = {}
+    for fusion in (False, True):
+        cfg = load_config(ROOT / "configs/inference/stage2.yaml", [f"{FUSION}={fusion}"])
+        torch.manual_seed(0)
+        models[fusion] = instantiate_from_config(cfg.model.cldm).eval().to(device)
+        if dtype != torch.float32:
+            models[fusion].cast_denoiser(dtype)
     for size in args.sizes:
-        base_time = None
+        inputs = {name: make_inputs(model, size, device) for name, model in models.items()}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = time_steps(models, inputs, device, args.repeats)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        flops = {name: step_flops(model, *inputs[name][:3]) for name, model in models.items()}
         for fusion in (False, True):
-            cfg = load_config(Path(__file__).resolve().parents[1] / "configs/inference/stage2.yaml",
-                              [f"{FUSION}={fusion}"])
-            torch.manual_seed(0)
-            model = instantiate_from_config(cfg.model.cldm).eval().to(device)
-            if dtype != torch.float32:
-                model.cast_denoiser(dtype)
-            per_step, branch, peak = time_step(model, size, device, args.repeats)
-            base_time = per_step if not fusion else base_time
-            overhead = f"{100 * (per_step / base_time - 1):+.1f}%" if fusion else "-"
-            print(f"{size:>6} {str(fusion):>7} {per_step:>9.3f} {branch:>9.3f} {peak:>8.2f} {overhead:>9}")
-            del model
+            over = (f"{100 * (flops[True] / flops[False] - 1):+.1f}% / {100 * (times[True] / times[False] - 1):+.1f}%"
+                    if fusion else "-")
+            print(f"{size:>6} {str(fusion):>7} {flops[fusion]:>9.1f} {times[fusion]:>9.3f} "
+                  f"{inputs[fusion][3]:>9.3f} {peak:>8.2f} {over:>24}")
 
 
 if __name__ == "__main__":
