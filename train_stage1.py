@@ -1,0 +1,11 @@
+"""HazeGen (stage 1) training: the IRControlNet learns to turn clean images into realistic hazy ones.
+
+    accelerate launch train_stage1.py --config configs/train/stage1.yaml [--set train.batch_size=8 ...]
+
+Published recipe (HybridTrainingData with p = 0.3, AdamW lr 1e-5, batch 16, 5k steps); see utils/trainer.py and
+docs/training.md for resume, mixed precision, multi-process and the HCD-YC extension switches.
+"""
+from utils.trainer import main
+
+if __name__ == "__main__":
+    main(stage=1, default_config="configs/train/stage1.yaml")

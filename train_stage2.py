@@ -1,0 +1,11 @@
+"""DiffDehaze (stage 2) training: the IRControlNet learns to dehaze, on HazeGen's hazy/clean pairs.
+
+    accelerate launch train_stage2.py --config configs/train/stage2.yaml [--set train.resume=latest ...]
+
+Published recipe (StaticPairedData, AdamW lr 3e-5, batch 16); see utils/trainer.py and docs/training.md for
+resume, mixed precision, multi-process and the HCD-YC extension switches.
+"""
+from utils.trainer import main
+
+if __name__ == "__main__":
+    main(stage=2, default_config="configs/train/stage2.yaml")

@@ -1,0 +1,275 @@
+"""One training micro-step of ControlLDM: the published loss plus the HCD-YC extension terms.
+
+Published ("Learning Hazing to Dehazing", CVPR 2025; DiffBIR-style ControlNet training), both stages:
+
+    z0   = vae_encode(target_pm1)                     sampled posterior, frozen VAE
+    cond = prepare_condition(condition01, prompts)   c_img zeroed for unconditional samples (stage 1, real photos)
+    t ~ U{0..T-1},  eps ~ N(0, I),  loss = || eps_theta(z_t, t, cond) - eps ||^2
+
+HCD-YC extensions (issue 6; none are in the paper), computed in the same step, with gradients:
+
+* hierarchical cycle consistency: x̂0 = (z_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t) from the model's own ε̂, decoded by the
+  frozen VAE decoder (activation checkpointing, optional random latent crop ``cycle_crop``) and scored by
+  :class:`model.losses.HierarchicalCycleLoss` (stage 2: x̂ vs clean / re-hazed x̂ vs hazy input; stage 1, on
+  conditional samples only: x̂ vs hazy target / DCP-dehazed x̂ vs clean condition), density-adapted by ρ from
+  :func:`utils.fog.analyze_fog` of the hazy image, warm-up ``cycle_start_step`` and linear ramp ``cycle_ramp_steps``;
+* text processor: the fog feature vector of the hazy image is passed to ``prepare_condition`` as ``fog_feats``;
+* text-image alignment: InfoNCE between EOT-pooled processed text tokens and a trainable
+  :class:`model.losses.ImageEmbedder` of the decoded x̂0, ramped to its weight at ``text_align_max_step``; skipped
+  (and reported through ``logs["align_skipped"]``) when all prompts of the batch are identical;
+* dynamic prompts: from ``dynamic_prompt_start`` on, per-sample prompts from :mod:`utils.prompts`.
+
+The hazy image analysed for ρ, fog features and prompts is ``batch["hazy_ref"]``: the condition in stage 2, the
+hazy target in stage 1 (both datasets provide it).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from model.cldm import ControlLDM
+from model.gaussian_diffusion import Diffusion
+from model.losses import (
+    HierarchicalCycleLoss,
+    ImageEmbedder,
+    VGGFeatures,
+    alignment_schedule,
+    cycle_schedule,
+    info_nce,
+    predict_x0,
+)
+from model.text_processor import pooled
+from utils.fog import FogInfo, analyze_fog, fog_features
+from utils.prompts import prompts_from_infos
+
+ALIGN_SKIP_REASON = ("text-image alignment loss skipped: all prompts of the per-process batch are identical, so "
+                     "InfoNCE has no negatives (enable train.use_dynamic_prompt and use a per-process batch > 1)")
+
+
+@dataclass(frozen=True)
+class ExtensionSettings:
+    """The ``train.*`` keys of the HCD-YC extensions (all off by default: the published training)."""
+
+    cycle_weight: float = 0.0
+    pixel_weight: float = 1.0
+    feature_weight: float = 0.1
+    semantic_weight: float = 0.05
+    forward_weight: float = 0.7
+    backward_weight: float = 0.3
+    cycle_start_step: int = 0
+    cycle_ramp_steps: int = 0
+    cycle_max_t: int | None = None
+    cycle_timestep_mode: str = "snr"
+    cycle_crop: int | None = None
+    vgg_path: str | None = None
+    use_dynamic_prompt: bool = False
+    dynamic_prompt_start: int = 0
+    use_text_processor: bool = False
+    text_align_weight: float = 0.0
+    text_align_max_step: int = 0
+    text_align_temperature: float = 0.07
+    align_embed_width: int = 32
+
+    @property
+    def cycle_enabled(self) -> bool:
+        return self.cycle_weight > 0
+
+    @property
+    def align_enabled(self) -> bool:
+        return self.text_align_weight > 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the ``train.*`` key of the first bad value."""
+        for key in ("cycle_weight", "pixel_weight", "feature_weight", "semantic_weight", "forward_weight",
+                    "backward_weight", "text_align_weight", "cycle_start_step", "cycle_ramp_steps",
+                    "dynamic_prompt_start", "text_align_max_step"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.cycle_crop is not None and self.cycle_crop < 1:
+            raise ValueError(f"train.cycle_crop must be a positive latent size or null, got {self.cycle_crop}")
+        if self.text_align_temperature <= 0:
+            raise ValueError(f"train.text_align_temperature must be > 0, got {self.text_align_temperature}")
+        if self.cycle_timestep_mode not in ("snr", "sqrt_alpha"):
+            raise ValueError(f"train.cycle_timestep_mode must be 'snr' or 'sqrt_alpha', got "
+                             f"'{self.cycle_timestep_mode}'")
+
+
+def build_cycle_loss(ext: ExtensionSettings, allow_random_vgg: bool = False) -> HierarchicalCycleLoss | None:
+    """The cycle loss of ``ext`` (None when ``cycle_weight`` is 0).
+
+    VGG-16 (feature: relu1_2/2_2/3_3/4_3, semantic: pooled relu5_3) is only built when its weights are needed;
+    ``train.vgg_path`` must then name torchvision's VGG-16 state dict. ``allow_random_vgg`` (tests and benchmarks
+    only) permits random weights when ``vgg_path`` is null.
+    """
+    if not ext.cycle_enabled:
+        return None
+    vgg = None
+    if ext.feature_weight != 0 or ext.semantic_weight != 0:
+        if ext.vgg_path is None and not allow_random_vgg:
+            raise ValueError("train.cycle_weight > 0 with feature/semantic levels needs train.vgg_path: torchvision's "
+                             "VGG-16 weights 'vgg16-397923af.pth' (https://download.pytorch.org/models/"
+                             "vgg16-397923af.pth); or set train.feature_weight=0 and train.semantic_weight=0")
+        if ext.vgg_path is not None and not Path(ext.vgg_path).is_file():
+            raise FileNotFoundError(f"train.vgg_path: VGG-16 weights not found: {ext.vgg_path} (download "
+                                    "https://download.pytorch.org/models/vgg16-397923af.pth)")
+        layers = ("relu1_2", "relu2_2", "relu3_3", "relu4_3") if ext.feature_weight != 0 else ()
+        vgg = VGGFeatures(ext.vgg_path, layers=layers, semantic_layer="relu5_3" if ext.semantic_weight != 0 else None,
+                          allow_random_init=ext.vgg_path is None)
+    return HierarchicalCycleLoss(
+        vgg, pixel_weight=ext.pixel_weight, feature_weight=ext.feature_weight, semantic_weight=ext.semantic_weight,
+        forward_weight=ext.forward_weight, backward_weight=ext.backward_weight,
+        timestep_mode=ext.cycle_timestep_mode, max_t=ext.cycle_max_t,
+    )
+
+
+def latent_window(h: int, w: int, crop: int | None, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """Random (top, left, height, width) latent window of side ``crop`` (whole latent when crop is None/too big)."""
+    if crop is None or (crop >= h and crop >= w):
+        return 0, 0, h, w
+    ch, cw = min(crop, h), min(crop, w)
+    device = generator.device if generator is not None else None
+    top = int(torch.randint(0, h - ch + 1, (1,), generator=generator, device=device))
+    left = int(torch.randint(0, w - cw + 1, (1,), generator=generator, device=device))
+    return top, left, ch, cw
+
+
+class TrainingStep(nn.Module):
+    """Loss of one micro-batch for a ControlLDM (see module docstring).
+
+    Registered submodules are exactly the trainable parts — ``controlnet`` (with YCbCr fusion when configured),
+    ``text_processor`` and ``image_embedder`` when enabled — so ``parameters()``, ``state_dict()``, DDP and the
+    optimizer see only them. The frozen ControlLDM, the diffusion schedule and the cycle loss (frozen VGG) are plain
+    attributes; :meth:`to_device` moves everything.
+
+    Batch keys (collated dataset samples): ``target`` (B,3,H,W) in [-1,1], ``condition`` (B,3,H,W) in [0,1],
+    ``is_cond`` (B,) bool, ``prompt`` list of B str, ``hazy_ref`` (B,3,H,W) in [0,1].
+    """
+
+    def __init__(self, ldm: ControlLDM, diffusion: Diffusion, stage: int, ext: ExtensionSettings,
+                 cycle_loss: HierarchicalCycleLoss | None = None, image_embedder: ImageEmbedder | None = None):
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if ext.cycle_enabled and cycle_loss is None:
+            raise ValueError("cycle_weight > 0 needs a cycle_loss (build_cycle_loss)")
+        if ext.align_enabled and image_embedder is None:
+            raise ValueError("text_align_weight > 0 needs an image_embedder")
+        if (ext.cycle_enabled or ext.align_enabled) and diffusion.parameterization != "eps":
+            raise ValueError("the cycle and alignment losses use the eps-prediction x̂0 formula; "
+                             f"model.diffusion.parameterization is '{diffusion.parameterization}'")
+        if ext.use_text_processor != (ldm.text_processor is not None):
+            raise ValueError("train.use_text_processor must match whether the model has a text_processor")
+        self.controlnet = ldm.controlnet
+        self.text_processor = ldm.text_processor
+        self.image_embedder = image_embedder if ext.align_enabled else None
+        object.__setattr__(self, "ldm", ldm)
+        object.__setattr__(self, "diffusion", diffusion)
+        object.__setattr__(self, "cycle_loss", cycle_loss if ext.cycle_enabled else None)
+        self.stage = stage
+        self.ext = ext
+        if ext.cycle_enabled or ext.align_enabled:
+            ldm.vae.decoder.use_checkpoint = True
+
+    def to_device(self, device: torch.device | str) -> "TrainingStep":
+        """Move the trainable and the frozen parts to ``device``."""
+        for part in (self.ldm, self.diffusion, self.cycle_loss):
+            if part is not None:
+                part.to(device)
+        return self.to(device)
+
+    # ------------------------------------------------------------------ conditioning
+    def uses_dynamic_prompts(self, step: int) -> bool:
+        """Whether per-sample fog-analyser prompts replace the dataset prompt at this step."""
+        return self.ext.use_dynamic_prompt and step >= self.ext.dynamic_prompt_start
+
+    def condition(self, batch: Mapping[str, Any], step: int, prompt_rng: random.Random | None = None
+                  ) -> tuple[dict[str, Any], list[str], list[FogInfo] | None]:
+        """Text/image condition of a batch -> (cond, prompts used, fog analysis of ``hazy_ref`` or None).
+
+        ``cond["c_img"]`` is zeroed for samples with ``is_cond`` False (published stage-1 unconditional branch).
+        """
+        prompts = list(batch["prompt"])
+        infos = analyze_fog(batch["hazy_ref"]) if self.needs_fog_analysis(step) else None
+        if self.uses_dynamic_prompts(step):
+            prompts = prompts_from_infos(infos, self.stage, prompt_rng)
+        cond01 = batch["condition"]
+        fog_feats = fog_features(infos, cond01.device) if self.text_processor is not None else None
+        cond = self.ldm.prepare_condition(cond01, prompts, fog_feats)
+        mask = batch["is_cond"].to(device=cond["c_img"].device, dtype=cond["c_img"].dtype).view(-1, 1, 1, 1)
+        cond["c_img"] = cond["c_img"] * mask
+        return cond, prompts, infos
+
+    def needs_fog_analysis(self, step: int) -> bool:
+        """Whether this step needs the fog analysis (dynamic prompts, text processor or cycle density ρ)."""
+        return self.uses_dynamic_prompts(step) or self.text_processor is not None or self.ext.cycle_enabled
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, batch: Mapping[str, Any], step: int, generator: torch.Generator | None = None,
+                prompt_rng: random.Random | None = None) -> dict[str, Any]:
+        """Loss of one micro-batch at optimizer step ``step`` (0-based; drives the schedules).
+
+        ``generator`` draws the VAE posterior sample, t, the noise and the cycle crop; ``prompt_rng`` the dynamic
+        prompt wording. Returns ``{"loss": scalar, "terms": {name: weighted scalar with grad}, "logs": {name:
+        detached scalar}}``; ``loss`` is the sum of ``terms``.
+        """
+        target_pm1 = batch["target"]
+        cond, prompts, infos = self.condition(batch, step, prompt_rng)
+        with torch.no_grad():
+            z0 = self.ldm.vae_encode(target_pm1, sample=True, generator=generator).float()
+        b = z0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=generator, device=z0.device)
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        out = self.diffusion.training_outputs(self.ldm, z0, t, cond, noise)
+        terms: dict[str, torch.Tensor] = {"diffusion": out["loss"]}
+        logs: dict[str, torch.Tensor] = {"loss_diffusion": out["loss"].detach()}
+
+        ext = self.ext
+        cycle_factor = ext.cycle_weight * cycle_schedule(step, ext.cycle_start_step, ext.cycle_ramp_steps)
+        align_factor = ext.text_align_weight * alignment_schedule(step, ext.text_align_max_step)
+        align_skipped = align_factor > 0 and len(set(prompts)) < 2
+        if align_factor > 0:
+            logs["align_skipped"] = z0.new_full((), float(align_skipped))
+            logs["loss_align"] = z0.new_zeros(())
+        if align_skipped:
+            align_factor = 0.0
+        if cycle_factor > 0 or align_factor > 0:
+            a_t = self.diffusion.alphas_cumprod[t]
+            x0_hat = predict_x0(out["x_noisy"].float(), out["model_out"].float(), a_t)
+            top, left, h, w = latent_window(*x0_hat.shape[-2:], self.ext.cycle_crop, generator)
+            f = self.ldm.vae.downscale
+            px = (slice(None), slice(None), slice(top * f, (top + h) * f), slice(left * f, (left + w) * f))
+            pred01 = (self.ldm.vae_decode(x0_hat[:, :, top:top + h, left:left + w]).float() + 1.0) / 2.0
+            if cycle_factor > 0:
+                rho = torch.tensor([info.density for info in infos], device=z0.device)
+                mask = batch["is_cond"] if self.stage == 1 else None
+                cycle, cycle_logs = self.cycle_loss(
+                    self.stage, pred01, ((target_pm1.float() + 1.0) / 2.0)[px], batch["condition"].float()[px],
+                    a_t, rho=rho, timesteps=t, sample_mask=mask)
+                terms["cycle"] = cycle_factor * cycle
+                logs.update(cycle_logs)
+            if align_factor > 0:
+                tokens = self.ldm.clip.tokenize(prompts).to(z0.device)
+                text_emb = pooled(cond["c_txt"].float(), tokens)
+                align = info_nce(text_emb, self.image_embedder(pred01), self.ext.text_align_temperature)
+                terms["align"] = align_factor * align
+                logs["loss_align"] = align.detach()
+        loss = sum(terms.values())
+        logs["loss"] = loss.detach()
+        return {"loss": loss, "terms": terms, "logs": logs}
+
+
+def trainable_parameters(step: TrainingStep) -> list[nn.Parameter]:
+    """Parameters the optimizer updates: ControlNet (+ fusion), text processor, image embedder."""
+    return [p for p in step.parameters() if p.requires_grad]
+
+
+def image_embedder_for(ldm: ControlLDM, ext: ExtensionSettings) -> ImageEmbedder | None:
+    """The trainable alignment image encoder (output width = text token width), or None when alignment is off."""
+    if not ext.align_enabled:
+        return None
+    return ImageEmbedder(dim=int(ldm.clip.model.transformer.width), width=ext.align_embed_width)

@@ -1,0 +1,655 @@
+"""Shared training loop of HazeGen (stage 1) and DiffDehaze (stage 2), built on accelerate.
+
+Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW, constant lr),
+the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet, the loss is the eps MSE of
+:class:`utils.train_losses.TrainingStep`; checkpoints ``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet
+state dicts in the release ``stage*.pt`` format.
+
+Added here: exact resume (full accelerate state + data position written to a temp dir and renamed, last N kept),
+mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard logging, a tqdm bar on
+the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC extension losses.
+
+Batch sizes: ``train.batch_size`` is the global batch of one optimizer step; each process loads micro-batches of
+``batch_size / (num_processes * gradient_accumulation_steps)`` samples. The sample order depends only on
+``train.seed``, the epoch and the global batch index (:class:`GlobalBatchSampler`), and every random draw of a
+step comes from a generator seeded by (seed, step, micro-step, process), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dataset.checks import DataError
+from model.cldm import ControlLDM
+from model.gaussian_diffusion import Diffusion
+from utils.checkpoint import WEIGHTS_HELP, load_state_dict, save_state_dict_atomic
+from utils.common import instantiate_from_config, load_config, seed_everything
+from utils.fog import FOG_FEATURE_DIM
+from utils.train_losses import (
+    ALIGN_SKIP_REASON,
+    ExtensionSettings,
+    TrainingStep,
+    build_cycle_loss,
+    image_embedder_for,
+    trainable_parameters,
+)
+
+log = logging.getLogger("hcdyc.train")
+
+STATE_NAME_DIGITS = 7
+PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.safetensors"
+TMP_PREFIX = ".tmp-"
+MIXED_PRECISION = (None, "no", "fp16", "bf16")
+
+
+class TrainError(RuntimeError):
+    """A start-up problem (config, weights, data, resume state) reported as one clear message."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The ``train.*`` keys of the loop itself (extension keys: :class:`utils.train_losses.ExtensionSettings`)."""
+
+    sd_path: str
+    exp_dir: str
+    resume: str | None = None
+    learning_rate: float = 1e-5
+    batch_size: int = 16
+    num_workers: int = 4
+    train_steps: int = 5000
+    log_every: int = 50
+    ckpt_every: int = 1000
+    image_every: int | None = 500
+    sample_steps: int = 50
+    num_preview: int = 4
+    keep_last: int = 2
+    mixed_precision: str | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = True
+    max_grad_norm: float | None = None
+    ema_decay: float | None = None
+    seed: int = 231
+    log_with: str | None = "tensorboard"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the ``train.*`` key of the first bad value."""
+        for key in ("learning_rate", "batch_size", "train_steps", "log_every", "ckpt_every", "sample_steps",
+                    "keep_last", "gradient_accumulation_steps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        if self.num_workers < 0 or self.num_preview < 1:
+            raise ValueError("train.num_workers must be >= 0 and train.num_preview >= 1")
+        if self.image_every is not None and self.image_every < 1:
+            raise ValueError(f"train.image_every must be > 0 or null, got {self.image_every}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision must be no/fp16/bf16 or null, got '{self.mixed_precision}'")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0,1) or null, got {self.ema_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
+    """Load a training YAML; a top-level ``base: <path relative to this file>`` is loaded first and merged under it.
+
+    ``overrides`` are OmegaConf dotlist entries (``train.batch_size=4``) applied last.
+    """
+    cfg = load_config(path)
+    if "base" in cfg:
+        base_path = Path(path).parent / str(cfg.base)
+        if not base_path.is_file():
+            raise FileNotFoundError(f"{path}: base config not found: {base_path}")
+        cfg = OmegaConf.merge(load_train_config(base_path), {k: v for k, v in cfg.items() if k != "base"})
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"--set expects key=value, got {bad}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg
+
+
+def split_settings(cfg: DictConfig) -> tuple[TrainSettings, ExtensionSettings]:
+    """``cfg.train`` -> (loop settings, extension settings); unknown or missing keys raise TrainError."""
+    for section in ("model", "dataset", "train"):
+        if section not in cfg:
+            raise TrainError(f"config has no '{section}' section")
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    loop_keys = {f.name for f in dataclasses.fields(TrainSettings)}
+    ext_keys = {f.name for f in dataclasses.fields(ExtensionSettings)}
+    unknown = sorted(set(train) - loop_keys - ext_keys)
+    if unknown:
+        raise TrainError(f"unknown train.* keys {unknown}; known: {sorted(loop_keys | ext_keys)}")
+    for key in ("sd_path", "exp_dir"):
+        if train.get(key) is None:
+            raise TrainError(f"train.{key} is required")
+    loop = TrainSettings(**{k: v for k, v in train.items() if k in loop_keys})
+    ext = ExtensionSettings(**{k: v for k, v in train.items() if k in ext_keys})
+    try:
+        loop.validate()
+        ext.validate()
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    return loop, ext
+
+
+def model_config(cfg: DictConfig, ext: ExtensionSettings) -> DictConfig:
+    """``cfg.model.cldm`` with the text processor added when ``train.use_text_processor`` is set.
+
+    Added: ``text_processor_cfg`` = model.text_processor.TextConditionProcessor with dim = the UNet context width
+    and fog_feat_dim = utils.fog.FOG_FEATURE_DIM. A config that already names one keeps it.
+    """
+    cldm = OmegaConf.create(OmegaConf.to_container(cfg.model.cldm, resolve=True))
+    has_processor = bool(cldm.params.get("text_processor_cfg"))
+    if ext.use_text_processor and not has_processor:
+        cldm.params.text_processor_cfg = {
+            "target": "model.text_processor.TextConditionProcessor",
+            "params": {"dim": int(cldm.params.unet_cfg.params.context_dim), "fog_feat_dim": FOG_FEATURE_DIM},
+        }
+    elif has_processor and not ext.use_text_processor:
+        raise TrainError("model.cldm.params.text_processor_cfg is set but train.use_text_processor is false")
+    return cldm
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Micro-batches of one process for one epoch, starting at global batch ``start_batch``.
+
+    Epoch ``e`` orders the samples by ``numpy.random.default_rng([seed, e]).permutation`` (several permutations
+    concatenated when the dataset is smaller than one global batch of G = micro * processes * accumulation
+    samples). Global batch ``b`` is ``order[b*G:(b+1)*G]``; its accumulation slice ``a`` gives process ``r`` the
+    indices ``order[b*G + (a*P + r)*micro :][:micro]``. Incomplete global batches at the end are dropped, so each
+    epoch has ``batches_per_epoch`` global batches and the data of a global step does not depend on how it is
+    split over processes.
+    """
+
+    def __init__(self, length: int, micro_batch: int, num_processes: int, process_index: int, accumulation: int,
+                 seed: int, epoch: int = 0, start_batch: int = 0):
+        if length < 1:
+            raise ValueError("dataset is empty")
+        self.length, self.micro, self.procs, self.rank = length, micro_batch, num_processes, process_index
+        self.accum, self.seed, self.epoch, self.start_batch = accumulation, seed, epoch, start_batch
+        self.global_batch = micro_batch * num_processes * accumulation
+        self.batches_per_epoch = max(1, length // self.global_batch)
+
+    def order(self) -> np.ndarray:
+        """Sample order of this epoch: (batches_per_epoch * G,) indices."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        need = self.batches_per_epoch * self.global_batch
+        parts, total = [], 0
+        while total < need:
+            parts.append(rng.permutation(self.length))
+            total += self.length
+        return np.concatenate(parts)[:need]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            for a in range(self.accum):
+                begin = b * self.global_batch + (a * self.procs + self.rank) * self.micro
+                yield [int(i) for i in order[begin:begin + self.micro]]
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.accum
+
+
+def micro_batch_size(batch_size: int, num_processes: int, accumulation: int) -> int:
+    """Samples per process and micro-step for a global ``batch_size``; TrainError if it does not divide."""
+    if batch_size % (num_processes * accumulation):
+        raise TrainError(f"train.batch_size {batch_size} is not divisible by processes x gradient accumulation "
+                         f"({num_processes} x {accumulation})")
+    return batch_size // (num_processes * accumulation)
+
+
+@dataclass
+class Progress:
+    """Optimizer steps done and data position (epoch, global batches of that epoch consumed)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def save(self, path: Path, **extra: Any) -> None:
+        path.write_text(json.dumps({**dataclasses.asdict(self), **extra}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "Progress":
+        data = json.loads(path.read_text())
+        return cls(step=int(data["step"]), epoch=int(data["epoch"]), batch_in_epoch=int(data["batch_in_epoch"]))
+
+
+def build_dataset(cfg: DictConfig, seed: int) -> Dataset:
+    """The configured dataset; ``dataset.params.seed`` defaults to ``train.seed`` (deterministic samples).
+
+    Bad data (missing/empty folders, missing depth maps, unpaired hazy files, unreadable images) raises TrainError
+    naming the first offending path.
+    """
+    ds_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    params = dict(ds_cfg.get("params") or {})
+    params.setdefault("seed", seed)
+    try:
+        return instantiate_from_config({"target": ds_cfg["target"], "params": params})
+    except DataError as err:
+        raise TrainError(f"training data error: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise TrainError(f"dataset config ({ds_cfg.get('target')}): {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+def set_gradient_checkpointing(ldm: ControlLDM, enabled: bool) -> int:
+    """Set ``use_checkpoint`` on every UNet/ControlNet block that has it (ResBlock, BasicTransformerBlock, ...).
+
+    Returns the number of blocks switched.
+    """
+    count = 0
+    for module in list(ldm.unet.modules()) + list(ldm.controlnet.modules()):
+        if isinstance(getattr(module, "use_checkpoint", None), bool):
+            module.use_checkpoint = enabled
+            count += 1
+    return count
+
+
+def build_model(cfg: DictConfig, loop: TrainSettings, ext: ExtensionSettings) -> tuple[ControlLDM, Diffusion]:
+    """ControlLDM with SD weights from ``train.sd_path`` and the ControlNet initialised from the UNet."""
+    if not Path(loop.sd_path).is_file():
+        raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
+    ldm: ControlLDM = instantiate_from_config(model_config(cfg, ext))
+    diffusion: Diffusion = instantiate_from_config(cfg.model.diffusion)
+    _, missing = ldm.load_pretrained_sd(load_state_dict(loop.sd_path))
+    if missing:
+        raise TrainError(f"train.sd_path {loop.sd_path} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:3]}")
+    ldm.load_controlnet_from_unet()
+    set_gradient_checkpointing(ldm, loop.gradient_checkpointing)
+    return ldm, diffusion
+
+
+class EMA:
+    """Exponential moving average of the released weights: shadow <- d * shadow + (1 - d) * current (floats)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                       for k, v in tensors.items()}
+
+    @torch.no_grad()
+    def update(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            if value.is_floating_point():
+                self.shadow[key].lerp_(value.detach().float(), 1.0 - self.decay)
+            else:
+                self.shadow[key].copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if set(sd) != set(self.shadow):
+            raise TrainError("EMA state does not match the model (different extensions enabled?)")
+        for key, value in sd.items():
+            self.shadow[key].copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------------------- state
+def state_root(exp_dir: str | Path) -> Path:
+    return Path(exp_dir) / "state"
+
+
+def complete_states(root: Path) -> list[Path]:
+    """Finished state dirs ``<root>/<step:07d>`` (with progress.json), oldest first; temp dirs are ignored."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and len(p.name) == STATE_NAME_DIGITS
+             and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def find_resume_state(loop: TrainSettings) -> Path | None:
+    """The state dir to resume from: ``train.resume`` = null (fresh start), "latest" or a state dir path."""
+    states = complete_states(state_root(loop.exp_dir))
+    if loop.resume is None:
+        if states:
+            raise TrainError(f"{loop.exp_dir} already holds training states ({states[-1]}); set train.resume=latest "
+                             "to continue that run or choose a new train.exp_dir")
+        return None
+    if loop.resume == "latest":
+        return states[-1] if states else None
+    path = Path(loop.resume)
+    if not (path / PROGRESS_FILE).is_file():
+        raise TrainError(f"train.resume: {path} is not a complete training state (no {PROGRESS_FILE}); pick a "
+                         f"<exp_dir>/state/<step> folder or 'latest'")
+    return path
+
+
+def save_training_state(accelerator, progress: Progress, ema: EMA | None, loop: TrainSettings,
+                        global_batch: int) -> Path:
+    """Full accelerate state + progress (+ EMA) into ``state/.tmp-<step>``, renamed to ``state/<step>`` when done.
+
+    A run killed while saving leaves only the temp dir, which resume ignores; the last ``keep_last`` states stay.
+    """
+    root = state_root(loop.exp_dir)
+    name = f"{progress.step:0{STATE_NAME_DIGITS}d}"
+    tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+        progress.save(tmp / PROGRESS_FILE, num_processes=accelerator.num_processes, global_batch=global_batch)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_states(root)[:-loop.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def install_state_hooks(accelerator) -> None:
+    """Save/load the trainable weights unwrapped (no ``module.`` prefix) so states move between process counts."""
+    from safetensors.torch import load_file
+
+    def save_hook(models, weights, output_dir):
+        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            sd = load_file(str(path), device="cpu")
+            accelerator.unwrap_model(model).load_state_dict(sd, strict=True)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from (seed, keys): independent streams per step / micro-step / process."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def use_cpu_backend_if_needed() -> None:
+    """``accelerate launch --multi_gpu`` without CUDA: select accelerate's CPU (gloo) backend.
+
+    Without this, each process would silently train on its own. Must run before the Accelerator is created.
+    """
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Collated batch with its tensors on ``device`` (prompt lists unchanged)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def preview_grid(step_module: TrainingStep, batch: dict[str, Any], step: int, num: int, sample_steps: int,
+                 seed: int) -> torch.Tensor:
+    """Image grid (3, 4*H', n*W') in [0,1]: rows = samples (spaced sampling), target, condition, decoded c_img."""
+    from torchvision.utils import make_grid
+
+    from sampler.spaced import make_spaced_schedule, sample_spaced
+
+    ldm, diffusion = step_module.ldm, step_module.diffusion
+    part = {k: v[:num] for k, v in batch.items()}
+    device = part["target"].device
+    cond, _, _ = step_module.condition(part, step, random.Random(seed))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    schedule = make_spaced_schedule(diffusion.alphas_cumprod_np, sample_steps)
+    x_t = torch.randn(cond["c_img"].shape, generator=gen, device=device)
+    z = sample_spaced(ldm, x_t, schedule, cond, parameterization=diffusion.parameterization, generator=gen)
+    rows = [ldm.vae_decode(z).float() * 0.5 + 0.5, part["target"].float() * 0.5 + 0.5, part["condition"].float(),
+            ldm.vae_decode(cond["c_img"]).float() * 0.5 + 0.5]
+    return make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=rows[0].shape[0], padding=2)
+
+
+def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> dict[str, Any]:
+    """Flat hyper-parameters for the tracker (None written as the string 'null')."""
+    out: dict[str, Any] = {"stage": stage}
+    for key, value in {**dataclasses.asdict(loop), **dataclasses.asdict(ext)}.items():
+        out[key] = value if isinstance(value, (int, float, str, bool)) else str(value if value is not None else "null")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ loop
+def run_training(cfg: DictConfig, stage: int) -> int:
+    """Train one stage from a full config (model / dataset / train). Returns the process exit status
+    (2 with one logged message for start-up problems)."""
+    try:
+        return Trainer(cfg, stage).run()
+    except TrainError as err:
+        log.error("%s", err)
+        return 2
+
+
+class Trainer:
+    """One training run: start-up checks and set-up in ``__init__``, the optimizer-step loop in :meth:`run`."""
+
+    def __init__(self, cfg: DictConfig, stage: int):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg, self.stage = cfg, stage
+        self.loop, self.ext = loop, ext = split_settings(cfg)
+        use_cpu_backend_if_needed()
+        try:
+            cycle_loss = build_cycle_loss(ext)
+        except (ValueError, FileNotFoundError) as err:
+            raise TrainError(str(err)) from None
+        if ext.align_enabled and not ext.use_dynamic_prompt:
+            log.warning("train.text_align_weight > 0 without train.use_dynamic_prompt: %s", ALIGN_SKIP_REASON)
+        if not Path(loop.sd_path).is_file():
+            raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
+        self.exp_dir = Path(loop.exp_dir)
+        self.resume_dir = find_resume_state(loop)
+        self.dataset = build_dataset(cfg, loop.seed)
+
+        self.accelerator = acc = Accelerator(
+            mixed_precision=loop.mixed_precision,
+            gradient_accumulation_steps=loop.gradient_accumulation_steps,
+            log_with=loop.log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.exp_dir), logging_dir=str(self.exp_dir / "logs")),
+            # the alignment image encoder gets no gradient on steps where that loss is skipped
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.align_enabled)],
+        )
+        logging.getLogger().setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != acc.num_processes:
+            raise TrainError(f"launched {world} processes but accelerate runs {acc.num_processes}; on CPU set "
+                             "ACCELERATE_USE_CPU=1 (done automatically when CUDA is unavailable)")
+        self.accum = acc.gradient_accumulation_steps
+        self.micro = micro_batch_size(loop.batch_size, acc.num_processes, self.accum)
+
+        seed_everything(loop.seed)
+        self.ldm, diffusion = build_model(cfg, loop, ext)
+        self.step_module = TrainingStep(self.ldm, diffusion, stage, ext, cycle_loss, image_embedder_for(self.ldm, ext))
+        self.step_module.to_device(acc.device)
+        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.learning_rate)
+        self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
+        install_state_hooks(acc)
+        self.ema = EMA(self.ldm.controlnet_state_dict(), loop.ema_decay) if loop.ema_decay else None
+        self.progress = Progress()
+        if self.resume_dir is not None:
+            self._resume(self.resume_dir)
+
+    def _resume(self, state_dir: Path) -> None:
+        self.accelerator.load_state(str(state_dir))
+        self.progress = Progress.load(state_dir / PROGRESS_FILE)
+        if self.ema is not None:
+            if not (state_dir / EMA_FILE).is_file():
+                raise TrainError(f"train.ema_decay is set but {state_dir} holds no {EMA_FILE}")
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+        log.info("resumed from %s at step %d", state_dir, self.progress.step)
+
+    def _loader(self) -> tuple[Iterator[dict[str, Any]], GlobalBatchSampler]:
+        """Micro-batch iterator of this process from the current data position."""
+        acc, p = self.accelerator, self.progress
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(p.epoch)
+        sampler = GlobalBatchSampler(len(self.dataset), self.micro, acc.num_processes, acc.process_index, self.accum,
+                                     self.loop.seed, p.epoch, p.batch_in_epoch)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
+                            pin_memory=acc.device.type == "cuda")
+        return iter(loader), sampler
+
+    def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Accumulate ``accum`` micro-batches and step the optimizer -> (last micro-batch, logs per micro-batch)."""
+        acc, loop = self.accelerator, self.loop
+        logs = []
+        for a in range(self.accum):
+            batch = to_device(next(data_iter), acc.device)
+            seed = step_seed(loop.seed, self.progress.step, a, acc.process_index)
+            gen = torch.Generator(device=acc.device).manual_seed(seed)
+            with acc.accumulate(self.model):
+                out = self.model(batch, self.progress.step, gen, random.Random(seed))
+                acc.backward(out["loss"])
+                if acc.sync_gradients and loop.max_grad_norm is not None:
+                    acc.clip_grad_norm_(trainable_parameters(self.step_module), loop.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            logs.append(out["logs"])
+        return batch, logs
+
+    def run(self) -> int:
+        from tqdm.auto import tqdm
+
+        acc, loop, p = self.accelerator, self.loop, self.progress
+        if acc.is_main_process:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            resolved = OmegaConf.merge(self.cfg, {"model": {"cldm": model_config(self.cfg, self.ext)}})
+            OmegaConf.save(resolved, self.exp_dir / "config.yaml")
+            log.info("stage %d: %d processes, micro-batch %d, accumulation %d, global batch %d, %d samples",
+                     self.stage, acc.num_processes, self.micro, self.accum, loop.batch_size, len(self.dataset))
+        if loop.log_with:
+            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage))
+        bar = tqdm(total=loop.train_steps, initial=p.step, desc=f"stage {self.stage}",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        window = LogWindow()
+        warned_align, data_iter = False, None
+        self.model.train()
+        while p.step < loop.train_steps:
+            if data_iter is None:
+                data_iter, sampler = self._loader()
+            batch, logs = self._optimizer_step(data_iter)
+            p.step += 1
+            p.batch_in_epoch += 1
+            if p.batch_in_epoch == sampler.batches_per_epoch:
+                p.epoch, p.batch_in_epoch, data_iter = p.epoch + 1, 0, None
+            if self.ema is not None:
+                self.ema.update(self.ldm.controlnet_state_dict())
+            window.add(logs)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs[-1]['loss'].item():.4f}")
+            if not warned_align and any(entry.get("align_skipped", 0) > 0 for entry in logs) and acc.is_main_process:
+                log.warning("%s", ALIGN_SKIP_REASON)
+                warned_align = True
+            if p.step % loop.log_every == 0 or p.step == loop.train_steps:
+                window.flush(acc, p.step, self.exp_dir / "metrics.jsonl", bool(loop.log_with))
+            if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
+                self._preview(batch)
+            if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
+                self._save_checkpoint()
+                save_training_state(acc, p, self.ema, loop, loop.batch_size)
+        bar.close()
+        acc.end_training()
+        return 0
+
+    def _preview(self, batch: dict[str, Any]) -> None:
+        """Sample grid of the main process's last micro-batch to TensorBoard (other trackers: scalars only)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.step_module.eval()
+            grid = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
+                                self.loop.sample_steps, step_seed(self.loop.seed, self.progress.step, 2**31))
+            self.step_module.train()
+            for tracker in acc.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"preview": grid[None].numpy()}, step=self.progress.step, dataformats="NCHW")
+        acc.wait_for_everyone()
+
+    def _save_checkpoint(self) -> None:
+        """Release-format ControlNet weights (+ EMA copy, + alignment image encoder) at the current step."""
+        if not self.accelerator.is_main_process:
+            return
+        ckpt_dir = self.exp_dir / "checkpoints"
+        name = f"{self.progress.step:0{STATE_NAME_DIGITS}d}"
+        save_state_dict_atomic(self.ldm.controlnet_state_dict(), ckpt_dir / f"{name}.pt")
+        if self.ema is not None:
+            save_state_dict_atomic(self.ema.state_dict(), ckpt_dir / f"{name}_ema.pt")
+        if self.step_module.image_embedder is not None:
+            save_state_dict_atomic(self.step_module.image_embedder.state_dict(), ckpt_dir / f"{name}_image_embedder.pt")
+
+
+class LogWindow:
+    """Running sums of the per-micro-batch logs since the last flush.
+
+    The logged keys depend only on the config and the step, so every process reduces the same list.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: list[dict[str, torch.Tensor]]) -> None:
+        for entry in logs:
+            for key, value in entry.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, accelerator, step: int, metrics_path: Path, to_trackers: bool) -> None:
+        """Log the means (averaged over processes) to the trackers and ``metrics.jsonl``; reset."""
+        keys = sorted(self.sums)
+        if keys:
+            local = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).float() / self.counts[k]
+                                 for k in keys])
+            mean = accelerator.reduce(local, reduction="mean")
+            values = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
+            if to_trackers:
+                accelerator.log(values, step=step)
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.sums, self.counts = {}, {}
+
+
+def main(stage: int, default_config: str) -> None:
+    """CLI of ``train_stage1.py`` / ``train_stage2.py``: ``--config`` and ``--set key=value ...``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=f"Train stage {stage} ({'HazeGen' if stage == 1 else 'DiffDehaze'})")
+    parser.add_argument("--config", default=default_config, help="training YAML (model / dataset / train)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.batch_size=8 train.resume=latest")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        cfg = load_train_config(args.config, args.set)
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    sys.exit(run_training(cfg, stage))
+
