@@ -20,10 +20,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
 
     @torch.no_grad()
     def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
-        hazy, geom = runner.prepare(img01, inf)
-        cond = runner.condition(hazy, img01, stage=2)
-        gen = runner.generator(inf.seed)
-        x_T = runner.initial_noise((1, 4, hazy.shape[-2] // 8, hazy.shape[-1] // 8), gen)
+        _, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
         z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
                           parameterization=runner.parameterization, generator=gen, disable=not args.show_steps)
         return {f"{stem}.png": runner.finish(z, geom)}

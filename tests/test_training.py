@@ -26,6 +26,7 @@ from tests.train_helpers import (
 )
 from utils.checkpoint import load_state_dict
 from utils.train_losses import TrainingStep
+from utils.common import load_config
 from utils.trainer import (
     EMA,
     GlobalBatchSampler,
@@ -35,7 +36,6 @@ from utils.trainer import (
     build_model,
     complete_states,
     find_resume_state,
-    load_train_config,
     micro_batch_size,
     run_training,
     split_settings,
@@ -240,7 +240,7 @@ def test_shipped_training_configs_parse_and_match_the_inference_model():
     configs = sorted((ROOT / "configs" / "train").rglob("*.yaml"))
     assert len(configs) >= 10
     for path in configs:
-        cfg = load_train_config(path)
+        cfg = load_config(path)
         loop, ext = split_settings(cfg)
         model = OmegaConf.to_container(cfg.model)
         model["cldm"]["params"]["controlnet_cfg"]["params"].pop("ycbcr_fusion", None)

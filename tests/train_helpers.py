@@ -15,7 +15,7 @@ from PIL import Image
 
 from model.losses import VGGFeatures
 from tests.helpers import ROOT, TINY_MODEL, build_tiny, write_release_checkpoints
-from utils.trainer import load_train_config
+from utils.common import load_config
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
@@ -92,7 +92,7 @@ def make_stage2_data(root: Path, n: int = 4, size: int = 40) -> Path:
 def tiny_train_config(config: Path, exp_dir: Path, sd_path: Path, dataset: dict | None = None, **train) -> Path:
     """A repository training config with the tiny model merged in (its switches kept), small CPU settings and the
     given ``dataset.params`` / ``train`` keys; written next to ``exp_dir`` and returned."""
-    cfg = load_train_config(config)
+    cfg = load_config(config)
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(TINY_MODEL).model)
     cfg.dataset.params = OmegaConf.merge(cfg.dataset.params, {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in (dataset or {}).items()})

@@ -30,10 +30,19 @@ def instantiate_from_config(config: Mapping[str, Any] | DictConfig, **overrides:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
-    """Load a YAML config and apply OmegaConf dotlist overrides (``["inference.tau=0.7", ...]``)."""
+    """Load a YAML config and apply OmegaConf dotlist overrides (``["inference.tau=0.7", ...]``).
+
+    A top-level ``base: <path relative to this file>`` is loaded first (recursively) and merged under the file, so
+    ablation configs only state what they change.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     cfg = OmegaConf.load(path)
+    if "base" in cfg:
+        base_path = os.path.join(os.path.dirname(os.fspath(path)), str(cfg.base))
+        if not os.path.isfile(base_path):
+            raise FileNotFoundError(f"{path}: base config not found: {base_path}")
+        cfg = OmegaConf.merge(load_config(base_path), {k: v for k, v in cfg.items() if k != "base"})
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

@@ -173,6 +173,15 @@ class DiffusionRunner:
                              multiple=int(inf.get("pad_multiple", 64)), max_pixels=inf.get("max_pixels"))
         return to_model_input(img01, geom).to(self.device), geom
 
+    def start(self, img01: torch.Tensor, stage: int, seed: int) -> tuple[torch.Tensor, Geometry, dict,
+                                                                    torch.Generator, torch.Tensor]:
+        """Everything a sampler needs for one image: padded input (1,3,Hp,Wp) in [0,1], geometry, condition,
+        a generator seeded with ``seed`` and the initial noise x_T (1,4,Hp/8,Wp/8) drawn from it."""
+        inp, geom = self.prepare(img01, self.cfg.inference)
+        cond = self.condition(inp, img01, stage)
+        gen = self.generator(seed)
+        return inp, geom, cond, gen, self.initial_noise((1, 4, inp.shape[-2] // 8, inp.shape[-1] // 8), gen)
+
     def finish(self, z: torch.Tensor, geom: Geometry) -> torch.Tensor:
         """Final latent -> (3,H,W) image in [0,1] at the original size."""
         with torch.no_grad():

@@ -103,25 +103,6 @@ class TrainSettings:
 
 
 # ---------------------------------------------------------------------------------------------------------- config
-def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
-    """Load a training YAML; a top-level ``base: <path relative to this file>`` is loaded first and merged under it.
-
-    ``overrides`` are OmegaConf dotlist entries (``train.batch_size=4``) applied last.
-    """
-    cfg = load_config(path)
-    if "base" in cfg:
-        base_path = Path(path).parent / str(cfg.base)
-        if not base_path.is_file():
-            raise FileNotFoundError(f"{path}: base config not found: {base_path}")
-        cfg = OmegaConf.merge(load_train_config(base_path), {k: v for k, v in cfg.items() if k != "base"})
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"--set expects key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return cfg
-
-
 def split_settings(cfg: DictConfig) -> tuple[TrainSettings, ExtensionSettings]:
     """``cfg.train`` -> (loop settings, extension settings); unknown or missing keys raise TrainError."""
     for section in ("model", "dataset", "train"):
@@ -647,7 +628,7 @@ def main(stage: int, default_config: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
-        cfg = load_train_config(args.config, args.set)
+        cfg = load_config(args.config, args.set)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         sys.exit(2)
