@@ -161,3 +161,20 @@ def test_tiled_path_runs_end_to_end_and_keeps_geometry(tmp_path, weights, real_i
         with Image.open(src) as im, Image.open(results / src.name) as out:
             assert out.size == im.size
             assert np.asarray(out).std() > 0
+
+
+def test_run_benchmark_runs_a_configured_model(tmp_path, weights):
+    from tools import make_benchmark, run_benchmark
+
+    src = tmp_path / "src"
+    save = np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    src.mkdir()
+    Image.fromarray(save).save(src / "scene.png")
+    bench = tmp_path / "bench"
+    assert make_benchmark.main(["--out", str(bench), "--source", str(src), "--betas", "1.0", "--airlights", "0.9"]) == 0
+    cfg = make_config(tmp_path, "stage2", weights, tmp_path / "unused", tmp_path / "unused_out")
+    work = tmp_path / "work"
+    assert run_benchmark.main(["--bench", str(bench), "--work", str(work), "--methods", "hazy", f"tiny={cfg}"]) == 0
+    table = (work / "benchmark.md").read_text()
+    assert "| tiny | 1 |" in table
+    assert (work / "tiny" / "scene_0.png").is_file()

@@ -1,19 +1,22 @@
 """Score methods on a benchmark made by tools/make_benchmark.py and print one table.
 
 Methods (``--methods``, in table order): ``hazy`` (the hazy input itself, i.e. doing nothing),
-``dcp`` (inference_dcp.py with --dcp-config, run into WORK/dcp) and any number of ``NAME=DIR``
-result folders (e.g. the output of inference_stage2.py over BENCH/hazy). Each is evaluated
+``dcp`` (inference_dcp.py with --dcp-config, run into WORK/dcp), any number of ``NAME=CONFIG.yaml``
+configured models (run over BENCH/hazy into WORK/NAME with inference_accsamp.py when the config has a
+``guidance`` section, else inference_stage2.py) and any number of ``NAME=DIR`` result folders computed
+elsewhere. Each is evaluated
 against BENCH/clean with evaluate.py
 (PSNR / SSIM / CIEDE2000, results matched by the <name>_<k> -> <name> rule); per-method reports
 go to WORK/<method>/eval, the table to WORK/benchmark.md and WORK/benchmark.json.
 
-    python tools/run_benchmark.py --bench data/bench [--methods hazy dcp stage2=results/stage2]
+    python tools/run_benchmark.py --bench data/bench [--methods hazy dcp accsamp=configs/inference/stage2_accsamp.yaml]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +44,17 @@ def run_dcp(bench: Path, work: Path, config: Path, overrides: list[str], skip_ex
     return dst
 
 
+def run_model(bench: Path, work: Path, name: str, config: Path, skip_existing: bool) -> Path:
+    """Run the inference script a model config belongs to over BENCH/hazy into WORK/NAME; returns that folder."""
+    dst = work / name
+    script = "inference_accsamp.py" if "guidance" in load_config(config) else "inference_stage2.py"
+    cmd = [sys.executable, str(ROOT / script), "--config", str(config), "--set",
+           f"inference.image_folder={bench / 'hazy'}", f"inference.result_folder={dst}"]
+    if subprocess.run(cmd + (["--skip-existing"] if skip_existing else []), cwd=ROOT).returncode != 0:
+        raise RuntimeError(f"{script} with {config} failed on some images of {bench / 'hazy'} (see the log)")
+    return dst
+
+
 def benchmark_table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table: one row per method, mean ± std (population) of PSNR / SSIM / ΔE00 and n."""
     lines = ["| method | n | " + " | ".join(LABELS[m] for m in FULL_REFERENCE) + " |",
@@ -52,11 +66,12 @@ def benchmark_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def parse_method(text: str) -> tuple[str, Path | None]:
-    """'hazy' | 'dcp' -> (name, None); 'NAME=DIR' -> (NAME, DIR)."""
+    """'hazy' | 'dcp' -> (name, None); 'NAME=DIR' or 'NAME=CONFIG.yaml' -> (NAME, path)."""
     name, sep, folder = text.partition("=")
     if not sep:
         if text not in BUILTIN:
-            raise argparse.ArgumentTypeError(f"unknown method '{text}': use {' or '.join(BUILTIN)} or NAME=DIR")
+            raise argparse.ArgumentTypeError(f"unknown method '{text}': use {' or '.join(BUILTIN)}, NAME=DIR "
+                                             "or NAME=CONFIG.yaml")
         return text, None
     if not name or not folder:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got '{text}'")
@@ -67,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate hazy input, DCP and model results on a synthetic benchmark")
     parser.add_argument("--bench", required=True, type=Path, help="folder with hazy/, clean/ (tools/make_benchmark.py)")
     parser.add_argument("--methods", nargs="+", type=parse_method, default=[("hazy", None), ("dcp", None)],
-                        metavar="METHOD", help="hazy, dcp and/or NAME=DIR result folders over BENCH/hazy")
+                        metavar="METHOD", help="hazy, dcp, NAME=CONFIG.yaml (run that model) and/or NAME=DIR "
+                        "(existing results over BENCH/hazy)")
     parser.add_argument("--work", type=Path, help="output folder (default: BENCH/runs)")
     parser.add_argument("--dcp-config", type=Path, default=ROOT / "configs" / "inference" / "dcp.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DCP config overrides")
-    parser.add_argument("--skip-existing", action="store_true", help="keep DCP results that already exist")
+    parser.add_argument("--skip-existing", action="store_true", help="keep DCP/model results that already exist")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     hazy, clean = args.bench / "hazy", args.bench / "clean"
@@ -89,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = hazy
         elif folder is None:
             folder = run_dcp(args.bench, work, args.dcp_config, args.set, args.skip_existing)
+        elif folder.suffix in (".yaml", ".yml"):
+            folder = run_model(args.bench, work, name, folder, args.skip_existing)
         folders.append((name, folder))
     rows, status = [], 0
     for name, folder in folders:
