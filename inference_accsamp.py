@@ -40,7 +40,8 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
-            align_fn=align, transmission_fn=dcp_transmission, parameterization=runner.parameterization,
+            align_fn=align, transmission_fn=dcp_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
+            parameterization=runner.parameterization,
             generator=gen, disable=not args.show_steps)
         out = {f"{stem}.png": runner.finish(z, geom)}
         if intermediates:

@@ -21,9 +21,11 @@ from sampler.spaced import ModelFn, SpacedSchedule, sample_spaced
 
 
 def _guide_x0(x0: torch.Tensor, x_t: torch.Tensor, i: int, *, guidance: WeightedMSSSIMGuidance,
-              schedule: SpacedSchedule, decode_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+              schedule: SpacedSchedule, decode_fn: Callable[[torch.Tensor], torch.Tensor],
+              decode_vjp_fn: Callable | None) -> torch.Tensor:
     """Fidelity guidance of x0 at schedule index i (the guidance uses the original timestep and coef1)."""
-    return guidance(x0, int(schedule.timesteps[i]), float(schedule.posterior_mean_coef1[i]), decode_fn)
+    return guidance(x0, int(schedule.timesteps[i]), float(schedule.posterior_mean_coef1[i]), decode_fn,
+                    decode_vjp_fn)
 
 
 def accsamp_steps(num_steps: int, tau: float, omega: float) -> tuple[int, int]:
@@ -43,6 +45,7 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
                    encode_fn: Callable[[torch.Tensor], torch.Tensor],
                    align_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    transmission_fn: Callable[[torch.Tensor], torch.Tensor],
+                   decode_vjp_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    parameterization: str = "eps", generator: torch.Generator | None = None,
                    callback: Callable[[dict], None] | None = None,
                    disable: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -50,7 +53,8 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
 
     x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in [0,1] (the padded input, H = 8h);
     decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
-    align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W).
+    align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W);
+    decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance).
     Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": (B,1,H,W)}``.
     """
     n = len(schedule)
@@ -77,7 +81,8 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
     x0_fn: Callable | None = None
     if guidance is not None:
         guidance.set_target(estimate, trans)
-        x0_fn = partial(_guide_x0, guidance=guidance, schedule=schedule, decode_fn=decode_fn)
+        x0_fn = partial(_guide_x0, guidance=guidance, schedule=schedule, decode_fn=decode_fn,
+                        decode_vjp_fn=decode_vjp_fn)
 
     with torch.no_grad():
         x = sample_spaced(model_fn, x, schedule, cond, parameterization=parameterization, start_step=k_restart,

@@ -41,21 +41,35 @@ class WeightedMSSSIMGuidance:
         """−MS-SSIM per image (B,) between the decoded prediction and the estimate, both mapped to [0,1]."""
         return -ms_ssim(decoded_pm1 * 0.5 + 0.5, self.target_pm1 * 0.5 + 0.5, data_range=1.0, normalize=True)
 
-    def __call__(self, x0: torch.Tensor, t: int, coef1: float,
-                 decode_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Return the guided x0 latent (B,4,h,w); unchanged when inactive at t."""
+    def pixel_update(self, decoded_pm1: torch.Tensor) -> torch.Tensor:
+        """−∂loss/∂decoded · transmission · scale · 3000: the pixel-space update (B,3,H,W)."""
+        with torch.enable_grad():
+            leaf = decoded_pm1.detach().float().requires_grad_(True)
+            (g_img,) = torch.autograd.grad(self.loss(leaf).sum(), leaf)
+        return -g_img * self.weight * (self.scale * GRADIENT_GAIN)
+
+    def __call__(self, x0: torch.Tensor, t: int, coef1: float, decode_fn: Callable[[torch.Tensor], torch.Tensor],
+                 decode_vjp_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Return the guided x0 latent (B,4,h,w); unchanged when inactive at t.
+
+        decode_fn: scaled latent -> image in [-1,1] (same size as the target). decode_vjp_fn(z, v), when given,
+        returns (∂decode/∂z)ᵀ v without keeping the whole decoder graph (tiled decoding for large images);
+        otherwise one decode with autograd serves both the loss and the pull-back.
+        """
         if self.target_pm1 is None:
             raise RuntimeError("set_target() must be called before guidance is applied")
         if not self.active(t):
             return x0
         for _ in range(self.repeat):
-            with torch.enable_grad():
-                z = x0.detach().float().requires_grad_(True)
-                decoded = decode_fn(z)
-                h, w = self.target_pm1.shape[-2:]
-                decoded = decoded[..., :h, :w].float()
-                (g_img,) = torch.autograd.grad(self.loss(decoded).sum(), decoded, retain_graph=True)
-                delta_img = -g_img * self.weight * (self.scale * GRADIENT_GAIN)
-                (delta_z,) = torch.autograd.grad(decoded, z, grad_outputs=delta_img)
+            z = x0.detach().float()
+            if decode_vjp_fn is None:
+                with torch.enable_grad():
+                    z.requires_grad_(True)
+                    decoded = decode_fn(z).float()
+                    (delta_z,) = torch.autograd.grad(decoded, z, grad_outputs=self.pixel_update(decoded))
+            else:
+                with torch.no_grad():
+                    decoded = decode_fn(z).float()
+                delta_z = decode_vjp_fn(z, self.pixel_update(decoded))
             x0 = x0 + delta_z.to(x0.dtype) / coef1
         return x0

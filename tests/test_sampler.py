@@ -14,6 +14,7 @@ from sampler.spaced import (guided_model_output, make_spaced_schedule, posterior
 from utils.align import align_op
 from utils.dcp import dark_channel, estimate_airlight, transmission
 from utils.ssim import ms_ssim
+from utils.tiling import tiled_vjp
 
 SD_ALPHAS_CUMPROD = Diffusion().alphas_cumprod_np
 SIZE = 96  # toy image side (latent 12)
@@ -246,6 +247,9 @@ def test_guidance_update_formula_and_descent():
     expected[:, :3] += dz / coef1
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
     assert torch.equal(out[:, 3], x0[:, 3])
+    tiled = g(x0, 300, coef1, upsample_decode,
+              lambda z, v: tiled_vjp(upsample_decode, z, v, tile=5, stride=4, scale=8))
+    torch.testing.assert_close(tiled, out, rtol=1e-4, atol=1e-6)
 
     def score(z):
         return ms_ssim(upsample_decode(z) * 0.5 + 0.5, target * 0.5 + 0.5, normalize=True).item()

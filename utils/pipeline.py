@@ -19,7 +19,7 @@ from sampler.spaced import make_spaced_schedule
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
 from utils.image_io import ImageReadError, list_images, load_rgb01, resize01, save_png01
-from utils.tiling import TiledDenoiser, tiled_apply
+from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 
 log = logging.getLogger("hcdyc")
 EXIT_MISSING_WEIGHTS = 2
@@ -130,6 +130,14 @@ class DiffusionRunner:
         if self.use_tiles((z.shape[-2] * 8, z.shape[-1] * 8)):
             return tiled_apply(self.model.vae_decode, z, self.vae_tile[0] // 8, self.vae_tile[1] // 8, 8)
         return self.model.vae_decode(z)
+
+    def decode_vjp(self, z: torch.Tensor, grad_img: torch.Tensor) -> torch.Tensor:
+        """(∂decode/∂z)ᵀ grad_img one VAE tile at a time, so guided steps on large images keep the memory of a tile."""
+        return tiled_vjp(self.model.vae_decode, z, grad_img, self.vae_tile[0] // 8, self.vae_tile[1] // 8, 8)
+
+    def guidance_vjp(self, latent_hw: tuple[int, int]) -> Callable | None:
+        """The tiled pull-back for images decoded in tiles; None (plain autograd) otherwise."""
+        return self.decode_vjp if self.use_tiles((latent_hw[0] * 8, latent_hw[1] * 8)) else None
 
     def denoiser(self, latent_hw: tuple[int, int]) -> Callable:
         if self.use_tiles((latent_hw[0] * 8, latent_hw[1] * 8)):

@@ -59,17 +59,29 @@ class TiledDenoiser:
         h, w = x.shape[-2:]
         if h <= self.tile and w <= self.tile:
             return self.model_fn(x, t, cond)
+        plan = _TilePlan(h, w, self.tile, self.stride, 1.0, x.device)
         out = torch.zeros_like(x, dtype=torch.float32)
-        total = torch.zeros((1, 1, h, w), device=x.device)
-        th, tw = min(self.tile, h), min(self.tile, w)
-        weight = blend_weights(th, tw, x.device)
-        for y in tile_starts(h, th, self.stride):
-            for xs in tile_starts(w, tw, self.stride):
-                tile_cond = _slice_cond(cond, y, xs, th, tw, (h, w))
-                pred = self.model_fn(x[..., y:y + th, xs:xs + tw], t, tile_cond)
-                out[..., y:y + th, xs:xs + tw] += pred.float() * weight
-                total[..., y:y + th, xs:xs + tw] += weight
-        return out / total
+        for (iy, ix), _ in plan.windows:
+            tile_cond = _slice_cond(cond, iy.start, ix.start, iy.stop - iy.start, ix.stop - ix.start, (h, w))
+            out[..., iy, ix] += self.model_fn(x[..., iy, ix], t, tile_cond).float() * plan.weight
+        return out / plan.total
+
+
+class _TilePlan:
+    """Input windows, their output windows (scaled by ``scale``), the blend weight and the weight sum."""
+
+    def __init__(self, h: int, w: int, tile: int, stride: int, scale: float, device: torch.device):
+        th, tw = min(tile, h), min(tile, w)
+        self.out_hw = (int(h * scale), int(w * scale))
+        oth, otw = int(th * scale), int(tw * scale)
+        self.weight = blend_weights(oth, otw, device)
+        self.total = torch.zeros((1, 1, *self.out_hw), device=device)
+        self.windows = []
+        for y in tile_starts(h, th, stride):
+            for x in tile_starts(w, tw, stride):
+                oy, ox = int(y * scale), int(x * scale)
+                self.windows.append(((slice(y, y + th), slice(x, x + tw)), (slice(oy, oy + oth), slice(ox, ox + otw))))
+                self.total[..., oy:oy + oth, ox:ox + otw] += self.weight
 
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, stride: int,
@@ -77,21 +89,41 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     """Apply a spatial map ``fn`` (output size = input size × ``scale``) over overlapping tiles of ``x``.
 
     Used for VAE encoding (scale 1/8, tiles in pixels) and decoding (scale 8, tiles in latent pixels).
-    Differentiable (the AccSamp guidance backpropagates through tiled decoding).
+    Differentiable, but autograd then keeps every tile's graph: use :func:`tiled_vjp` to backpropagate with the
+    memory of one tile.
     """
     h, w = x.shape[-2:]
     if h <= tile and w <= tile:
         return fn(x)
-    th, tw = min(tile, h), min(tile, w)
-    oh, ow, oth, otw = int(h * scale), int(w * scale), int(th * scale), int(tw * scale)
-    weight = blend_weights(oth, otw, x.device)
-    out, total = None, torch.zeros((1, 1, oh, ow), device=x.device)
-    for y in tile_starts(h, th, stride):
-        for xs in tile_starts(w, tw, stride):
-            pred = fn(x[..., y:y + th, xs:xs + tw]).float()
-            if out is None:
-                out = torch.zeros((x.shape[0], pred.shape[1], oh, ow), device=x.device)
-            oy, ox = int(y * scale), int(xs * scale)
-            out[..., oy:oy + oth, ox:ox + otw] += pred * weight
-            total[..., oy:oy + oth, ox:ox + otw] += weight
-    return out / total
+    plan = _TilePlan(h, w, tile, stride, scale, x.device)
+    out = None
+    for (iy, ix), (oy, ox) in plan.windows:
+        pred = fn(x[..., iy, ix]).float()
+        if out is None:
+            out = torch.zeros((x.shape[0], pred.shape[1], *plan.out_hw), device=x.device)
+        out[..., oy, ox] += pred * plan.weight
+    return out / plan.total
+
+
+def tiled_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_out: torch.Tensor, tile: int,
+              stride: int, scale: float) -> torch.Tensor:
+    """Vector-Jacobian product (∂ tiled_apply(fn, x) / ∂x)ᵀ · grad_out, computed one tile at a time.
+
+    Each tile is re-run with gradients, backpropagated with its share (blend weight / weight sum) of ``grad_out`` and
+    freed, so memory stays that of one tile whatever the image size. Returns a tensor shaped like ``x``.
+    """
+    h, w = x.shape[-2:]
+    if h <= tile and w <= tile:
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(fn(leaf).float(), leaf, grad_outputs=grad_out.float())
+        return grad
+    plan = _TilePlan(h, w, tile, stride, scale, x.device)
+    grad_x = torch.zeros_like(x, dtype=torch.float32)
+    share = grad_out.float() / plan.total
+    for (iy, ix), (oy, ox) in plan.windows:
+        with torch.enable_grad():
+            leaf = x[..., iy, ix].detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(fn(leaf).float(), leaf, grad_outputs=share[..., oy, ox] * plan.weight)
+        grad_x[..., iy, ix] += grad
+    return grad_x.to(x.dtype)
