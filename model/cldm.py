@@ -143,11 +143,16 @@ class ControlLDM(nn.Module):
         return c_txt
 
     def prepare_condition(self, cond_img01: torch.Tensor, prompts: list[str],
-                          fog_feats: torch.Tensor | None = None) -> dict[str, Any]:
+                          fog_feats: torch.Tensor | None = None, c_img: torch.Tensor | None = None) -> dict[str, Any]:
         """cond_img01: (B,3,H,W) in [0,1]. Returns ``c_txt`` (B,77,D), ``c_img`` (B,4,H/8,W/8) and, with YCbCr
-        fusion, ``c_ycbcr`` (per-level features computed once per image)."""
-        with torch.no_grad():
-            c_img = self.vae_encode(cond_img01 * 2 - 1, sample=False)
+        fusion, ``c_ycbcr`` (per-level features computed once per image).
+
+        ``c_img`` may be given precomputed (e.g. a tiled VAE encoding of a large image); otherwise it is the
+        posterior mode of ``vae_encode(cond_img01*2-1)``.
+        """
+        if c_img is None:
+            with torch.no_grad():
+                c_img = self.vae_encode(cond_img01 * 2 - 1, sample=False)
         cond: dict[str, Any] = {"c_txt": self.encode_text(prompts, fog_feats), "c_img": c_img}
         if self.controlnet.ycbcr is not None:
             cond["c_ycbcr"] = self.controlnet.ycbcr.encode(cond_img01)

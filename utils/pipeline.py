@@ -167,10 +167,8 @@ class DiffusionRunner:
 
             fog_feats = fog_features(infos, device=self.device)
         with torch.no_grad():
-            cond = self.model.prepare_condition(cond01, [prompt] * cond01.shape[0], fog_feats)
-            if self.use_tiles(cond01.shape[-2:]):
-                cond["c_img"] = self.encode(cond01 * 2 - 1)
-        return cond
+            return self.model.prepare_condition(cond01, [prompt] * cond01.shape[0], fog_feats,
+                                                c_img=self.encode(cond01 * 2 - 1))
 
     def prepare(self, img01: torch.Tensor, inf: DictConfig) -> tuple[torch.Tensor, Geometry]:
         """(3,H,W) in [0,1] -> padded model input (1,3,Hp,Wp) on the device, and its geometry.
