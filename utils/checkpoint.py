@@ -9,6 +9,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from utils.atomic import atomic_write
+
 WEIGHTS_HELP = "see README.md, section 'Weights', for where to download it and where to put it"
 
 
@@ -57,15 +59,11 @@ def check_shapes(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str 
 
 
 def save_state_dict_atomic(sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save tensors to ``path`` (``.safetensors`` or torch pickle) via a temp file and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Save tensors to ``path`` (``.safetensors`` or torch pickle of plain tensors) atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save
 
-        save_file(tensors, str(tmp))
+        atomic_write(path, lambda handle: handle.write(save(tensors)))
     else:
-        torch.save(tensors, str(tmp))
-    os.replace(tmp, path)
+        atomic_write(path, lambda handle: torch.save(tensors, handle))
