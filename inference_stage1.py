@@ -4,23 +4,46 @@ Blended sampling (published): prompt "hazy, foggy, misty, obscure, smoggy."; the
 text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85.
 Outputs are ``<stem>_<k>.png`` (k = 0..num_samples−1), the names the stage-2 paired dataset reads.
 
+HCD-YC dynamic prompts / text processor: training analyses the hazy *target*, which inference does not have, so
+variant k analyses a hazy reference photo from ``inference.fog_reference_folder`` (chosen by the image stem and k)
+and describes the haze to generate like it; without that folder those options are refused at start-up.
+
     python inference_stage1.py --config configs/inference/stage1.yaml [--set inference.num_samples=4]
 """
 from __future__ import annotations
 
 import argparse
+import sys
+import zlib
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
-from utils.pipeline import DiffusionRunner, check_weights, main_wrapper, run_folder
+from utils.image_io import list_images, load_rgb01
+from utils.pipeline import EXIT_BAD_CONFIG, DiffusionRunner, check_weights, log, main_wrapper, run_folder
+
+
+def fog_references(cfg: DictConfig) -> list[Path]:
+    """Hazy reference photos for fog analysis; empty when neither dynamic prompts nor a text processor is on."""
+    needs = cfg.inference.get("dynamic_prompt", False) or cfg.model.cldm.params.get("text_processor_cfg")
+    if not needs:
+        return []
+    folder = cfg.inference.get("fog_reference_folder")
+    references = list_images(folder) if folder and Path(folder).is_dir() else []
+    if not references:
+        log.error("stage-1 dynamic prompts / text processor need inference.fog_reference_folder, a folder of hazy "
+                  "photos to analyse (training analyses the hazy target); got %s", folder)
+        sys.exit(EXIT_BAD_CONFIG)
+    return references
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     inf = cfg.inference
     num_samples = int(inf.get("num_samples", 1))
     check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
+    references = fog_references(cfg)
     runner = DiffusionRunner(cfg)
 
     def names(stem: str) -> list[str]:
@@ -30,9 +53,12 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
         clean, geom = runner.prepare(img01, inf)
         cond = runner.condition(clean, img01, stage=1)
-        uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
         outputs = {}
         for k, name in enumerate(names(stem)):
+            if references:
+                reference = references[(zlib.crc32(stem.encode()) + k) % len(references)]
+                cond = runner.condition(clean, load_rgb01(reference), stage=1)
+            uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
             gen = runner.generator(int(inf.seed) + k)
             x_T = runner.initial_noise((1, 4, clean.shape[-2] // 8, clean.shape[-1] // 8), gen)
             z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,

@@ -178,3 +178,15 @@ def test_run_benchmark_runs_a_configured_model(tmp_path, weights):
     table = (work / "benchmark.md").read_text()
     assert "| tiny | 1 |" in table
     assert (work / "tiny" / "scene_0.png").is_file()
+
+
+def test_hazegen_fog_reference_drives_dynamic_prompts(tmp_path, weights, real_images):
+    results = tmp_path / "hazy"
+    cfg = make_config(tmp_path, "stage1", weights, real_images, results,
+                      **{"inference.num_samples": 2, "inference.dynamic_prompt": True})
+    proc = run_script("stage1", cfg)
+    assert proc.returncode == 2 and "fog_reference_folder" in proc.stderr
+    assert not results.exists()
+    proc = run_script("stage1", cfg, "--set", f"inference.fog_reference_folder={real_images}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(results.glob("*_[01].png"))) == 4

@@ -23,6 +23,7 @@ from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 
 log = logging.getLogger("hcdyc")
 EXIT_MISSING_WEIGHTS = 2
+EXIT_BAD_CONFIG = 2
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:
