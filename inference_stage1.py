@@ -2,6 +2,8 @@
 
 Blended sampling (published): prompt "hazy, foggy, misty, obscure, smoggy."; the unconditional branch uses the same
 text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85.
+With YCbCr fusion the unconditional branch also gets the YCbCr features of an all-zero image, as the unconditional
+(real-photo) training samples do.
 Outputs are ``<stem>_<k>.png`` (k = 0..num_samples−1), the names the stage-2 paired dataset reads.
 
 HCD-YC dynamic prompts / text processor: training analyses the hazy *target*, which inference does not have, so
@@ -59,6 +61,8 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
                 reference = references[(zlib.crc32(stem.encode()) + k) % len(references)]
                 cond = runner.condition(clean, load_rgb01(reference), stage=1)
             uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
+            if "c_ycbcr" in cond:
+                uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(clean))
             gen = runner.generator(int(inf.seed) + k)
             x_T = runner.initial_noise((1, 4, clean.shape[-2] // 8, clean.shape[-1] // 8), gen)
             z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,
