@@ -190,3 +190,13 @@ def test_hazegen_fog_reference_drives_dynamic_prompts(tmp_path, weights, real_im
     proc = run_script("stage1", cfg, "--set", f"inference.fog_reference_folder={real_images}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(results.glob("*_[01].png"))) == 4
+
+
+def test_hazegen_with_fusion_loads_published_format_and_runs(tmp_path, weights, real_images):
+    results = tmp_path / "hazy"
+    cfg = make_config(tmp_path, "stage1", weights, real_images, results,
+                      **{"model.cldm.params.controlnet_cfg.params.ycbcr_fusion": True})
+    proc = run_script("stage1", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "new extension tensors keep their init" in proc.stderr
+    assert sorted(p.name for p in results.iterdir()) == ["real_1_0.png", "real_4_0.png"]
