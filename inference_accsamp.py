@@ -13,13 +13,8 @@ from omegaconf import DictConfig
 from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
-from utils.dcp import dark_channel, estimate_airlight, transmission
+from utils.dcp import estimate_transmission
 from utils.pipeline import DiffusionRunner, check_weights, from_model_output, main_wrapper, run_folder
-
-
-def dcp_transmission(hazy01: torch.Tensor) -> torch.Tensor:
-    """Published DCP transmission (15×15 dark channel, top-0.1% airlight, ω 0.95, t ≥ 0.05): (B,1,H,W)."""
-    return transmission(hazy01, estimate_airlight(hazy01, dark_channel(hazy01)))
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -40,7 +35,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
-            align_fn=align, transmission_fn=dcp_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
+            align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization,
             generator=gen, disable=not args.show_steps)
         out = {f"{stem}.png": runner.finish(z, geom)}

@@ -47,7 +47,7 @@ from sampler.guidance import WeightedMSSSIMGuidance  # noqa: E402
 from sampler.spaced import make_spaced_schedule, sample_spaced  # noqa: E402
 from utils.align import align_op  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
-from utils.dcp import dark_channel, estimate_airlight, transmission  # noqa: E402
+from utils.dcp import estimate_transmission  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
 PROMPT = "remove dense fog"
@@ -63,11 +63,6 @@ def _sync(device: torch.device) -> None:
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def dcp_transmission(hazy01: torch.Tensor) -> torch.Tensor:
-    """Published DCP transmission of (B,3,H,W) in [0,1] -> (B,1,H,W) in [0.05,1]."""
-    return transmission(hazy01, estimate_airlight(hazy01, dark_channel(hazy01)))
 
 
 class Bench:
@@ -112,7 +107,7 @@ class Bench:
         """x0_fn applying the published guidance towards a random estimate; appends its own time to ``timer``."""
         gen = torch.Generator().manual_seed(2)
         estimate = (torch.rand(1, 3, self.size, self.size, generator=gen) * 2 - 1).to(self.device)
-        self.guidance.set_target(estimate, dcp_transmission(self.hazy01))
+        self.guidance.set_target(estimate, estimate_transmission(self.hazy01))
 
         def x0_fn(x0: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
             start = time.perf_counter()
@@ -163,7 +158,7 @@ def run_case(case: str, bench: Bench, warmup: int, repeats: int) -> dict[str, fl
                 "condition_s": lambda: bench.condition(),
                 "decode_s": lambda: bench.model.vae_decode(bench.latent),
                 "align_s": lambda: align_op(hazy_pm1, hazy_pm1.flip(-1)),
-                "dcp_s": lambda: dcp_transmission(bench.hazy01),
+                "dcp_s": lambda: estimate_transmission(bench.hazy01),
                 "encode_s": lambda: bench.encode(hazy_pm1),
             }
             return {name: _best_time(fn, dev, warmup, repeats) for name, fn in parts.items()}
@@ -182,7 +177,7 @@ def run_case(case: str, bench: Bench, warmup: int, repeats: int) -> dict[str, fl
                 cond = bench.condition()
             z, _ = sample_accsamp(bench.model, bench.latent, bench.schedule, cond, bench.hazy01, tau=bench.tau,
                                   omega=bench.omega, guidance=bench.guidance, decode_fn=bench.model.vae_decode,
-                                  encode_fn=bench.encode, align_fn=align_op, transmission_fn=dcp_transmission,
+                                  encode_fn=bench.encode, align_fn=align_op, transmission_fn=estimate_transmission,
                                   parameterization=bench.parameterization)
             with torch.no_grad():
                 bench.model.vae_decode(z)

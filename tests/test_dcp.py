@@ -8,6 +8,7 @@ from utils.dcp import (
     dcp_dehaze,
     default_guided_radius,
     estimate_airlight,
+    estimate_transmission,
     guided_filter,
     min_filter,
     transmission,
@@ -65,6 +66,7 @@ def test_dark_channel_and_airlight_and_transmission_recover_truth() -> None:
     expected = 1 - 0.95 * (1 - T_TRUE)
     assert torch.allclose(t_dcp[..., interior, :], torch.full_like(t_dcp[..., interior, :], expected), atol=1e-5)
     assert torch.allclose(t_dcp[..., : SKY_ROWS - 7, :], torch.full_like(t_dcp[..., : SKY_ROWS - 7, :], 0.05))
+    assert torch.equal(estimate_transmission(hazy), t_dcp)
 
 
 def test_airlight_picks_brightest_sum_among_top_dark() -> None:

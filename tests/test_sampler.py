@@ -12,7 +12,7 @@ from sampler.guidance import GRADIENT_GAIN, WeightedMSSSIMGuidance
 from sampler.spaced import (guided_model_output, make_spaced_schedule, posterior_step, predict_x0,
                             sample_spaced, space_timesteps)
 from utils.align import align_op
-from utils.dcp import dark_channel, estimate_airlight, transmission
+from utils.dcp import estimate_transmission
 from utils.ssim import ms_ssim
 from utils.tiling import tiled_vjp
 
@@ -203,10 +203,6 @@ def pool_encode(img_pm1: torch.Tensor) -> torch.Tensor:
     return torch.cat([z, torch.zeros_like(z[:, :1])], dim=1)
 
 
-def dcp_trans(hazy01: torch.Tensor) -> torch.Tensor:
-    return transmission(hazy01, estimate_airlight(hazy01, dark_channel(hazy01)))
-
-
 def _guidance_setup(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     target = F.interpolate(torch.rand(1, 3, 6, 6, generator=gen) * 2 - 1, size=(96, 96), mode="bilinear",
@@ -283,7 +279,7 @@ def _accsamp_inputs(seed: int = 4):
 def _run_accsamp(sched, hazy01, x_T, guidance, callback=None):
     return sample_accsamp(point_mass_oracle(torch.tensor(0.2)), x_T, sched, None, hazy01, tau=0.8, omega=0.6,
                           guidance=guidance, decode_fn=upsample_decode, encode_fn=pool_encode, align_fn=align_op,
-                          transmission_fn=dcp_trans, generator=torch.Generator().manual_seed(11), callback=callback)
+                          transmission_fn=estimate_transmission, generator=torch.Generator().manual_seed(11), callback=callback)
 
 
 def test_accsamp_step_order_estimate_and_seeded_draw_order():

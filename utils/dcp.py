@@ -86,6 +86,15 @@ def transmission(
     return t.clamp(t_min, 1.0)
 
 
+def estimate_transmission(img01: torch.Tensor, patch: int = 15, omega: float = 0.95, top: float = 0.001,
+                          t_min: float = 0.05) -> torch.Tensor:
+    """Coarse DCP transmission with its own airlight estimate (the AccSamp guidance weight, published settings).
+
+    img01: (B,3,H,W) in [0,1] -> (B,1,H,W) in [t_min, 1].
+    """
+    return transmission(img01, estimate_airlight(img01, dark_channel(img01, patch), top), omega, patch, t_min)
+
+
 def _box_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """Sum over the window [i-r, i+r] ∩ [0, n) along ``dim`` via a float64 cumulative sum."""
     n = x.shape[dim]
