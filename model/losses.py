@@ -236,12 +236,14 @@ def semantic_cycle_loss(
 ) -> torch.Tensor:
     """Global semantic loss on deep features (B,C,h,w), global-average-pooled to (B,C) -> (B,).
 
-    ``"cosine"``: 1 - cos(p, q) in [0,2]; ``"l2"``: mean squared difference of the pooled vectors.
+    ``"cosine"``: 1 - cos(p, q), clamped at 0 (float rounding can put it a hair below zero for
+    parallel vectors), in [0,2]; ``"l2"``: mean squared difference of the pooled vectors. Both are
+    minimised (0) by ``feat_pred == feat_target``.
     """
     p = feat_pred.mean(dim=(2, 3))
     q = feat_target.mean(dim=(2, 3))
     if mode == "cosine":
-        return 1.0 - F.cosine_similarity(p, q, dim=1, eps=1e-8)
+        return (1.0 - F.cosine_similarity(p, q, dim=1, eps=1e-8)).clamp_min(0.0)
     if mode == "l2":
         return ((p - q) ** 2).mean(dim=1)
     raise ValueError(f"unknown semantic loss mode '{mode}', expected 'cosine' or 'l2'")

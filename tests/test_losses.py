@@ -194,6 +194,31 @@ def test_vgg_frozen_but_passes_input_gradients(vgg):
     assert img.grad.abs().sum() > 0
 
 
+def _sign_split_vgg() -> VGGFeatures:
+    """A VGG-16 whose weights are set by hand so every tapped feature is a known function of the input.
+
+    The first conv maps the ImageNet-normalised input x (3 channels) to relu(x_c) and relu(-x_c) with
+    a centre tap (6 active channels); every later conv copies those 6 channels through its centre tap,
+    all other weights and biases are 0. Each ReLU output is therefore max-pooled |x| split by sign, so
+    two images whose channel statistics differ have different features and non-parallel pooled
+    relu5_3 vectors, which the tests check explicitly instead of relying on a random init.
+    """
+    vgg = VGGFeatures(None, allow_random_init=True)
+    with torch.no_grad():
+        first = True
+        for module in vgg.body:
+            if isinstance(module, nn.Conv2d):
+                module.weight.zero_()
+                module.bias.zero_()
+                for c in range(6):
+                    if first:
+                        module.weight[c, c % 3, 1, 1] = 1.0 if c < 3 else -1.0
+                    else:
+                        module.weight[c, c, 1, 1] = 1.0
+                first = False
+    return vgg
+
+
 class TinyPredictor(nn.Module):
     """A learnable 1x1 conv standing in for the diffusion model's decoded prediction."""
 
@@ -211,10 +236,11 @@ class TinyPredictor(nn.Module):
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("level", ["pixel", "feature", "semantic"])
-def test_cycle_loss_each_term_gives_gradients(vgg, stage, direction, level):
+def test_cycle_loss_each_term_gives_gradients(stage, direction, level):
     clean, hazy, _ = _images(seed=3)
     weights = {"pixel_weight": 0.0, "feature_weight": 0.0, "semantic_weight": 0.0}
     weights[f"{level}_weight"] = 1.0
+    vgg = _sign_split_vgg()
     loss_fn = HierarchicalCycleLoss(
         vgg,
         forward_weight=1.0 if direction == "forward" else 0.0,
@@ -226,6 +252,13 @@ def test_cycle_loss_each_term_gives_gradients(vgg, stage, direction, level):
         pred, target, cond = net(hazy), clean, hazy
     else:
         pred, target, cond = net(hazy), _images(seed=5)[1], clean
+    if level == "semantic":
+        # premise, by construction of the VGG: the pooled vectors are not parallel (distance far above
+        # float32 rounding of a cosine, ~1e-7)
+        fwd_pred, fwd_tgt, bwd_pred, bwd_tgt = loss_fn._directions(stage, pred.detach(), target, cond)
+        p, q = (fwd_pred, fwd_tgt) if direction == "forward" else (bwd_pred, bwd_tgt)
+        pooled = [vgg(x)["relu5_3"].mean(dim=(2, 3)) for x in (p, q)]
+        assert (1 - F.cosine_similarity(*pooled, dim=1)).min() > 1e-4
     total, logs = loss_fn(stage, pred, target, cond, torch.tensor([0.9, 0.6]), rho=torch.tensor([0.2, 0.8]))
     assert total.item() > 0
     total.backward()
@@ -285,3 +318,14 @@ def test_info_nce_formula_and_gradients():
     info_nce(text_emb, img_emb).backward()
     assert text_emb.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in embedder.parameters())
+
+
+def test_semantic_cosine_distance_is_never_negative():
+    """Parallel pooled vectors (scaled copies) are the minimiser: distance exactly >= 0, never rounded below."""
+    g = torch.Generator().manual_seed(11)
+    feat = torch.rand(64, 512, 2, 2, generator=g) + 0.1
+    for scale in (1.0, 3.0, 1e-3, 7.77):
+        d = semantic_cycle_loss(feat * scale, feat, "cosine")
+        assert (d >= 0).all() and d.max() < 1e-6
+    other = torch.rand(64, 512, 2, 2, generator=g)
+    assert (semantic_cycle_loss(other, feat, "cosine") > 1e-4).all()
