@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from omegaconf import DictConfig
 
-from sampler.accsamp import sample_accsamp
+from sampler.accsamp import check_speed_options, sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import estimate_transmission
@@ -20,6 +20,8 @@ from utils.pipeline import DiffusionRunner, check_weights, from_model_output, ma
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     inf = cfg.inference
     check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
+    every, pullback = int(inf.get("guidance_every", 1)), str(inf.get("guidance_pullback", "autograd"))
+    check_speed_options(every, pullback)
     runner = DiffusionRunner(cfg)
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
@@ -36,8 +38,8 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
-            parameterization=runner.parameterization,
-            generator=gen, disable=not args.show_steps)
+            parameterization=runner.parameterization, generator=gen, disable=not args.show_steps,
+            sampler=runner.sample, guidance_every=every, pullback=pullback)
         out = {f"{stem}.png": runner.finish(z, geom)}
         if intermediates:
             out[f"{stem}_estimate.png"] = from_model_output(extras["estimate"] * 0.5 + 0.5, geom).cpu()

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sampler.spaced import sample_spaced
 from utils.image_io import list_images, load_rgb01
 from utils.pipeline import EXIT_BAD_CONFIG, DiffusionRunner, check_weights, log, main_wrapper, run_folder
 
@@ -65,7 +64,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
                 uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(clean))
             gen = runner.generator(int(inf.seed) + k)
             x_T = runner.initial_noise((1, 4, clean.shape[-2] // 8, clean.shape[-1] // 8), gen)
-            z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,
+            z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,
                               cfg_scale=float(inf.w), parameterization=runner.parameterization, generator=gen,
                               disable=not args.show_steps)
             outputs[name] = runner.finish(z, geom)

@@ -1,4 +1,5 @@
-"""DiffDehaze (stage 2): dehaze every image of a folder with the 50-step spaced sampler.
+"""DiffDehaze (stage 2): dehaze every image of a folder with the 50-step spaced sampler (or the solver named by
+``inference.sampler`` / ``inference.steps``).
 
     python inference_stage2.py --config configs/inference/stage2.yaml [--set inference.seed=1 ...]
 """
@@ -9,7 +10,6 @@ import argparse
 import torch
 from omegaconf import DictConfig
 
-from sampler.spaced import sample_spaced
 from utils.pipeline import DiffusionRunner, check_weights, main_wrapper, run_folder
 
 
@@ -21,7 +21,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     @torch.no_grad()
     def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
         _, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
-        z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
+        z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
                           parameterization=runner.parameterization, generator=gen, disable=not args.show_steps)
         return {f"{stem}.png": runner.finish(z, geom)}
 

@@ -7,6 +7,11 @@ steps with DCP-weighted MS-SSIM fidelity guidance towards the estimate.
 
 The estimate is clamped to [-1,1] before encoding (AlignOp can overshoot the valid range where the reference's
 local contrast exceeds the hazy image's).
+
+Any sampler of ``sampler.registry`` runs both phases (τ and ω stay proportions of its step count). Two documented
+speed levers, off by default (the published method): ``guidance_every`` = k applies the guidance on phase-2 steps
+k_r, k_r+k, k_r+2k, ... only, and ``pullback="linear"`` replaces the decoder backward by the linear surrogate of
+``sampler.pullback``.
 """
 from __future__ import annotations
 
@@ -17,13 +22,19 @@ import numpy as np
 import torch
 
 from sampler.guidance import WeightedMSSSIMGuidance
+from sampler.pullback import LinearDecoderPullback
 from sampler.spaced import ModelFn, SpacedSchedule, sample_spaced
+
+PULLBACKS = ("autograd", "linear")
 
 
 def _guide_x0(x0: torch.Tensor, x_t: torch.Tensor, i: int, *, guidance: WeightedMSSSIMGuidance,
               schedule: SpacedSchedule, decode_fn: Callable[[torch.Tensor], torch.Tensor],
-              decode_vjp_fn: Callable | None) -> torch.Tensor:
-    """Fidelity guidance of x0 at schedule index i (the guidance uses the original timestep and coef1)."""
+              decode_vjp_fn: Callable | None, first_step: int = 0, every: int = 1) -> torch.Tensor:
+    """Fidelity guidance of x0 at schedule index i (the guidance uses the original timestep and coef1), applied on
+    every ``every``-th sampling step counted from ``first_step``."""
+    if (len(schedule) - 1 - i - first_step) % every:
+        return x0
     return guidance(x0, int(schedule.timesteps[i]), float(schedule.posterior_mean_coef1[i]), decode_fn,
                     decode_vjp_fn)
 
@@ -39,6 +50,14 @@ def accsamp_steps(num_steps: int, tau: float, omega: float) -> tuple[int, int]:
     return k_est, k_restart
 
 
+def check_speed_options(guidance_every: int, pullback: str) -> None:
+    """ValueError naming the YAML key unless guidance_every >= 1 and pullback is one of PULLBACKS."""
+    if int(guidance_every) != guidance_every or guidance_every < 1:
+        raise ValueError(f"inference.guidance_every must be an integer >= 1, got {guidance_every}")
+    if pullback not in PULLBACKS:
+        raise ValueError(f"inference.guidance_pullback must be one of {', '.join(PULLBACKS)}; got '{pullback}'")
+
+
 def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedule, cond: Any, hazy01: torch.Tensor,
                    *, tau: float, omega: float, guidance: WeightedMSSSIMGuidance | None,
                    decode_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -48,15 +67,20 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
                    decode_vjp_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    parameterization: str = "eps", generator: torch.Generator | None = None,
                    callback: Callable[[dict], None] | None = None,
-                   disable: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   disable: bool = True, sampler: Callable = sample_spaced, guidance_every: int = 1,
+                   pullback: str = "autograd") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run AccSamp.
 
     x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in [0,1] (the padded input, H = 8h);
     decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
     align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W);
-    decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance).
+    decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance);
+    sampler: a function of ``sampler.registry`` (published: ``sample_spaced``); guidance_every: apply the guidance
+    on every k-th phase-2 step (published: 1); pullback: ``autograd`` (published, through the decoder or
+    ``decode_vjp_fn``) or ``linear`` (``LinearDecoderPullback`` fitted to the estimate; overrides decode_vjp_fn).
     Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": (B,1,H,W)}``.
     """
+    check_speed_options(guidance_every, pullback)
     n = len(schedule)
     k_est, k_restart = accsamp_steps(n, tau, omega)
     last: dict = {}
@@ -67,8 +91,8 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
             callback(info)
 
     with torch.no_grad():
-        sample_spaced(model_fn, x_T, schedule, cond, parameterization=parameterization, start_step=0,
-                      end_step=k_est + 1, callback=keep_last, generator=generator, disable=disable)
+        sampler(model_fn, x_T, schedule, cond, parameterization=parameterization, start_step=0,
+                end_step=k_est + 1, callback=keep_last, generator=generator, disable=disable)
         x0_est = last["x0"]
         decoded = decode_fn(x0_est)[..., : hazy01.shape[-2], : hazy01.shape[-1]]
         estimate = align_fn(hazy01 * 2 - 1, decoded.float()).clamp(-1, 1)
@@ -81,11 +105,13 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
     x0_fn: Callable | None = None
     if guidance is not None:
         guidance.set_target(estimate, trans)
+        if pullback == "linear":
+            decode_vjp_fn = LinearDecoderPullback.fit(z_est, estimate)
         x0_fn = partial(_guide_x0, guidance=guidance, schedule=schedule, decode_fn=decode_fn,
-                        decode_vjp_fn=decode_vjp_fn)
+                        decode_vjp_fn=decode_vjp_fn, first_step=k_restart, every=guidance_every)
 
     with torch.no_grad():
-        x = sample_spaced(model_fn, x, schedule, cond, parameterization=parameterization, start_step=k_restart,
-                          end_step=n, x0_fn=x0_fn, callback=callback, generator=generator, disable=disable)
+        x = sampler(model_fn, x, schedule, cond, parameterization=parameterization, start_step=k_restart,
+                    end_step=n, x0_fn=x0_fn, callback=callback, generator=generator, disable=disable)
     return x, {"estimate": estimate, "transmission": trans}
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from sampler.registry import make_sampler
 from sampler.spaced import make_spaced_schedule
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
@@ -89,11 +90,16 @@ def from_model_output(out01: torch.Tensor, geom: Geometry) -> torch.Tensor:
 
 
 class DiffusionRunner:
-    """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config."""
+    """The model, schedule, sampler, device/precision and (tiled) encode/decode/denoise functions for one config.
+
+    ``sample`` is the sampling function chosen by ``inference.sampler`` (``spaced`` default, ``ddim`` with
+    ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps.
+    """
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
         self.cfg = cfg
         inf = cfg.inference
+        self.sample = make_sampler(str(inf.get("sampler", "spaced")), float(inf.get("eta", 0.0)))
         self.device = choose_device(inf.get("device", "auto"))
         self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
         self.model = instantiate_from_config(cfg.model.cldm)
