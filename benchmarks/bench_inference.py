@@ -1,4 +1,5 @@
-"""Benchmark DiffDehaze inference: denoiser step vs guided step, and AccSamp vs 50-step spaced sampling.
+"""Benchmark DiffDehaze inference: denoiser step vs guided step, and every sampler row (few-step solvers, the
+published AccSamp, its speed levers one at a time and the fast preset) against 50-step spaced sampling.
 
 The model is the FULL-SIZE SD-2.1 + IRControlNet architecture (``model`` section of
 ``configs/inference/stage2_accsamp.yaml``, identical to ``stage2.yaml``'s; τ, ω and ``guidance`` are read from the
@@ -6,23 +7,28 @@ same file) built with random weights (no checkpoint files needed; random init do
 Images below the tiling threshold (all default sizes) run untiled, exactly like the inference scripts.
 
 Cases, each in its own subprocess so peak memory belongs to that case alone:
-  step     one spaced sampler step: ControlNet + UNet forward and the posterior update (no grad)
+  step     one step of each sampler (spaced, ddim, dpmpp_2m): ControlNet + UNet forward and the update (no grad)
   guided   one AccSamp phase-2 step: the same step plus the fidelity guidance (VAE decode of x0 with grad,
            weighted MS-SSIM, backward through the decoder to the latent); "guidance s" is the guidance part alone
+  guided_linear  the same with the linear-surrogate pull-back (decode without grad, MS-SSIM, no decoder backward)
   once     the per-image work outside the steps: condition (text encoding + condition-latent encode), final
            decode, and the AccSamp estimate (decode x0, AlignOp, DCP transmission, encode the estimate)
-  spaced50 / accsamp   measured end-to-end sampling of one image (condition + sampling + final decode);
-           run with --measure-totals (default: on CUDA only, since a CPU run takes many minutes per image)
+  rows     measured end-to-end sampling of one image (condition + sampling + final decode) for every row of
+           ``ROWS``, in one subprocess (CUDA peak memory per row); run with --measure-totals (default: on CUDA
+           only: a CPU run takes minutes per image and row)
 
-Totals are also computed from the parts: spaced = condition + N·step + decode; AccSamp = condition +
-(k_est+1)·step + estimate + n_guided·guided + (N−k_restart−n_guided)·step + decode, with k_est, k_restart from
-``accsamp_steps(N, τ, ω)`` and n_guided the phase-2 steps inside the guidance window.
+Totals are also computed from the parts for every row: condition + n_model·step(sampler) + [estimate] +
+n_guided·guidance(pull-back) + decode, where the counts n_model (denoiser calls) and n_guided (guidance calls)
+come from running the row's real sampler code with a zero-cost model and guidance (``count_calls``).
 
 Peak memory: torch.cuda.max_memory_allocated on CUDA (weights included); on CPU the subprocess's ru_maxrss
 (weights included; "above weights" subtracts the high-water mark right after building the model).
 
 Usage: python benchmarks/bench_inference.py [--device auto|cpu|cuda] [--sizes 256 512] [--repeats N]
-           [--precision auto|fp32|fp16|bf16] [--measure-totals auto|yes|no] [--threads N]
+           [--precision auto|fp32|fp16|bf16] [--measure-totals auto|yes|no] [--threads N] [--quick]
+--quick: only the measured rows (no parts), one warm-up and one timed call each: the whole table on one CUDA GPU
+in a few minutes. The closing markdown table has one line per (size, row): seconds per image and the ratio to
+50-step spaced sampling of the same size and source.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -44,16 +52,49 @@ import torch  # noqa: E402
 
 from sampler.accsamp import accsamp_steps, sample_accsamp  # noqa: E402
 from sampler.guidance import WeightedMSSSIMGuidance  # noqa: E402
-from sampler.spaced import make_spaced_schedule, sample_spaced  # noqa: E402
+from sampler.pullback import LinearDecoderPullback  # noqa: E402
+from sampler.registry import SAMPLERS, make_sampler  # noqa: E402
+from sampler.spaced import make_spaced_schedule  # noqa: E402
 from utils.align import align_op  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
 from utils.dcp import estimate_transmission  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
+FAST_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp_fast.yaml"
 PROMPT = "remove dense fog"
-CASES = ("step", "guided", "once")
-TOTAL_CASES = ("spaced50", "accsamp")
-PART_KEYS = ("step_s", "guided_s", "condition_s", "decode_s", "align_s", "dcp_s", "encode_s")
+CASES = ("step", "guided", "guided_linear", "once")
+PART_KEYS = ("step_s", "guidance_s", "guidance_linear_s", "condition_s", "decode_s", "align_s", "dcp_s", "encode_s")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sampler configuration of the table: plain sampling, or AccSamp with its speed options."""
+
+    name: str
+    sampler: str
+    steps: int
+    accsamp: bool = False
+    every: int = 1
+    pullback: str = "autograd"
+
+
+def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
+    """The benchmark rows; the fast preset and its levers are read from ``fast_config``."""
+    fast = load_config(fast_config).inference
+    f_sampler, f_steps = str(fast.get("sampler", "spaced")), int(fast.steps)
+    f_every, f_pull = int(fast.get("guidance_every", 1)), str(fast.get("guidance_pullback", "autograd"))
+    return [
+        Row("spaced 50 (published)", "spaced", 50),
+        Row("dpmpp_2m 10", "dpmpp_2m", 10),
+        Row("dpmpp_2m 20", "dpmpp_2m", 20),
+        Row("dpmpp_2m 25", "dpmpp_2m", 25),
+        Row("ddim 25", "ddim", 25),
+        Row("AccSamp (published)", "spaced", 50, accsamp=True),
+        Row(f"AccSamp + {f_sampler} {f_steps}", f_sampler, f_steps, accsamp=True),
+        Row(f"AccSamp + guidance every {f_every}", "spaced", 50, accsamp=True, every=f_every),
+        Row(f"AccSamp + {f_pull} pull-back", "spaced", 50, accsamp=True, pullback=f_pull),
+        Row("AccSamp fast preset", f_sampler, f_steps, accsamp=True, every=f_every, pullback=f_pull),
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -76,7 +117,8 @@ class Bench:
             self.model.cast_denoiser(dtype)
         diffusion = instantiate_from_config(cfg.model.diffusion)
         self.parameterization = diffusion.parameterization
-        self.schedule = make_spaced_schedule(diffusion.alphas_cumprod_np, cfg.inference.get("steps", 50))
+        self.alphas_cumprod = diffusion.alphas_cumprod_np
+        self.schedule = make_spaced_schedule(self.alphas_cumprod, cfg.inference.get("steps", 50))
         self.tau, self.omega = float(cfg.inference.tau), float(cfg.inference.omega)
         self.guidance = instantiate_from_config(cfg.guidance)
         gen = torch.Generator().manual_seed(1)
@@ -96,28 +138,95 @@ class Bench:
     def encode(self, img_pm1: torch.Tensor) -> torch.Tensor:
         return self.model.vae_encode(img_pm1, sample=False)
 
-    def one_step(self, cond: dict, x0_fn: Callable | None) -> None:
-        """Sampling step k_restart (the first phase-2 step, inside the guidance window)."""
+    def one_step(self, cond: dict, x0_fn: Callable | None, sampler: str = "spaced") -> None:
+        """Sampling step k_restart (the first phase-2 step, inside the guidance window) of ``sampler``."""
         _, k = accsamp_steps(len(self.schedule), self.tau, self.omega)
         with torch.no_grad():
-            sample_spaced(self.model, self.latent, self.schedule, cond, parameterization=self.parameterization,
-                          start_step=k, end_step=k + 1, x0_fn=x0_fn)
+            make_sampler(sampler)(self.model, self.latent, self.schedule, cond,
+                                  parameterization=self.parameterization, start_step=k, end_step=k + 1, x0_fn=x0_fn)
 
-    def guided_x0_fn(self, timer: list[float]) -> Callable:
-        """x0_fn applying the published guidance towards a random estimate; appends its own time to ``timer``."""
+    def guided_x0_fn(self, timer: list[float], pullback: str = "autograd") -> Callable:
+        """x0_fn applying the published guidance towards a random estimate with the given pull-back (the linear
+        surrogate is fitted once, untimed, as AccSamp does after phase 1); appends its own time to ``timer``."""
         gen = torch.Generator().manual_seed(2)
         estimate = (torch.rand(1, 3, self.size, self.size, generator=gen) * 2 - 1).to(self.device)
         self.guidance.set_target(estimate, estimate_transmission(self.hazy01))
+        vjp = None
+        if pullback == "linear":
+            with torch.no_grad():
+                vjp = LinearDecoderPullback.fit(self.encode(estimate), estimate)
 
         def x0_fn(x0: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
             start = time.perf_counter()
             out = self.guidance(x0, int(self.schedule.timesteps[i]), float(self.schedule.posterior_mean_coef1[i]),
-                                self.model.vae_decode)
+                                self.model.vae_decode, vjp)
             _sync(self.device)
             timer.append(time.perf_counter() - start)
             return out
 
         return x0_fn
+
+    def run_row(self, row: Row) -> None:
+        """One image end to end: condition, the row's sampling, final decode."""
+        run_row(row, self.model, self.latent, self.hazy01, self.alphas_cumprod, self.parameterization, self.tau,
+                self.omega, self.guidance, self.model.vae_decode, self.encode, self.condition)
+
+
+def run_row(row: Row, model_fn: Callable, latent: torch.Tensor, hazy01: torch.Tensor, alphas_cumprod: np.ndarray,
+            parameterization: str, tau: float, omega: float, guidance: WeightedMSSSIMGuidance,
+            decode_fn: Callable, encode_fn: Callable, condition_fn: Callable) -> None:
+    """Condition + the row's sampler (or AccSamp with its options) + final decode, as the inference scripts do."""
+    schedule = make_spaced_schedule(alphas_cumprod, row.steps)
+    sampler = make_sampler(row.sampler)
+    with torch.no_grad():
+        cond = condition_fn()
+    if row.accsamp:
+        z, _ = sample_accsamp(model_fn, latent, schedule, cond, hazy01, tau=tau, omega=omega, guidance=guidance,
+                              decode_fn=decode_fn, encode_fn=encode_fn, align_fn=align_op,
+                              transmission_fn=estimate_transmission, parameterization=parameterization,
+                              sampler=sampler, guidance_every=row.every, pullback=row.pullback)
+    else:
+        with torch.no_grad():
+            z = sampler(model_fn, latent, schedule, cond, parameterization=parameterization)
+    with torch.no_grad():
+        decode_fn(z)
+
+
+class _CountingGuidance(WeightedMSSSIMGuidance):
+    """The configured guidance window and schedule, at zero cost: counts the active calls and returns x0."""
+
+    def __init__(self, base: WeightedMSSSIMGuidance):
+        super().__init__(base.scale, base.t_start, base.t_stop, "rgb", base.repeat)
+        self.count = 0
+
+    def __call__(self, x0, t, coef1, decode_fn, decode_vjp_fn=None):
+        if self.active(t):
+            self.count += self.repeat
+        return x0
+
+
+def count_calls(row: Row, cfg) -> tuple[int, int]:
+    """(denoiser calls, guidance applications) of one image of ``row``, counted by running the row's real sampler
+    code on a tiny latent with a zero model, identity decoder/encoder and a counting guidance."""
+    diffusion = instantiate_from_config(cfg.model.diffusion)
+    guidance = _CountingGuidance(instantiate_from_config(cfg.guidance))
+    calls = [0]
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        calls[0] += 1
+        return torch.zeros_like(x)
+
+    def decode_fn(z: torch.Tensor) -> torch.Tensor:
+        return z[:, :3].repeat_interleave(8, -2).repeat_interleave(8, -1)
+
+    def encode_fn(img: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(img, 8)
+        return torch.cat([pooled, pooled[:, :1] ** 2], 1)
+
+    run_row(row, model_fn, torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64), diffusion.alphas_cumprod_np,
+            diffusion.parameterization, float(cfg.inference.tau), float(cfg.inference.omega), guidance, decode_fn,
+            encode_fn, lambda: None)
+    return calls[0], guidance.count
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -139,18 +248,33 @@ def _best_time(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return min(_times(fn, device, warmup, repeats))
 
 
-def run_case(case: str, bench: Bench, warmup: int, repeats: int) -> dict[str, float]:
-    """Timings (seconds) of one case."""
+def select_rows(indices: list[int] | None) -> list[Row]:
+    """The rows with these indices into ``make_rows()`` (all when None); row 0, the 50-step reference, always."""
+    rows = make_rows()
+    if indices is None:
+        return rows
+    bad = [i for i in indices if not 0 <= i < len(rows)]
+    if bad:
+        raise ValueError(f"--rows: indices must be in 0..{len(rows) - 1}, got {bad}")
+    return [rows[i] for i in sorted({0, *indices})]
+
+
+def run_case(case: str, bench: Bench, warmup: int, repeats: int, rows: list[Row] | None = None) -> dict:
+    """Timings (seconds) of one case; ``rows`` also returns per-row CUDA peak memory (MB)."""
     dev = bench.device
     if case == "step":
         cond = bench.random_condition()
-        return {"step_s": _best_time(lambda: bench.one_step(cond, None), dev, warmup, repeats)}
-    if case == "guided":
+        times = {name: _best_time(partial(bench.one_step, cond, None, name), dev, warmup, repeats)
+                 for name in SAMPLERS}
+        return {"step_s": times["spaced"], **{f"step_{name}_s": t for name, t in times.items()}}
+    if case in ("guided", "guided_linear"):
+        pullback = "linear" if case == "guided_linear" else "autograd"
+        suffix = "_linear" if case == "guided_linear" else ""
         cond, guide_times = bench.random_condition(), []
-        x0_fn = bench.guided_x0_fn(guide_times)
+        x0_fn = bench.guided_x0_fn(guide_times, pullback)
         totals = _times(lambda: bench.one_step(cond, x0_fn), dev, warmup, repeats)
         best = totals.index(min(totals))
-        return {"guided_s": totals[best], "guidance_s": guide_times[warmup + best]}
+        return {f"guided{suffix}_s": totals[best], f"guidance{suffix}_s": guide_times[warmup + best]}
     if case == "once":
         hazy_pm1 = bench.hazy01 * 2 - 1
         with torch.no_grad():
@@ -162,27 +286,15 @@ def run_case(case: str, bench: Bench, warmup: int, repeats: int) -> dict[str, fl
                 "encode_s": lambda: bench.encode(hazy_pm1),
             }
             return {name: _best_time(fn, dev, warmup, repeats) for name, fn in parts.items()}
-    if case == "spaced50":
-        def spaced() -> None:
-            with torch.no_grad():
-                cond = bench.condition()
-                z = sample_spaced(bench.model, bench.latent, bench.schedule, cond,
-                                  parameterization=bench.parameterization)
-                bench.model.vae_decode(z)
-
-        return {"total_s": _best_time(spaced, dev, warmup, repeats)}
-    if case == "accsamp":
-        def accsamp() -> None:
-            with torch.no_grad():
-                cond = bench.condition()
-            z, _ = sample_accsamp(bench.model, bench.latent, bench.schedule, cond, bench.hazy01, tau=bench.tau,
-                                  omega=bench.omega, guidance=bench.guidance, decode_fn=bench.model.vae_decode,
-                                  encode_fn=bench.encode, align_fn=align_op, transmission_fn=estimate_transmission,
-                                  parameterization=bench.parameterization)
-            with torch.no_grad():
-                bench.model.vae_decode(z)
-
-        return {"total_s": _best_time(accsamp, dev, warmup, repeats)}
+    if case == "rows":
+        out = {}
+        for k, row in enumerate(rows or make_rows()):
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            out[f"row{k}_s"] = _best_time(partial(bench.run_row, row), dev, warmup, repeats)
+            if dev.type == "cuda":
+                out[f"row{k}_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        return out
     raise ValueError(f"unknown case '{case}'")
 
 
@@ -196,7 +308,7 @@ def worker(args: argparse.Namespace) -> None:
     weights_mb = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = run_case(args.worker, bench, args.warmup, args.repeats)
+    result = run_case(args.worker, bench, args.warmup, args.repeats, select_rows(args.rows))
     if device.type == "cuda":
         peak_mb, above_mb = torch.cuda.max_memory_allocated(device) / 2**20, float("nan")
     else:
@@ -211,6 +323,8 @@ def spawn(case: str, size: int, args: argparse.Namespace) -> dict | str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--size", str(size),
            "--device", args.device, "--precision", args.precision, "--config", str(args.config),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.rows is not None:
+        cmd += ["--rows", *map(str, args.rows)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
@@ -220,21 +334,14 @@ def spawn(case: str, size: int, args: argparse.Namespace) -> dict | str:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def computed_totals(parts: dict[str, float], cfg) -> tuple[float, float, str]:
-    """(spaced total, AccSamp total, formula) from per-part costs, using the config's N, τ, ω and guidance."""
-    diffusion = instantiate_from_config(cfg.model.diffusion)
-    schedule = make_spaced_schedule(diffusion.alphas_cumprod_np, cfg.inference.get("steps", 50))
-    n = len(schedule)
-    k_est, k_restart = accsamp_steps(n, float(cfg.inference.tau), float(cfg.inference.omega))
-    guidance: WeightedMSSSIMGuidance = instantiate_from_config(cfg.guidance)
-    n_guided = sum(guidance.active(int(schedule.timesteps[n - 1 - k])) for k in range(k_restart, n))
-    n_plain = (k_est + 1) + (n - k_restart - n_guided)
-    estimate = parts["decode_s"] + parts["align_s"] + parts["dcp_s"] + parts["encode_s"]
-    spaced = parts["condition_s"] + n * parts["step_s"] + parts["decode_s"]
-    acc = parts["condition_s"] + n_plain * parts["step_s"] + estimate + n_guided * parts["guided_s"] + parts["decode_s"]
-    formula = (f"spaced = cond + {n}·step + decode; AccSamp = cond + {n_plain}·step + estimate(decode+align+dcp+"
-               f"encode) + {n_guided}·guided + decode  (N={n}, k_est={k_est}, k_restart={k_restart})")
-    return spaced, acc, formula
+def computed_total(parts: dict[str, float], row: Row, counts: tuple[int, int]) -> float:
+    """Seconds per image of ``row`` from the measured parts and its (denoiser, guidance) call counts."""
+    n_model, n_guided = counts
+    total = parts["condition_s"] + n_model * parts[f"step_{row.sampler}_s"] + parts["decode_s"]
+    if row.accsamp:
+        total += parts["decode_s"] + parts["align_s"] + parts["dcp_s"] + parts["encode_s"]
+        total += n_guided * parts["guidance_linear_s" if row.pullback == "linear" else "guidance_s"]
+    return total
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -254,7 +361,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config with model/inference/guidance sections")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per case")
-    parser.add_argument("--worker", choices=CASES + TOTAL_CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", nargs="+", type=int, default=None,
+                        help="row indices to run (0 = spaced 50, always included; see make_rows; default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="measured rows only (no parts), warm-up 1, repeats 1: the CUDA table in minutes")
+    parser.add_argument("--worker", choices=CASES + ("rows",), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads > 0:
@@ -274,56 +385,69 @@ def main() -> None:
 
     cfg = load_config(args.config)
     dtype = choose_dtype(args.precision, device)
-    measure = args.measure_totals == "yes" or (args.measure_totals == "auto" and on_cuda)
+    measure = args.quick or args.measure_totals == "yes" or (args.measure_totals == "auto" and on_cuda)
+    if args.quick:
+        args.warmup, args.repeats = 1, 1
+    try:
+        rows = select_rows(args.rows)
+    except ValueError as err:
+        parser.error(str(err))
+    counts = [count_calls(row, cfg) for row in rows]
     gpu = f" ({torch.cuda.get_device_name(device)})" if on_cuda else ""
     print(f"device={device}{gpu} torch={torch.__version__} dtype={str(dtype).replace('torch.', '')} "
           f"threads={torch.get_num_threads()} warmup={args.warmup} repeats={args.repeats} config={args.config}")
     print("model: the config's model section (default: full-size SD-2.1 UNet + IRControlNet + VAE + OpenCLIP text), "
           "random weights, batch 1, untiled")
-    header = f"{'size':>5} {'latent':>7} {'case':>9} {'time s':>9} {'peak MB':>9} {'above MB':>9}  detail"
+    header = f"{'size':>5} {'latent':>7} {'case':>13} {'time s':>9} {'peak MB':>9} {'above MB':>9}  detail"
     print(header)
     print("-" * len(header))
-    summary, params_m = [], None
+    table, params_m = [], None
     for size in args.sizes:
         parts: dict[str, float] = {}
-        for case in CASES + (TOTAL_CASES if measure else ()):
+        for case in (() if args.quick else CASES) + (("rows",) if measure else ()):
             res = spawn(case, size, args)
-            label = f"{size:>5} {f'{size // 8}²':>7} {case:>9}"
+            label = f"{size:>5} {f'{size // 8}²':>7} {case:>13}"
             if isinstance(res, str):
                 print(f"{label} {'-':>9} {'-':>9} {'-':>9}  failed: {res}", flush=True)
                 continue
             mem = f"{_fmt(res['peak_mb'], 0):>9} {_fmt(res['above_mb'], 0):>9}"
             if case == "step":
-                line = f"{res['step_s']:>9.3f} {mem}  ControlNet + UNet forward + posterior update"
+                detail = ", ".join(f"{name} {res[f'step_{name}_s']:.3f}" for name in SAMPLERS)
+                line = f"{res['step_s']:>9.3f} {mem}  ControlNet + UNet forward + update; per sampler (s): {detail}"
             elif case == "guided":
                 line = (f"{res['guided_s']:>9.3f} {mem}  step + guidance; of which guidance {res['guidance_s']:.3f} s "
                         f"(decode w/ grad + MS-SSIM + backward)")
+            elif case == "guided_linear":
+                line = (f"{res['guided_linear_s']:>9.3f} {mem}  step + guidance with the linear pull-back; of which "
+                        f"guidance {res['guidance_linear_s']:.3f} s (decode + MS-SSIM + surrogate adjoint)")
             elif case == "once":
                 detail = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in res.items() if k.endswith("_s"))
                 line = f"{'':>9} {mem}  per image (s): {detail}"
             else:
-                line = f"{res['total_s']:>9.3f} {mem}  measured end-to-end (condition + sampling + decode)"
+                line = f"{'':>9} {mem}  {len(rows)} rows measured end-to-end (condition + sampling + decode)"
             params_m = res["params_m"]
-            parts.update({k: v for k, v in res.items() if k.endswith("_s")})
-            if case in TOTAL_CASES:
-                parts[f"{case}_total_s"] = res["total_s"]
+            parts.update({k: v for k, v in res.items() if k.endswith("_s") or k.endswith("_peak_mb")})
             print(f"{label} {line}", flush=True)
-        summary.append((size, parts))
+        sources = []
+        if all(k in parts for k in PART_KEYS) and all(f"step_{r.sampler}_s" in parts for r in rows):
+            sources.append(("computed from parts", [computed_total(parts, r, c) for r, c in zip(rows, counts)]))
+        if all(f"row{k}_s" in parts for k in range(len(rows))):
+            sources.append(("measured", [parts[f"row{k}_s"] for k in range(len(rows))]))
+        for source, totals in sources:
+            for k, (row, (n_model, n_guided), total) in enumerate(zip(rows, counts, totals)):
+                peak = parts.get(f"row{k}_peak_mb") if source == "measured" else None
+                table.append((size, row, n_model, n_guided, total, total / totals[0], peak, source))
 
     if params_m is not None:
         print(f"model parameters: {params_m:.0f} M")
     print()
-    print(f"{'size':>5} {'spaced50 s':>11} {'AccSamp s':>11} {'speed-up':>9}  source")
-    formula = ""
-    for size, parts in summary:
-        if all(k in parts for k in PART_KEYS):
-            spaced, acc, formula = computed_totals(parts, cfg)
-            print(f"{size:>5} {spaced:>11.2f} {acc:>11.2f} {spaced / acc:>8.2f}x  computed from parts")
-        if "spaced50_total_s" in parts and "accsamp_total_s" in parts:
-            spaced, acc = parts["spaced50_total_s"], parts["accsamp_total_s"]
-            print(f"{size:>5} {spaced:>11.2f} {acc:>11.2f} {spaced / acc:>8.2f}x  measured")
-    if formula:
-        print(f"computed: {formula}")
+    print("| size | sampler | model evals | guided steps | s / image | × spaced 50 | peak MB | source |")
+    print("|-----:|---------|------------:|-------------:|----------:|------------:|--------:|--------|")
+    for size, row, n_model, n_guided, total, ratio, peak, source in table:
+        print(f"| {size}² | {row.name} | {n_model} | {n_guided} | {total:.2f} | {ratio:.2f} | {_fmt(peak, 0)} | "
+              f"{source} |")
+    print("\ncomputed = condition + n_model·step(sampler) + [AccSamp estimate: decode + align + dcp + encode] + "
+          "n_guided·guidance(pull-back) + decode; counts from the rows' real sampler code (count_calls)")
 
 
 if __name__ == "__main__":
