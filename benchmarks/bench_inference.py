@@ -364,7 +364,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=None,
                         help="row indices to run (0 = spaced 50, always included; see make_rows; default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="measured rows only (no parts), warm-up 1, repeats 1: the CUDA table in minutes")
+                        help="measured rows only (no parts; default warm-up 1, repeats 1): the CUDA table in minutes")
     parser.add_argument("--worker", choices=CASES + ("rows",), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -372,8 +372,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = choose_device(args.device)
     on_cuda = device.type == "cuda"
-    args.repeats = args.repeats if args.repeats is not None else (3 if on_cuda else 1)
-    args.warmup = args.warmup if args.warmup is not None else (1 if on_cuda else 0)
+    args.repeats = args.repeats if args.repeats is not None else (3 if on_cuda and not args.quick else 1)
+    args.warmup = args.warmup if args.warmup is not None else (1 if on_cuda or args.quick else 0)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     bad = [s for s in args.sizes if s < 64 or s % 64]
@@ -386,8 +386,6 @@ def main() -> None:
     cfg = load_config(args.config)
     dtype = choose_dtype(args.precision, device)
     measure = args.quick or args.measure_totals == "yes" or (args.measure_totals == "auto" and on_cuda)
-    if args.quick:
-        args.warmup, args.repeats = 1, 1
     try:
         rows = select_rows(args.rows)
     except ValueError as err:

@@ -8,75 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.gaussian_diffusion import Diffusion
+from benchmarks.solver_convergence import (MU, SD_ALPHAS_CUMPROD, empirical_order, exact_sample, gaussian_oracle,
+                                           log_snr_uniform_schedule, solver_error, x_T_sample)
 from sampler.accsamp import sample_accsamp
 from sampler.ddim import ddim_sigma, sample_ddim
 from sampler.dpm_solver import half_log_snr, sample_dpmpp_2m
 from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.pullback import LinearDecoderPullback
 from sampler.registry import make_sampler
-from sampler.spaced import SpacedSchedule, make_spaced_schedule, sample_spaced
+from sampler.spaced import make_spaced_schedule, sample_spaced
 from utils.align import align_op
 from utils.dcp import estimate_transmission
-
-SD_ALPHAS_CUMPROD = Diffusion().alphas_cumprod_np
-MU, S = 0.3, 0.5  # Gaussian data x0 ~ N(MU, S² I)
-
-
-def gaussian_oracle(alphas_cumprod: np.ndarray, parameterization: str = "eps"):
-    """The exact (Bayes-optimal) model output for x0 ~ N(MU, S²I), timestep t indexing ``alphas_cumprod``.
-
-    x_t ~ N(sqrt(ᾱ)·MU, (ᾱS² + 1 − ᾱ)I), and E[ε | x_t] = sqrt(1 − ᾱ)·(x_t − sqrt(ᾱ)·MU)/(ᾱS² + 1 − ᾱ).
-    """
-    table = torch.tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
-
-    def model_fn(x, t, cond):
-        a = table[t].view(-1, 1, 1, 1).to(x.dtype)
-        eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
-        if parameterization == "eps":
-            return eps
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
-
-    return model_fn
-
-
-def exact_sample(x_T: torch.Tensor, a_T: float, a_0: float) -> torch.Tensor:
-    """Closed-form probability-flow ODE solution from x_T (at ᾱ_T) to ᾱ_0, followed by the samplers' common last
-    step x̂0(x, ᾱ_0) (their update to ᾱ = 1).
-
-    In x̄ = x/sqrt(ᾱ), σ = sqrt((1 − ᾱ)/ᾱ) the ODE is dx̄/dσ = E[ε|x] = σ(x̄ − MU)/(S² + σ²), solved by
-    (x̄ − MU) ∝ sqrt(S² + σ²): the standardised value z = (x − sqrt(ᾱ)MU)/sqrt(ᾱS² + 1 − ᾱ) is constant.
-    """
-    z = (x_T - np.sqrt(a_T) * MU) / np.sqrt(a_T * S**2 + 1 - a_T)
-    x = np.sqrt(a_0) * MU + np.sqrt(a_0 * S**2 + 1 - a_0) * z
-    eps = np.sqrt(1 - a_0) * (x - np.sqrt(a_0) * MU) / (a_0 * S**2 + 1 - a_0)
-    return (x - np.sqrt(1 - a_0) * eps) / np.sqrt(a_0)
-
-
-def log_snr_uniform_schedule(n: int) -> SpacedSchedule:
-    """n steps uniform in λ between the SD schedule's first and last timestep (a smooth grid; t = 0..n−1 index it)."""
-    lam = np.linspace(half_log_snr(SD_ALPHAS_CUMPROD[0]), half_log_snr(SD_ALPHAS_CUMPROD[-1]), n)
-    ac = 1.0 / (1.0 + np.exp(-2.0 * lam))
-    unused = np.zeros(n)
-    return SpacedSchedule(np.arange(n), unused, ac, np.append(1.0, ac[:-1]), unused, unused, unused)
-
-
-def x_T_sample() -> torch.Tensor:
-    return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
-def solver_error(sampler, schedule: SpacedSchedule, table: np.ndarray, parameterization: str) -> float:
-    x_T = x_T_sample()
-    out = sampler(gaussian_oracle(table, parameterization), x_T, schedule, None, parameterization=parameterization)
-    ref = exact_sample(x_T, schedule.alphas_cumprod[-1], schedule.alphas_cumprod[0])
-    return (out - ref).abs().max().item()
-
-
-def empirical_order(errors: list[float], steps: list[int]) -> float:
-    """Least-squares slope of −log(error) against log(steps)."""
-    return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
-
 
 SOLVERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
 
