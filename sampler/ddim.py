@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.spaced import ModelFn, SpacedSchedule, guided_model_output, predict_x0
+from sampler.spaced import ModelFn, SpacedSchedule, model_x0
 
 
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
@@ -49,11 +49,7 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, co
     for k in tqdm(range(start_step, end_step), disable=disable, desc="DDIM", leave=False):
         i = n - 1 - k
         a, a_prev = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
-        t = torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
-        model_out = guided_model_output(model_fn, x, t, cond, uncond, cfg_scale)
-        x0 = predict_x0(x, model_out, a, parameterization)
-        if x0_fn is not None:
-            x0 = x0_fn(x0, x, i)
+        x0 = model_x0(model_fn, x, schedule, i, cond, uncond, cfg_scale, parameterization, x0_fn)
         eps = eps_from_x0(x, x0, a)
         sigma = ddim_sigma(a, a_prev, eta)
         x_new = float(np.sqrt(a_prev)) * x0 + float(np.sqrt(max(1.0 - a_prev - sigma**2, 0.0))) * eps

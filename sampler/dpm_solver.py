@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.spaced import ModelFn, SpacedSchedule, guided_model_output, predict_x0
+from sampler.spaced import ModelFn, SpacedSchedule, model_x0
 
 
 def half_log_snr(alpha_cumprod: float) -> float:
@@ -50,11 +50,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule
     for k in tqdm(range(start_step, end_step), disable=disable, desc="DPM-Solver++ 2M", leave=False):
         i = n - 1 - k
         a_s, a_t = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
-        t = torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
-        model_out = guided_model_output(model_fn, x, t, cond, uncond, cfg_scale)
-        x0 = predict_x0(x, model_out, a_s, parameterization)
-        if x0_fn is not None:
-            x0 = x0_fn(x0, x, i)
+        x0 = model_x0(model_fn, x, schedule, i, cond, uncond, cfg_scale, parameterization, x0_fn)
         if a_t >= 1.0:
             x_new = x0
         else:

@@ -98,6 +98,16 @@ def guided_model_output(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, con
     return out_uncond + cfg_scale * (out - out_uncond)
 
 
+def model_x0(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, i: int, cond: Any, uncond: Any,
+             cfg_scale: float, parameterization: str, x0_fn: Callable | None) -> torch.Tensor:
+    """x̂0 at schedule index i: (guided) model output at timestep ``timesteps[i]`` turned into x0, then passed
+    through the optional hook ``x0_fn(x0, x, i)`` (the solvers' shared first half of a step)."""
+    t = torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
+    model_out = guided_model_output(model_fn, x, t, cond, uncond, cfg_scale)
+    x0 = predict_x0(x, model_out, schedule.alphas_cumprod[i], parameterization)
+    return x0 if x0_fn is None else x0_fn(x0, x, i)
+
+
 def posterior_step(x_t: torch.Tensor, x0: torch.Tensor, schedule: SpacedSchedule, i: int,
                    generator: torch.Generator | None) -> torch.Tensor:
     """One ancestral DDPM step from index i to i−1: posterior mean plus noise (no noise at i == 0)."""
