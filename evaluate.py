@@ -273,13 +273,14 @@ def per_image_csv(report: EvalReport) -> str:
     return buf.getvalue()
 
 
-def _json_safe(value):
+def json_safe(value):
+    """value with non-finite floats (also nested in dicts/lists) replaced by their string ('inf', 'nan')."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -293,7 +294,7 @@ def write_report(report: EvalReport, out: Path, title: str, inputs: dict[str, st
            "skipped": [{"file": n, "reason": r} for n, r in report.skipped],
            "failed": [{"file": n, "reason": r} for n, r in report.failed],
            "per_image": report.rows}
-    write_text_atomic(out / "summary.json", json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
     return summary
 
 
@@ -307,7 +308,8 @@ def paper_row(name: str, summary: dict, metrics: Sequence[str] = iqa.PAPER_PRESE
             + f"| {name} | " + " | ".join(cells) + " |\n")
 
 
-def _parse_no_ref(text: str) -> list[str]:
+def parse_metric_list(text: str) -> list[str]:
+    """'fade, MUSIQ' -> ['fade', 'musiq']; '' or 'none' -> []."""
     return [] if text.strip().lower() in ("", "none") else [t.strip().lower() for t in text.split(",") if t.strip()]
 
 
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", required=True, type=Path, help="folder of result images")
     parser.add_argument("--references", type=Path, help="folder of reference (clean) images")
     parser.add_argument("--out", type=Path, help="output folder (default: <results>_eval beside the results)")
-    parser.add_argument("--no-ref-metrics", type=_parse_no_ref, default=None,
+    parser.add_argument("--no-ref-metrics", type=parse_metric_list, default=None,
                         help="comma list of no-reference metrics, or none (default: none with --references, else "
                         f"{','.join(DEFAULT_NO_REF)}). Known: {_metric_help()}")
     parser.add_argument("--preset", choices=sorted(PRESETS),

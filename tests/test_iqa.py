@@ -184,3 +184,28 @@ def test_paper_row_has_the_table_columns_in_order() -> None:
     assert header == "| method | FADE ↓ | Q-Align ↑ | LIQE ↑ | CLIPIQA ↑ | MANIQA ↑ | MUSIQ ↑ | BRISQUE ↓ |"
     assert row == "| hazy | 2.4840 | n/a | n/a | n/a | n/a | 53.7680 | n/a |"
     assert [iqa.METRICS[m].lower_better for m in iqa.PAPER_PRESET] == [True, False, False, False, False, False, True]
+
+
+def test_compare_methods_table_json_and_one_chart_per_metric(bench: Path, tmp_path: Path) -> None:
+    from tools import compare_methods
+
+    dcp_dir = tmp_path / "dcp"
+    for path in sorted((bench / "hazy").iterdir())[:6]:
+        save_png01(dcp_dehaze(load_rgb01(path)[None])[0][0], dcp_dir / path.name)
+    out = tmp_path / "cmp"
+    rc = compare_methods.main(["--methods", f"hazy={bench / 'hazy'}", f"dcp={dcp_dir}", "--out", str(out),
+                               "--no-ref-metrics", "fade,brisque_svr,musiq", "--metric-weights", str(tmp_path),
+                               "--quiet"])
+    assert rc == 1                                                   # musiq has no weights here
+    doc = json.loads((out / "comparison.json").read_text())
+    assert list(doc) == ["hazy", "dcp"] and doc["dcp"]["fade"]["n"] == 6 and doc["hazy"]["fade"]["n"] == 24
+    direct = [iqa.fade_score(load_rgb01(p))[0] for p in sorted(dcp_dir.iterdir())]
+    assert doc["dcp"]["fade"]["mean"] == pytest.approx(float(np.mean(direct)), rel=1e-12)
+    assert doc["dcp"]["fade"]["mean"] < doc["hazy"]["fade"]["mean"]
+    assert sorted(p.name for p in (out / "charts").iterdir()) == ["brisque_svr.png", "fade.png"]
+    with Image.open(out / "charts" / "fade.png") as im:
+        assert im.format == "PNG" and im.size[0] > 200
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[2].startswith("| method | n | FADE ↓ | BRISQUE-SVR ↓ | MUSIQ ↑ |")
+    assert table[4].startswith("| hazy | 24 |") and table[5].startswith("| dcp | 6 |")
+    assert table[4].endswith("| n/a |")
