@@ -135,12 +135,16 @@ def test_missing_weights_one_line_error_and_other_metrics_complete(tmp_path: Pat
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_weights_that_need_unpickling_are_refused(tmp_path: Path) -> None:
+def test_unsafe_or_wrong_weight_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / MUSIQ_FILE
     path.parent.mkdir(parents=True)
     torch.save({"params": {"w": torch.zeros(1)}, "meta": Path("x")}, path)
     with pytest.raises(iqa.MetricUnavailable, match="weights_only=True"):
         iqa.build_scorer("musiq", tmp_path, torch.device("cpu"))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "RN50.pt").write_bytes(b"not OpenAI's archive")   # pyiqa would try to download it again
+    with pytest.raises(iqa.MetricUnavailable, match="SHA-256 differs"):
+        iqa.build_scorer("clipiqa", tmp_path, torch.device("cpu"))
 
 
 def test_small_gray_16bit_and_rgba_inputs_are_reported_and_converted(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ when the image is outside the metric's domain, e.g. smaller than its minimum sid
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -96,6 +98,11 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
                "0.2.0 (utils/data/brisque_svm.txt)", min_side=brisque_mod.MIN_SIDE),
 )}
 PYIQA_METRICS = ("qalign", "liqe", "clipiqa", "maniqa", "musiq", "brisque", "niqe", "nima")
+# pyiqa's CLIP loader re-downloads a file whose SHA-256 differs from these (the hash in OpenAI's URL): checked first.
+CLIP_SHA256 = {
+    "clip/RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "clip/ViT-B-32.pt": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+}
 PAPER_PRESET = ("fade", "qalign", "liqe", "clipiqa", "maniqa", "musiq", "brisque")
 HEAVY = ("qalign",)
 
@@ -112,13 +119,22 @@ def missing_files(spec: MetricSpec, weights_dir: Path) -> list[str]:
     return missing
 
 
-def _check_weights_only(path: Path, name: str) -> None:
-    """pyiqa unpickles its .pth/.pt files without weights_only; refuse any that hold more than tensors."""
-    if path.suffix not in (".pth", ".pt") or path.parent.name != "pyiqa":
+def _check_file(path: Path, rel: str, name: str) -> None:
+    """Refuse files pyiqa would mishandle: CLIP archives with the wrong SHA-256 (pyiqa would try to download them
+    again) and pyiqa .pth/.pt files that hold more than tensors (pyiqa unpickles them without weights_only)."""
+    if rel in CLIP_SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != CLIP_SHA256[rel]:
+            raise MetricUnavailable(f"{name}: {path} is not OpenAI's {Path(rel).name} (SHA-256 differs)")
+        return
+    if path.suffix not in (".pth", ".pt"):
         return
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means: not a plain tensor file
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as err:
         raise MetricUnavailable(f"{name}: {path} does not load with weights_only=True "
                                 f"({type(err).__name__}); refusing to unpickle it") from err
 
@@ -218,8 +234,8 @@ def _pyiqa_fn(spec: MetricSpec, weights_dir: Path, device: torch.device,
             raise MetricUnavailable(f"{spec.name}: missing {', '.join(missing)}; copy the file(s) from a machine "
                                     "where pyiqa downloaded them and pass --metric-weights DIR (DIR/pyiqa/<file>, "
                                     "DIR/clip/<file>), or run once with --allow-download")
-        for name in spec.files:
-            _check_weights_only(weights_dir / name, spec.name)
+        for rel in spec.files:
+            _check_file(weights_dir / rel, rel, spec.name)
     try:
         import pyiqa
     except ImportError as err:
