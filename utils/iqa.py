@@ -241,7 +241,8 @@ def _pyiqa_fn(spec: MetricSpec, weights_dir: Path, device: torch.device,
     except ImportError as err:
         raise MetricUnavailable(f"{spec.name}: pyiqa is not installed (pip install -r requirements-metrics.txt "
                                 f"&& pip install --no-deps pyiqa=={PYIQA_VERSION})") from err
-    kwargs = {"pretrained_model_path": str(weights_dir / spec.path_file)} if spec.path_file else {}
+    local = weights_dir / spec.path_file if spec.path_file else None
+    kwargs = {"pretrained_model_path": str(local)} if local is not None and local.is_file() else {}
     previous = torch.hub.get_dir()
     torch.hub.set_dir(str(weights_dir))  # pyiqa's CLIP loader reads <hub dir>/clip at build time
     try:
