@@ -226,7 +226,7 @@ def _fade_fn(map_dir: Optional[Path]) -> Callable[[torch.Tensor, list[str]], tor
 
 
 def _pyiqa_fn(spec: MetricSpec, weights_dir: Path, device: torch.device,
-              allow_download: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+              allow_download: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
     """Build pyiqa's metric ``spec.name`` with its defaults; parameter files from ``weights_dir``."""
     if not allow_download:
         missing = missing_files(spec, weights_dir)
@@ -264,6 +264,11 @@ def build_scorer(name: str, weights_dir: Optional[Path] = None, device: Optional
     density map there as ``<stem>_fade.png``. Raises MetricUnavailable (one-line message)."""
     spec = METRICS[name]
     if name == "fade":
+        try:
+            import pyfade  # noqa: F401
+        except ImportError as err:
+            raise MetricUnavailable("fade: fade-python is not installed (pip install -r requirements-metrics.txt)"
+                                    ) from err
         return Scorer(spec, _fade_fn(map_dir), batch_size)
     if name == "niqe_hcdyc":
         return Scorer(spec, _per_image(niqe_mod.niqe), batch_size)
