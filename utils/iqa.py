@@ -17,6 +17,7 @@ when the image is outside the metric's domain, e.g. smaller than its minimum sid
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import pickle
@@ -264,11 +265,8 @@ def build_scorer(name: str, weights_dir: Optional[Path] = None, device: Optional
     density map there as ``<stem>_fade.png``. Raises MetricUnavailable (one-line message)."""
     spec = METRICS[name]
     if name == "fade":
-        try:
-            import pyfade  # noqa: F401
-        except ImportError as err:
-            raise MetricUnavailable("fade: fade-python is not installed (pip install -r requirements-metrics.txt)"
-                                    ) from err
+        if importlib.util.find_spec("pyfade") is None:
+            raise MetricUnavailable("fade: fade-python is not installed (pip install -r requirements-metrics.txt)")
         return Scorer(spec, _fade_fn(map_dir), batch_size)
     if name == "niqe_hcdyc":
         return Scorer(spec, _per_image(niqe_mod.niqe), batch_size)
