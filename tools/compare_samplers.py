@@ -2,7 +2,8 @@
 
     python tools/compare_samplers.py --image-folder hazy/ --out compare/ \
         [--set inference.sd_path=... inference.controlnet_path=...] \
-        [--run NAME=CONFIG[:KEY=VALUE,KEY=VALUE...] ...] [--no-ref-metrics niqe,brisque]
+        [--run NAME=CONFIG[:KEY=VALUE,KEY=VALUE...] ...] [--no-ref-metrics fade,niqe_hcdyc,brisque_svr]
+        [--metric-weights DIR]
 
 Each run is one inference config (``inference_accsamp.py`` when the config has ``inference.tau``, else
 ``inference_stage2.py``) with optional overrides; ``--set`` applies to every run. The FIRST run is the reference
@@ -18,7 +19,8 @@ CUDA ``max_memory_allocated`` (weights included) or the CPU process's ``ru_maxrs
 script's per-image work (condition, sampling, final decode; not model loading or PNG writing), measured by wrapping
 the ``process`` function the script hands to ``run_folder``. Agreement with the reference is PSNR / SSIM (and
 CIEDE2000) of each run's outputs against the reference run's outputs (``evaluate.evaluate_folders``); the
-no-reference metrics are evaluate.py's (NIQE, BRISQUE). Agreement with the published output is not quality: the
+no-reference metrics are any of evaluate.py's (default: its offline set FADE, NIQE, BRISQUE; pyiqa's learned
+metrics with ``--metric-weights``, never downloading; an unavailable metric shows "-"). Agreement with the published output is not quality: the
 table only tells how far a faster sampler moves the result. Writes ``<out>/compare.md`` and ``<out>/compare.json``
 atomically and prints the table. Exit status 1 if a run failed (the others are still reported).
 """
@@ -41,7 +43,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from evaluate import evaluate_folders, summarize  # noqa: E402
+from evaluate import (DEFAULT_NO_REF, LABELS, NO_REFERENCE, evaluate_folders, parse_metric_list,  # noqa: E402
+                      summarize)
+from utils import iqa  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.common import load_config  # noqa: E402
 
@@ -132,7 +136,7 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def markdown_table(rows: list[dict], no_ref: list[str]) -> str:
     head = ["run", "sampler", "steps", "guidance every / pull-back", "images", "s / image", "peak MB",
-            "PSNR vs ref (dB)", "SSIM vs ref", *[m.upper() for m in no_ref]]
+            "PSNR vs ref (dB)", "SSIM vs ref", *[LABELS[m] for m in no_ref]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         if "error" in r:
@@ -149,7 +153,7 @@ def markdown_table(rows: list[dict], no_ref: list[str]) -> str:
 
 
 def compare(image_folder: Path, out: Path, runs: list[tuple[str, str, list[str]]], common: list[str],
-            no_ref: list[str], timeout_s: float) -> tuple[list[dict], int]:
+            no_ref: list[str], timeout_s: float, metric_weights: Path | None = None) -> tuple[list[dict], int]:
     """Run every config, evaluate against the first, write compare.md/json; (rows, exit status)."""
     rows, status = [], 0
     reference_dir = out / runs[0][0]
@@ -172,7 +176,7 @@ def compare(image_folder: Path, out: Path, runs: list[tuple[str, str, list[str]]
             metrics.update({m: summary[m]["mean"] if summary[m]["n"] else (math.inf if summary[m]["n_nonfinite"]
                                                                               else None) for m in ("psnr", "ssim")})
         if no_ref:
-            summary = summarize(evaluate_folders(out / name, None, no_ref))
+            summary = summarize(evaluate_folders(out / name, None, no_ref, weights_dir=metric_weights))
             metrics.update({m: summary[m]["mean"] for m in no_ref})
         row["metrics"] = metrics
         rows.append(row)
@@ -191,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", default=None, metavar="NAME=CONFIG[:KEY=VALUE,...]",
                         help="a sampler configuration (repeatable; the first is the reference)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    parser.add_argument("--no-ref-metrics", default="niqe,brisque", help="comma list of evaluate.py's, or none")
+    parser.add_argument("--no-ref-metrics", default=",".join(DEFAULT_NO_REF),
+                        help=f"comma list of evaluate.py's ({', '.join(NO_REFERENCE)}), or none")
+    parser.add_argument("--metric-weights", type=Path, default=None, metavar="DIR",
+                        help="pyiqa parameter files as in evaluate.py --metric-weights (nothing is downloaded)")
     parser.add_argument("--timeout-s", type=float, default=24 * 3600.0, help="per run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-set", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -204,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--image-folder and --out are required")
     if not args.image_folder.is_dir():
         parser.error(f"--image-folder does not exist: {args.image_folder}")
-    no_ref = [] if args.no_ref_metrics.strip().lower() in ("", "none") else [
-        m.strip().lower() for m in args.no_ref_metrics.split(",") if m.strip()]
+    no_ref = parse_metric_list(args.no_ref_metrics)
     try:
         runs = [parse_run(spec) for spec in (args.run or DEFAULT_RUNS)]
         names = [name for name, _, _ in runs]
@@ -214,14 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(name, resolve_config(config), overrides) for name, config, overrides in runs]
         for name, config, overrides in runs:  # every config loads before any heavy work
             load_config(config, [*args.set, *overrides])
-        unknown = [m for m in no_ref if m not in ("niqe", "brisque")]
+        unknown = [m for m in no_ref if m not in NO_REFERENCE]
         if unknown:
-            raise ValueError(f"--no-ref-metrics: unknown {unknown}; choose from niqe, brisque")
+            raise ValueError(f"--no-ref-metrics: unknown {unknown}; choose from {', '.join(NO_REFERENCE)}")
+        if args.metric_weights is not None and not args.metric_weights.is_dir():
+            raise ValueError(f"--metric-weights folder does not exist: {args.metric_weights}")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.out.resolve() == args.image_folder.resolve():
         parser.error("--out must differ from --image-folder (inputs are never overwritten)")
-    _, status = compare(args.image_folder.resolve(), args.out.resolve(), runs, args.set, no_ref, args.timeout_s)
+    iqa.offline_environment()
+    _, status = compare(args.image_folder.resolve(), args.out.resolve(), runs, args.set, no_ref, args.timeout_s,
+                        args.metric_weights)
     return status
 
 
