@@ -5,6 +5,8 @@ zeros to multiples of 64, and after decoding crop, clip to [0,1], ``Resize((h, w
 """
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, Resize
 from torchvision.utils import save_image
 
-from utils.image_io import save_png01
+from utils.image_io import load_rgb01, save_png01
 from utils.pipeline import from_model_output, plan_geometry, to_model_input
 
 BICUBIC = InterpolationMode.BICUBIC
@@ -92,3 +94,19 @@ def test_8bit_conversion_png_bytes_equal_save_image(tmp_path):
     save_png01(torch.full((3, 1, 1), 2.5 / 255), tmp_path / "tie.png")
     with Image.open(tmp_path / "tie.png") as im:
         assert im.getpixel((0, 0)) == (3, 3, 3)
+
+
+def test_reading_equals_cv2_imread_for_8bit_files(tmp_path):
+    """The published scripts read with ``cv2.imread`` (BGR -> RGB); Pillow decodes the same pixels for 8-bit PNG
+    (RGB, grey, RGBA: alpha dropped) and baseline JPEG (4:4:4 and 4:2:0)."""
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).save(tmp_path / "q444.jpg", quality=90, subsampling=0)
+    Image.fromarray(rgb).save(tmp_path / "q420.jpg", quality=75, subsampling=2)
+    for path in sorted(tmp_path.iterdir()):
+        published = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        ours = (load_rgb01(path) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(ours, published), path.name
