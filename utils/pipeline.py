@@ -168,8 +168,9 @@ class DiffusionRunner:
     def condition(self, cond01: torch.Tensor, img01: torch.Tensor, stage: int) -> dict:
         """Text embedding and condition latent, computed once per image (not per step).
 
-        cond01: padded model input (1,3,Hp,Wp) in [0,1]; img01: the original image (3,H,W) in [0,1], analysed by the
-        fog analyser for dynamic prompts (``inference.dynamic_prompt``) and for the text processor's modulation.
+        cond01: padded model input (1,3,Hp,Wp) in ~[0,1] (the upscale's overshoot is kept); img01: the original
+        image (3,H,W) in [0,1], analysed by the fog analyser for dynamic prompts (``inference.dynamic_prompt``) and
+        for the text processor's modulation.
         """
         infos = None
         if self.cfg.inference.get("dynamic_prompt", False) or self.model.text_processor is not None:
@@ -202,7 +203,7 @@ class DiffusionRunner:
 
     def start(self, img01: torch.Tensor, stage: int, seed: int) -> tuple[torch.Tensor, Geometry, dict,
                                                                     torch.Generator, torch.Tensor]:
-        """Everything a sampler needs for one image: padded input (1,3,Hp,Wp) in [0,1], geometry, condition,
+        """Everything a sampler needs for one image: padded input (1,3,Hp,Wp) in ~[0,1], geometry, condition,
         a generator seeded with ``seed`` and the initial noise x_T (1,4,Hp/8,Wp/8) drawn from it."""
         inp, geom = self.prepare(img01, self.cfg.inference)
         cond = self.condition(inp, img01, stage)
