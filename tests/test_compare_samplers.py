@@ -3,27 +3,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, build_tiny, randomize_, tiny_config, write_release_checkpoints
+from tests.helpers import ROOT, tiny_config
+from tests.test_inference_e2e import real_images, weights  # noqa: F401  (module-scoped fixtures reused)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, weights, real_images):  # noqa: F811
     root = tmp_path_factory.mktemp("compare")
-    model = build_tiny(seed=21)
-    randomize_(model.unet, seed=22, std=0.02)
-    randomize_(model.controlnet, seed=23, std=0.02)
-    sd, cn = write_release_checkpoints(model, root)
-    images = root / "hazy"
-    images.mkdir()
-    for src in sorted((ROOT / "tests" / "data" / "real_hazy").glob("*.png")):
-        shutil.copy(src, images / src.name)
+    sd, cn = weights
+    images = real_images
     common = {"inference.sd_path": sd, "inference.controlnet_path": cn, "inference.device": "cpu",
               "inference.min_short_side": 64, "inference.steps": 6}
     OmegaConf.save(tiny_config("configs/inference/stage2_accsamp.yaml", **common), root / "accsamp.yaml")
