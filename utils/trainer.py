@@ -36,6 +36,7 @@ from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config, seed_everything
+from utils.distributed import launched_world_size, use_cpu_backend_if_needed
 from utils.fog import FOG_FEATURE_DIM
 from utils.train_losses import (
     ALIGN_SKIP_REASON,
@@ -369,15 +370,6 @@ def step_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def use_cpu_backend_if_needed() -> None:
-    """``accelerate launch --multi_gpu`` without CUDA: select accelerate's CPU (gloo) backend.
-
-    Without this, each process would silently train on its own. Must run before the Accelerator is created.
-    """
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Collated batch with its tensors on ``device`` (prompt lists unchanged)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -454,7 +446,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.align_enabled)],
         )
         logging.getLogger().setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world_size()
         if world != acc.num_processes:
             raise TrainError(f"launched {world} processes but accelerate runs {acc.num_processes}; on CPU set "
                              "ACCELERATE_USE_CPU=1 (done automatically when CUDA is unavailable)")
