@@ -90,13 +90,26 @@ def from_model_output(out01: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return x.clamp(0, 1)[0]
 
 
+def _flag(inf: DictConfig, key: str, default: bool) -> bool:
+    value = inf.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"inference.{key} must be true or false, got {value!r}")
+    return value
+
+
 class DiffusionRunner:
-    """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config."""
+    """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config.
+
+    Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
+    true) stores the UNet/ControlNet conv weights NHWC; ``inference.compile`` (default false) wraps both in
+    ``torch.compile`` (the first step of each new latent size compiles, which takes minutes).
+    """
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
         self.cfg = cfg
         inf = cfg.inference
         inference_batch_size(inf)
+        channels_last, compile_denoiser = _flag(inf, "channels_last", True), _flag(inf, "compile", False)
         self.device = process_device(inf.get("device", "auto"))
         self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
         self.model = instantiate_from_config(cfg.model.cldm)
@@ -110,6 +123,10 @@ class DiffusionRunner:
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
+        self.model.set_channels_last(channels_last)
+        if compile_denoiser:
+            self.model.unet.compile()
+            self.model.controlnet.compile()
         self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.get("steps", 50))
         self.parameterization = self.diffusion.parameterization
         self.tiled = inf.get("tiled", "auto")
