@@ -138,7 +138,7 @@ def reference(tmp_path_factory, weights, images):
 
 def test_two_processes_write_the_files_and_bytes_of_one(tmp_path, weights, images, reference):
     results = tmp_path / "out"
-    cfg = make_config(tmp_path, "stage2", weights, images, results, **{"inference.batch_size": 2})
+    cfg = make_config(tmp_path, "stage2", weights, images, results)
     proc = subprocess.run(launch_cmd("stage2", cfg, 2), cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,6 +156,7 @@ def test_killed_run_resumes_with_one_process_and_redoes_nothing(tmp_path, weight
     deadline = time.monotonic() + 300
     while not list(results.glob("*.png")) and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert launcher.poll() is None, "the run must still be going when it is killed"
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
     finished = {p.name: p.stat().st_mtime_ns for p in results.glob("*.png")}

@@ -72,8 +72,9 @@ def init_processes() -> ProcessInfo:
         return ProcessInfo()
     use_cpu_backend_if_needed()
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if state.num_processes != world:
         raise RuntimeError(f"launched {world} processes but accelerate runs {state.num_processes}; on CPU set "
                            "ACCELERATE_USE_CPU=1 (done automatically when CUDA is unavailable)")
