@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -151,14 +152,18 @@ def test_two_processes_write_the_files_and_bytes_of_one(tmp_path, weights, image
 def test_killed_run_resumes_with_one_process_and_redoes_nothing(tmp_path, weights, images, reference):
     results = tmp_path / "out"
     cfg = make_config(tmp_path, "stage2", weights, images, results)
-    launcher = subprocess.Popen(launch_cmd("stage2", cfg, 2), cwd=ROOT, env=clean_env(), start_new_session=True,
+    launcher = subprocess.Popen(launch_cmd("stage2", cfg, 2), cwd=ROOT, env=clean_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(results.glob("*.png")) and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert launcher.poll() is None, "the run must still be going when it is killed"
-    os.killpg(launcher.pid, signal.SIGKILL)
+    # torch's launcher starts each worker in a session of its own: kill the launcher and every worker
+    processes = [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
     launcher.wait()
+    psutil.wait_procs(processes, timeout=60)
     finished = {p.name: p.stat().st_mtime_ns for p in results.glob("*.png")}
     assert 0 < len(finished) < len(SIZES), "the kill must land while images remain"
 
