@@ -3,8 +3,8 @@ optimisation switched off, interleaved in one process.
 
 The model is the FULL-SIZE SD-2.1 UNet + IRControlNet of ``configs/inference/stage2.yaml`` with random weights
 (no checkpoint files; the cost does not depend on the weight values; the zero-initialised layers get random values
-too, so outputs can be compared; the unused VAE and text encoder are the tiny test ones), batch 1, square latents, random text
-embedding and condition latent. Variants (same weights, switched in place between calls):
+too, so outputs can be compared; the unused VAE and text encoder are the tiny test ones), batch 1, square latents,
+random text embedding and condition latent. Variants (same weights, switched in place between calls):
 
   baseline       math attention (explicit softmax), NCHW weights: every optimisation off
   sdpa           torch's fused scaled_dot_product_attention, NCHW
