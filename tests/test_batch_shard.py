@@ -27,7 +27,7 @@ from tests.train_helpers import ACCELERATE, free_port
 from utils.batching import group_batches, stack_conditions
 from utils.distributed import ProcessInfo
 
-# 64x64 and 40x48 inputs pad to 64x64; 48x80 becomes 64x107 (short side 64) and pads to 64x128
+# 64x64 and 40x48 inputs pad to 64x64; 48x80 becomes 64x106 (short side 64) and pads to 64x128
 SIZES = [(64, 64), (48, 80), (64, 64), (40, 48), (48, 80), (64, 64), (64, 64), (48, 80)]
 
 
