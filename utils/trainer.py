@@ -1,16 +1,20 @@
 """Shared training loop of HazeGen (stage 1) and DiffDehaze (stage 2), built on accelerate.
 
-Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW, constant lr),
-the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet, the loss is the eps MSE of
-:class:`utils.train_losses.TrainingStep`; checkpoints ``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet
-state dicts in the release ``stage*.pt`` format.
+Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW; stage 2 at lr 3e-5,
+then 1e-5 after 50k steps), the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet,
+the loss is the eps MSE of :class:`utils.train_losses.TrainingStep`; checkpoints
+``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet state dicts in the release ``stage*.pt`` format.
 
 Added here: exact resume (full accelerate state + data position written to a temp dir and renamed, last N kept),
 mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard logging, a tqdm bar on
 the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC extension losses.
 
-Batch sizes: ``train.batch_size`` is the global batch of one optimizer step; each process loads micro-batches of
-``batch_size / (num_processes * gradient_accumulation_steps)`` samples. The sample order depends only on
+Batch sizes (:class:`BatchPlan`): ``train.batch_size`` is the global batch of one optimizer step, as in the published
+scripts (their ``Accelerator(split_batches=True)`` splits the DataLoader batch of 16 over the processes); each process
+loads micro-batches of ``batch_size / (num_processes * gradient_accumulation_steps)`` samples. The mutually exclusive
+``train.per_process_batch_size`` names the micro-batch of each process instead (global = that x processes x
+accumulation). The learning rate is piecewise constant (``train.lr_schedule``), a function of the step count only,
+so a resumed run continues exactly across a switch. The sample order depends only on
 ``train.seed``, the epoch and the global batch index (:class:`GlobalBatchSampler`), and every random draw of a
 step comes from a generator seeded by (seed, step, micro-step, process), so a resumed run continues exactly.
 """
@@ -22,6 +26,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dataset.checks import DataError
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
+from utils.atomic import write_text_atomic
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config, seed_everything
 from utils.fog import FOG_FEATURE_DIM
@@ -51,6 +57,9 @@ log = logging.getLogger("hcdyc.train")
 STATE_NAME_DIGITS = 7
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
+LOG_WINDOW_FILE = "log_window_{rank}.json"
+LOCK_FILE = "train.lock"
+METRICS_FILE = "metrics.jsonl"
 TMP_PREFIX = ".tmp-"
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
 
@@ -66,8 +75,10 @@ class TrainSettings:
     sd_path: str
     exp_dir: str
     resume: str | None = None
-    learning_rate: float = 1e-5
-    batch_size: int = 16
+    learning_rate: float | None = 1e-5
+    lr_schedule: list[list[float]] | None = None
+    batch_size: int | None = 16
+    per_process_batch_size: int | None = None
     num_workers: int = 4
     train_steps: int = 5000
     log_every: int = 50
@@ -86,10 +97,19 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the ``train.*`` key of the first bad value."""
-        for key in ("learning_rate", "batch_size", "train_steps", "log_every", "ckpt_every", "sample_steps",
-                    "keep_last", "gradient_accumulation_steps"):
+        for key in ("train_steps", "log_every", "ckpt_every", "sample_steps", "keep_last",
+                    "gradient_accumulation_steps"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        for one, other in (("batch_size", "per_process_batch_size"), ("learning_rate", "lr_schedule")):
+            if (getattr(self, one) is None) == (getattr(self, other) is None):
+                raise ValueError(f"set exactly one of train.{one} and train.{other} (the other null), got "
+                                 f"{getattr(self, one)} and {getattr(self, other)}")
+        for key in ("learning_rate", "batch_size", "per_process_batch_size"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        if self.lr_schedule is not None:
+            validate_lr_schedule(self.lr_schedule)
         if self.num_workers < 0 or self.num_preview < 1:
             raise ValueError("train.num_workers must be >= 0 and train.num_preview >= 1")
         if self.image_every is not None and self.image_every < 1:
@@ -100,6 +120,31 @@ class TrainSettings:
             raise ValueError(f"train.ema_decay must be in (0,1) or null, got {self.ema_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step taken after ``step`` completed steps: ``learning_rate``, or the rate of
+        the last ``lr_schedule`` entry whose start is <= step (so [[0, a], [N, b]] trains steps 1..N at a)."""
+        if self.lr_schedule is None:
+            return float(self.learning_rate)
+        return float(next(lr for start, lr in reversed(self.lr_schedule) if step >= start))
+
+
+def validate_lr_schedule(schedule: Any) -> None:
+    """``train.lr_schedule``: [[0, lr0], [s1, lr1], ...] with integer starts beginning at 0, strictly increasing,
+    and rates > 0; ValueError naming the key otherwise."""
+    form = "train.lr_schedule must be a list of [start_step, learning_rate] pairs, the first starting at 0"
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError(f"{form}, got {schedule}")
+    starts = []
+    for entry in schedule:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"{form}, got entry {entry}")
+        start, lr = entry
+        if isinstance(start, bool) or not isinstance(start, int) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"{form} (integer steps, rates > 0), got entry {entry}")
+        starts.append(start)
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"{form}, with strictly increasing steps, got starts {starts}")
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -187,12 +232,43 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return (self.batches_per_epoch - self.start_batch) * self.accum
 
 
-def micro_batch_size(batch_size: int, num_processes: int, accumulation: int) -> int:
-    """Samples per process and micro-step for a global ``batch_size``; TrainError if it does not divide."""
-    if batch_size % (num_processes * accumulation):
-        raise TrainError(f"train.batch_size {batch_size} is not divisible by processes x gradient accumulation "
-                         f"({num_processes} x {accumulation})")
-    return batch_size // (num_processes * accumulation)
+@dataclass(frozen=True)
+class BatchPlan:
+    """The samples of one optimizer step: global batch = per_process x processes x accumulation.
+
+    per_process: the DataLoader batch of each process (one micro-step); key: the ``train.*`` key it came from.
+    """
+
+    per_process: int
+    processes: int
+    accumulation: int
+    key: str
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_process * self.processes * self.accumulation
+
+    def describe(self) -> str:
+        """The start-up log line, e.g. 'global batch 16 = per-process batch 8 x 2 processes x accumulation 1'."""
+        return (f"global batch {self.global_batch} = per-process batch {self.per_process} x {self.processes} "
+                f"processes x accumulation {self.accumulation} (from train.{self.key})")
+
+    def as_dict(self) -> dict[str, int]:
+        """The ``run`` section of ``<exp_dir>/config.yaml``."""
+        return {"num_processes": self.processes, "global_batch_size": self.global_batch,
+                "per_process_batch_size": self.per_process, "gradient_accumulation_steps": self.accumulation}
+
+
+def plan_batches(loop: TrainSettings, num_processes: int, accumulation: int) -> BatchPlan:
+    """BatchPlan from ``train.batch_size`` (global; TrainError if processes x accumulation does not divide it) or
+    ``train.per_process_batch_size``."""
+    if loop.per_process_batch_size is not None:
+        return BatchPlan(loop.per_process_batch_size, num_processes, accumulation, "per_process_batch_size")
+    if loop.batch_size % (num_processes * accumulation):
+        raise TrainError(f"train.batch_size {loop.batch_size} (the global batch) is not divisible by processes x "
+                         f"gradient accumulation ({num_processes} x {accumulation}); change it or set "
+                         "train.per_process_batch_size instead")
+    return BatchPlan(loop.batch_size // (num_processes * accumulation), num_processes, accumulation, "batch_size")
 
 
 @dataclass
@@ -212,15 +288,18 @@ class Progress:
         return cls(step=int(data["step"]), epoch=int(data["epoch"]), batch_in_epoch=int(data["batch_in_epoch"]))
 
 
-def build_dataset(cfg: DictConfig, seed: int) -> Dataset:
+def build_dataset(cfg: DictConfig, seed: int, check_images: bool = True) -> Dataset:
     """The configured dataset; ``dataset.params.seed`` defaults to ``train.seed`` (deterministic samples).
 
-    Bad data (missing/empty folders, missing depth maps, unpaired hazy files, unreadable images) raises TrainError
-    naming the first offending path.
+    Bad data (missing/empty folders, missing depth maps, unpaired hazy files, images that do not decode completely)
+    raises TrainError naming the first offending path. ``check_images=False`` skips decoding every image (the other
+    processes of a run, whose main process decodes them).
     """
     ds_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     params = dict(ds_cfg.get("params") or {})
     params.setdefault("seed", seed)
+    if not check_images:
+        params["verify"] = False
     try:
         return instantiate_from_config({"target": ds_cfg["target"], "params": params})
     except DataError as err:
@@ -283,6 +362,131 @@ class EMA:
             self.shadow[key].copy_(value)
 
 
+# ------------------------------------------------------------------------------------------- processes and lock
+def is_main_rank() -> bool:
+    """Whether this is the main process of the launch (``RANK`` 0 or unset); usable before the Accelerator exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def agree_on_error(accelerator, error: str | None) -> None:
+    """Raise TrainError on every process when any process reports ``error`` (the lowest rank's message first).
+
+    A start-up problem found by one process (the main process's lock and image checks) thus stops all of them at
+    the same point, instead of leaving the others waiting in a collective.
+    """
+    from accelerate.utils import gather_object
+
+    errors = [message for message in gather_object([error]) if message]
+    if errors:
+        raise TrainError(errors[0])
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first, start time at index 19); None where the
+    process or /proc does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot, None where unavailable."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def lock_holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process that wrote a lock may still run: on another host it cannot be checked (True); on this
+    host it must exist, not be a zombie and, where known, have started when the lock says (else its pid was reused).
+    """
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid, started = int(holder["pid"]), holder.get("started")
+    fields = proc_stat(pid)
+    if fields is not None:
+        return fields[0] != "Z" and (started is None or int(fields[19]) == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class ExpDirLock:
+    """``<exp_dir>/train.lock``, held by the main process of a run: JSON {"pid", "host", "started"}.
+
+    Written to a temp file and hard-linked into place, so the lock appears complete or not at all. A lock whose
+    process is gone is stale and taken over (with a warning); one held by a live process, or written on another
+    host, refuses the run with a TrainError naming the holder.
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def acquire(self, exp_dir: Path) -> None:
+        path = exp_dir / LOCK_FILE
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": process_start_time(os.getpid())}
+        tmp = exp_dir / f"{TMP_PREFIX}{LOCK_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(mine))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, path)
+                    self.path = path
+                    return
+                except FileExistsError:
+                    holder = self._holder(path)
+                    if lock_holder_alive(holder):
+                        raise TrainError(
+                            f"train.exp_dir {exp_dir} is in use by another training run (pid {holder.get('pid')} on "
+                            f"host {holder.get('host')}, lock {path}); wait for it or stop it, or choose another "
+                            "train.exp_dir (delete the lock only if that run is gone)") from None
+                    log.warning("%s: taking over the stale lock of pid %s (that process is gone)", path,
+                                holder.get("pid"))
+                    path.unlink(missing_ok=True)
+            raise TrainError(f"could not take the lock {path}: another run is starting in {exp_dir}")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _holder(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise TrainError(f"unreadable training lock {path} ({err}); delete it if no run uses this exp_dir") from None
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def drop_metrics_after(metrics_path: Path, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` (atomically) without the rows logged after ``step`` (and any half-written last
+    line), so a resumed run logs those steps once. Returns the number of rows dropped."""
+    if not metrics_path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if row_step is not None and row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(metrics_path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
 # ----------------------------------------------------------------------------------------------------------- state
 def state_root(exp_dir: str | Path) -> Path:
     return Path(exp_dir) / "state"
@@ -315,8 +519,9 @@ def find_resume_state(loop: TrainSettings) -> Path | None:
 
 
 def save_training_state(accelerator, progress: Progress, ema: EMA | None, loop: TrainSettings,
-                        global_batch: int) -> Path:
-    """Full accelerate state + progress (+ EMA) into ``state/.tmp-<step>``, renamed to ``state/<step>`` when done.
+                        global_batch: int, window: "LogWindow") -> Path:
+    """Full accelerate state + progress (+ EMA, + each process's unlogged ``window`` sums) into ``state/.tmp-<step>``,
+    renamed to ``state/<step>`` when done.
 
     A run killed while saving leaves only the temp dir, which resume ignores; the last ``keep_last`` states stay.
     """
@@ -328,6 +533,7 @@ def save_training_state(accelerator, progress: Progress, ema: EMA | None, loop: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    window.save(tmp / LOG_WINDOW_FILE.format(rank=accelerator.process_index))
     if accelerator.is_main_process:
         if ema is not None:
             from safetensors.torch import save_file
@@ -385,8 +591,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def preview_grid(step_module: TrainingStep, batch: dict[str, Any], step: int, num: int, sample_steps: int,
-                 seed: int) -> torch.Tensor:
-    """Image grid (3, 4*H', n*W') in [0,1]: rows = samples (spaced sampling), target, condition, decoded c_img."""
+                 seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Image grid (3, 4*H', n*W') in [0,1] (rows = samples (spaced sampling), target, condition, decoded c_img) and
+    the prompts the samples were conditioned on."""
     from torchvision.utils import make_grid
 
     from sampler.spaced import make_spaced_schedule, sample_spaced
@@ -394,14 +601,14 @@ def preview_grid(step_module: TrainingStep, batch: dict[str, Any], step: int, nu
     ldm, diffusion = step_module.ldm, step_module.diffusion
     part = {k: v[:num] for k, v in batch.items()}
     device = part["target"].device
-    cond, _, _ = step_module.condition(part, step, random.Random(seed))
+    cond, prompts, _ = step_module.condition(part, step, random.Random(seed))
     gen = torch.Generator(device=device).manual_seed(seed)
     schedule = make_spaced_schedule(diffusion.alphas_cumprod_np, sample_steps)
     x_t = torch.randn(cond["c_img"].shape, generator=gen, device=device)
     z = sample_spaced(ldm, x_t, schedule, cond, parameterization=diffusion.parameterization, generator=gen)
     rows = [ldm.vae_decode(z).float() * 0.5 + 0.5, part["target"].float() * 0.5 + 0.5, part["condition"].float(),
             ldm.vae_decode(cond["c_img"]).float() * 0.5 + 0.5]
-    return make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=rows[0].shape[0], padding=2)
+    return make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=rows[0].shape[0], padding=2), list(prompts)
 
 
 def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> dict[str, Any]:
@@ -414,19 +621,25 @@ def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> di
 
 # ------------------------------------------------------------------------------------------------------------ loop
 def run_training(cfg: DictConfig, stage: int) -> int:
-    """Train one stage from a full config (model / dataset / train). Returns the process exit status
-    (2 with one logged message for start-up problems)."""
+    """Train one stage from a full config (model / dataset / train). Returns the process exit status: 2 for start-up
+    problems, logged as one line by the main process only (every process of the run stops at the same point)."""
+    lock = ExpDirLock()
     try:
-        return Trainer(cfg, stage).run()
+        return Trainer(cfg, stage, lock).run()
     except TrainError as err:
-        log.error("%s", err)
+        if is_main_rank():
+            log.error("%s", err)
         return 2
+    finally:
+        lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class Trainer:
     """One training run: start-up checks and set-up in ``__init__``, the optimizer-step loop in :meth:`run`."""
 
-    def __init__(self, cfg: DictConfig, stage: int):
+    def __init__(self, cfg: DictConfig, stage: int, lock: ExpDirLock):
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.utils import ProjectConfiguration
 
@@ -443,7 +656,6 @@ class Trainer:
             raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
         self.exp_dir = Path(loop.exp_dir)
         self.resume_dir = find_resume_state(loop)
-        self.dataset = build_dataset(cfg, loop.seed)
 
         self.accelerator = acc = Accelerator(
             mixed_precision=loop.mixed_precision,
@@ -459,29 +671,53 @@ class Trainer:
             raise TrainError(f"launched {world} processes but accelerate runs {acc.num_processes}; on CPU set "
                              "ACCELERATE_USE_CPU=1 (done automatically when CUDA is unavailable)")
         self.accum = acc.gradient_accumulation_steps
-        self.micro = micro_batch_size(loop.batch_size, acc.num_processes, self.accum)
+        self.plan = plan_batches(loop, acc.num_processes, self.accum)
+        error = None
+        try:
+            if acc.is_main_process:
+                lock.acquire(self.exp_dir)
+            self.dataset = build_dataset(cfg, loop.seed, check_images=acc.is_main_process)
+        except TrainError as err:
+            error = str(err)
+        agree_on_error(acc, error)
 
         seed_everything(loop.seed)
         self.ldm, diffusion = build_model(cfg, loop, ext)
         self.step_module = TrainingStep(self.ldm, diffusion, stage, ext, cycle_loss, image_embedder_for(self.ldm, ext))
         self.step_module.to_device(acc.device)
-        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.learning_rate)
+        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.lr_at(0))
         self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
         install_state_hooks(acc)
         self.ema = EMA(self.ldm.controlnet_state_dict(), loop.ema_decay) if loop.ema_decay else None
         self.progress = Progress()
+        self.window = LogWindow()
         if self.resume_dir is not None:
             self._resume(self.resume_dir)
 
     def _resume(self, state_dir: Path) -> None:
         self.accelerator.load_state(str(state_dir))
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
+        saved_batch = json.loads((state_dir / PROGRESS_FILE).read_text()).get("global_batch")
+        if saved_batch is not None and saved_batch != self.plan.global_batch:
+            raise TrainError(f"{state_dir} was saved with a global batch of {saved_batch}, this run has "
+                             f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
                 raise TrainError(f"train.ema_decay is set but {state_dir} holds no {EMA_FILE}")
             from safetensors.torch import load_file
 
             self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+        window_file = state_dir / LOG_WINDOW_FILE.format(rank=self.accelerator.process_index)
+        saved_processes = json.loads((state_dir / PROGRESS_FILE).read_text()).get("num_processes")
+        if window_file.is_file() and saved_processes == self.accelerator.num_processes:
+            self.window = LogWindow.load(window_file, self.accelerator.device)
+        elif self.progress.step % self.loop.log_every and self.accelerator.is_main_process:
+            log.warning("%s holds no log window for %d processes: the first logged means after step %d cover only "
+                        "the steps after it", state_dir, self.accelerator.num_processes, self.progress.step)
+        if self.accelerator.is_main_process:
+            dropped = drop_metrics_after(self.exp_dir / METRICS_FILE, self.progress.step)
+            if dropped:
+                log.info("dropped %d %s rows logged after step %d", dropped, METRICS_FILE, self.progress.step)
         log.info("resumed from %s at step %d", state_dir, self.progress.step)
 
     def _loader(self) -> tuple[Iterator[dict[str, Any]], GlobalBatchSampler]:
@@ -489,15 +725,19 @@ class Trainer:
         acc, p = self.accelerator, self.progress
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(p.epoch)
-        sampler = GlobalBatchSampler(len(self.dataset), self.micro, acc.num_processes, acc.process_index, self.accum,
+        sampler = GlobalBatchSampler(len(self.dataset), self.plan.per_process, acc.num_processes, acc.process_index,
+                                     self.accum,
                                      self.loop.seed, p.epoch, p.batch_in_epoch)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
                             pin_memory=acc.device.type == "cuda")
         return iter(loader), sampler
 
     def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Accumulate ``accum`` micro-batches and step the optimizer -> (last micro-batch, logs per micro-batch)."""
+        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step
+        -> (last micro-batch, logs per micro-batch)."""
         acc, loop = self.accelerator, self.loop
+        for group in self.optimizer.param_groups:
+            group["lr"] = loop.lr_at(self.progress.step)
         logs = []
         for a in range(self.accum):
             batch = to_device(next(data_iter), acc.device)
@@ -519,15 +759,17 @@ class Trainer:
         acc, loop, p = self.accelerator, self.loop, self.progress
         if acc.is_main_process:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
-            resolved = OmegaConf.merge(self.cfg, {"model": {"cldm": model_config(self.cfg, self.ext)}})
+            resolved = OmegaConf.merge(self.cfg, {"model": {"cldm": model_config(self.cfg, self.ext)},
+                                                  "run": self.plan.as_dict()})
             OmegaConf.save(resolved, self.exp_dir / "config.yaml")
-            log.info("stage %d: %d processes, micro-batch %d, accumulation %d, global batch %d, %d samples",
-                     self.stage, acc.num_processes, self.micro, self.accum, loop.batch_size, len(self.dataset))
+            log.info("stage %d: %s; %d samples", self.stage, self.plan.describe(), len(self.dataset))
         if loop.log_with:
-            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage))
+            # after a resume, TensorBoard hides the events a killed run wrote after the resumed step
+            purge = {"tensorboard": {"purge_step": p.step + 1}} if p.step else {}
+            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage), init_kwargs=purge)
         bar = tqdm(total=loop.train_steps, initial=p.step, desc=f"stage {self.stage}",
                    disable=not acc.is_main_process, dynamic_ncols=True)
-        window = LogWindow()
+        window = self.window
         warned_align, data_iter = False, None
         self.model.train()
         while p.step < loop.train_steps:
@@ -547,27 +789,31 @@ class Trainer:
                 log.warning("%s", ALIGN_SKIP_REASON)
                 warned_align = True
             if p.step % loop.log_every == 0 or p.step == loop.train_steps:
-                window.flush(acc, p.step, self.exp_dir / "metrics.jsonl", bool(loop.log_with))
+                window.flush(acc, p.step, self.exp_dir / METRICS_FILE, bool(loop.log_with),
+                             {"train/lr": loop.lr_at(p.step - 1)})
             if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
                 self._preview(batch)
             if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
                 self._save_checkpoint()
-                save_training_state(acc, p, self.ema, loop, loop.batch_size)
+                save_training_state(acc, p, self.ema, loop, self.plan.global_batch, window)
         bar.close()
         acc.end_training()
         return 0
 
     def _preview(self, batch: dict[str, Any]) -> None:
-        """Sample grid of the main process's last micro-batch to TensorBoard (other trackers: scalars only)."""
+        """Sample grid of the main process's last micro-batch and its prompts (text) to TensorBoard (other trackers:
+        scalars only)."""
         acc = self.accelerator
         if acc.is_main_process:
             self.step_module.eval()
-            grid = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
+            grid, prompts = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
                                 self.loop.sample_steps, step_seed(self.loop.seed, self.progress.step, 2**31))
             self.step_module.train()
             for tracker in acc.trackers:
                 if tracker.name == "tensorboard":
                     tracker.log_images({"preview": grid[None].numpy()}, step=self.progress.step, dataformats="NCHW")
+                    tracker.log({"preview_prompts": "\n\n".join(f"{i}: {text}" for i, text in enumerate(prompts))},
+                                step=self.progress.step)
         acc.wait_for_everyone()
 
     def _save_checkpoint(self) -> None:
@@ -593,20 +839,34 @@ class LogWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
+    def save(self, path: Path) -> None:
+        """This process's sums and counts as JSON (float32 sums are exact as JSON numbers)."""
+        path.write_text(json.dumps({"sums": {k: float(v) for k, v in self.sums.items()}, "counts": self.counts}))
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> "LogWindow":
+        data = json.loads(path.read_text())
+        window = cls()
+        window.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in data["sums"].items()}
+        window.counts = {k: int(v) for k, v in data["counts"].items()}
+        return window
+
     def add(self, logs: list[dict[str, torch.Tensor]]) -> None:
         for entry in logs:
             for key, value in entry.items():
                 self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
                 self.counts[key] = self.counts.get(key, 0) + 1
 
-    def flush(self, accelerator, step: int, metrics_path: Path, to_trackers: bool) -> None:
-        """Log the means (averaged over processes) to the trackers and ``metrics.jsonl``; reset."""
+    def flush(self, accelerator, step: int, metrics_path: Path, to_trackers: bool,
+              current: dict[str, float]) -> None:
+        """Log the means (averaged over processes) and the ``current`` values (e.g. the learning rate of the last
+        step) to the trackers and ``metrics.jsonl``; reset."""
         keys = sorted(self.sums)
         if keys:
             local = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).float() / self.counts[k]
                                  for k in keys])
             mean = accelerator.reduce(local, reduction="mean")
-            values = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
+            values = {**{f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}, **current}
             if to_trackers:
                 accelerator.log(values, step=step)
             if accelerator.is_main_process:
@@ -630,7 +890,8 @@ def main(stage: int, default_config: str) -> None:
     try:
         cfg = load_config(args.config, args.set)
     except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
+        if is_main_rank():
+            log.error("%s", err)
         sys.exit(2)
     sys.exit(run_training(cfg, stage))
 
