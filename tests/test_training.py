@@ -38,23 +38,18 @@ from utils.checkpoint import load_state_dict
 from utils.train_losses import TrainingStep
 from utils.common import load_config
 from dataset import DataError, StaticPairedData
-from utils.trainer import (
+from utils.train_state import (
     EMA,
     LOCK_FILE,
     ExpDirLock,
-    GlobalBatchSampler,
     Progress,
     TrainError,
-    build_dataset,
-    build_model,
     complete_states,
     find_resume_state,
     proc_stat,
     process_start_time,
-    plan_batches,
-    run_training,
-    split_settings,
 )
+from utils.trainer import GlobalBatchSampler, build_dataset, build_model, plan_batches, run_training, split_settings
 
 S = 32
 STAGE1 = ROOT / "configs" / "train" / "stage1.yaml"
@@ -502,10 +497,10 @@ def test_resume_state_selection(tmp_path, world):
         if complete:
             Progress(step=int(name[-7:])).save(root / name / "progress.json")
     loop, _ = split_settings(_config(world, tmp_path, 1, data, resume="latest"))
-    assert find_resume_state(loop) == root / "0000010"
+    assert find_resume_state(loop.exp_dir, loop.resume) == root / "0000010"
     loop, _ = split_settings(_config(world, tmp_path, 1, data, resume=None))
     with pytest.raises(TrainError, match="already holds training states"):
-        find_resume_state(loop)
+        find_resume_state(loop.exp_dir, loop.resume)
     loop, _ = split_settings(_config(world, tmp_path, 1, data, resume=str(root / "0000012")))
     with pytest.raises(TrainError, match="not a complete training state"):
-        find_resume_state(loop)
+        find_resume_state(loop.exp_dir, loop.resume)

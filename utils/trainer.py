@@ -5,8 +5,8 @@ then 1e-5 after 50k steps), the SD-2.1 UNet, VAE and text encoder are frozen, th
 the loss is the eps MSE of :class:`utils.train_losses.TrainingStep`; checkpoints
 ``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet state dicts in the release ``stage*.pt`` format.
 
-Added here: exact resume (full accelerate state + data position written to a temp dir and renamed, last N kept),
-mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard logging, a tqdm bar on
+Added here: exact resume (the training state on disk, the exp_dir lock and the metrics bookkeeping are in
+:mod:`utils.train_state`), mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard logging, a tqdm bar on
 the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC extension losses.
 
 Batch sizes (:class:`BatchPlan`): ``train.batch_size`` is the global batch of one optimizer step, as in the published
@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dataset.checks import DataError
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
-from utils.atomic import write_text_atomic
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config, seed_everything
 from utils.fog import FOG_FEATURE_DIM
@@ -51,21 +48,27 @@ from utils.train_losses import (
     image_embedder_for,
     trainable_parameters,
 )
+from utils.train_state import (
+    EMA,
+    EMA_FILE,
+    LOG_WINDOW_FILE,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    STATE_NAME_DIGITS,
+    ExpDirLock,
+    LogWindow,
+    Progress,
+    TrainError,
+    drop_metrics_after,
+    find_resume_state,
+    install_state_hooks,
+    is_main_rank,
+    save_training_state,
+)
 
 log = logging.getLogger("hcdyc.train")
 
-STATE_NAME_DIGITS = 7
-PROGRESS_FILE = "progress.json"
-EMA_FILE = "ema.safetensors"
-LOG_WINDOW_FILE = "log_window_{rank}.json"
-LOCK_FILE = "train.lock"
-METRICS_FILE = "metrics.jsonl"
-TMP_PREFIX = ".tmp-"
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
-
-
-class TrainError(RuntimeError):
-    """A start-up problem (config, weights, data, resume state) reported as one clear message."""
 
 
 @dataclass(frozen=True)
@@ -271,23 +274,6 @@ def plan_batches(loop: TrainSettings, num_processes: int, accumulation: int) -> 
     return BatchPlan(loop.batch_size // (num_processes * accumulation), num_processes, accumulation, "batch_size")
 
 
-@dataclass
-class Progress:
-    """Optimizer steps done and data position (epoch, global batches of that epoch consumed)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-    def save(self, path: Path, **extra: Any) -> None:
-        path.write_text(json.dumps({**dataclasses.asdict(self), **extra}, indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> "Progress":
-        data = json.loads(path.read_text())
-        return cls(step=int(data["step"]), epoch=int(data["epoch"]), batch_in_epoch=int(data["batch_in_epoch"]))
-
-
 def build_dataset(cfg: DictConfig, seed: int, check_images: bool = True) -> Dataset:
     """The configured dataset; ``dataset.params.seed`` defaults to ``train.seed`` (deterministic samples).
 
@@ -336,38 +322,7 @@ def build_model(cfg: DictConfig, loop: TrainSettings, ext: ExtensionSettings) ->
     return ldm, diffusion
 
 
-class EMA:
-    """Exponential moving average of the released weights: shadow <- d * shadow + (1 - d) * current (floats)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
-                       for k, v in tensors.items()}
-
-    @torch.no_grad()
-    def update(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, value in tensors.items():
-            if value.is_floating_point():
-                self.shadow[key].lerp_(value.detach().float(), 1.0 - self.decay)
-            else:
-                self.shadow[key].copy_(value)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        if set(sd) != set(self.shadow):
-            raise TrainError("EMA state does not match the model (different extensions enabled?)")
-        for key, value in sd.items():
-            self.shadow[key].copy_(value)
-
-
-# ------------------------------------------------------------------------------------------- processes and lock
-def is_main_rank() -> bool:
-    """Whether this is the main process of the launch (``RANK`` 0 or unset); usable before the Accelerator exists."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
+# --------------------------------------------------------------------------------------------------- processes
 def agree_on_error(accelerator, error: str | None) -> None:
     """Raise TrainError on every process when any process reports ``error`` (the lowest rank's message first).
 
@@ -379,194 +334,6 @@ def agree_on_error(accelerator, error: str | None) -> None:
     errors = [message for message in gather_object([error]) if message]
     if errors:
         raise TrainError(errors[0])
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` after the command name (state first, start time at index 19); None where the
-    process or /proc does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of process ``pid`` in clock ticks since boot, None where unavailable."""
-    fields = proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def lock_holder_alive(holder: dict[str, Any]) -> bool:
-    """Whether the process that wrote a lock may still run: on another host it cannot be checked (True); on this
-    host it must exist, not be a zombie and, where known, have started when the lock says (else its pid was reused).
-    """
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid, started = int(holder["pid"]), holder.get("started")
-    fields = proc_stat(pid)
-    if fields is not None:
-        return fields[0] != "Z" and (started is None or int(fields[19]) == started)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-class ExpDirLock:
-    """``<exp_dir>/train.lock``, held by the main process of a run: JSON {"pid", "host", "started"}.
-
-    Written to a temp file and hard-linked into place, so the lock appears complete or not at all. A lock whose
-    process is gone is stale and taken over (with a warning); one held by a live process, or written on another
-    host, refuses the run with a TrainError naming the holder.
-    """
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
-
-    def acquire(self, exp_dir: Path) -> None:
-        path = exp_dir / LOCK_FILE
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": process_start_time(os.getpid())}
-        tmp = exp_dir / f"{TMP_PREFIX}{LOCK_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(mine))
-        try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, path)
-                    self.path = path
-                    return
-                except FileExistsError:
-                    holder = self._holder(path)
-                    if lock_holder_alive(holder):
-                        raise TrainError(
-                            f"train.exp_dir {exp_dir} is in use by another training run (pid {holder.get('pid')} on "
-                            f"host {holder.get('host')}, lock {path}); wait for it or stop it, or choose another "
-                            "train.exp_dir (delete the lock only if that run is gone)") from None
-                    log.warning("%s: taking over the stale lock of pid %s (that process is gone)", path,
-                                holder.get("pid"))
-                    path.unlink(missing_ok=True)
-            raise TrainError(f"could not take the lock {path}: another run is starting in {exp_dir}")
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _holder(path: Path) -> dict[str, Any]:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise TrainError(f"unreadable training lock {path} ({err}); delete it if no run uses this exp_dir") from None
-
-    def release(self) -> None:
-        """Remove the lock if this process holds it."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None
-
-
-def drop_metrics_after(metrics_path: Path, step: int) -> int:
-    """Rewrite ``metrics.jsonl`` (atomically) without the rows logged after ``step`` (and any half-written last
-    line), so a resumed run logs those steps once. Returns the number of rows dropped."""
-    if not metrics_path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in metrics_path.read_text().splitlines():
-        try:
-            row_step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            row_step = None
-        if row_step is not None and row_step <= step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        write_text_atomic(metrics_path, "".join(f"{line}\n" for line in kept))
-    return dropped
-
-
-# ----------------------------------------------------------------------------------------------------------- state
-def state_root(exp_dir: str | Path) -> Path:
-    return Path(exp_dir) / "state"
-
-
-def complete_states(root: Path) -> list[Path]:
-    """Finished state dirs ``<root>/<step:07d>`` (with progress.json), oldest first; temp dirs are ignored."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and len(p.name) == STATE_NAME_DIGITS
-             and (p / PROGRESS_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name))
-
-
-def find_resume_state(loop: TrainSettings) -> Path | None:
-    """The state dir to resume from: ``train.resume`` = null (fresh start), "latest" or a state dir path."""
-    states = complete_states(state_root(loop.exp_dir))
-    if loop.resume is None:
-        if states:
-            raise TrainError(f"{loop.exp_dir} already holds training states ({states[-1]}); set train.resume=latest "
-                             "to continue that run or choose a new train.exp_dir")
-        return None
-    if loop.resume == "latest":
-        return states[-1] if states else None
-    path = Path(loop.resume)
-    if not (path / PROGRESS_FILE).is_file():
-        raise TrainError(f"train.resume: {path} is not a complete training state (no {PROGRESS_FILE}); pick a "
-                         f"<exp_dir>/state/<step> folder or 'latest'")
-    return path
-
-
-def save_training_state(accelerator, progress: Progress, ema: EMA | None, loop: TrainSettings,
-                        global_batch: int, window: "LogWindow") -> Path:
-    """Full accelerate state + progress (+ EMA, + each process's unlogged ``window`` sums) into ``state/.tmp-<step>``,
-    renamed to ``state/<step>`` when done.
-
-    A run killed while saving leaves only the temp dir, which resume ignores; the last ``keep_last`` states stay.
-    """
-    root = state_root(loop.exp_dir)
-    name = f"{progress.step:0{STATE_NAME_DIGITS}d}"
-    tmp, final = root / f"{TMP_PREFIX}{name}", root / name
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    window.save(tmp / LOG_WINDOW_FILE.format(rank=accelerator.process_index))
-    if accelerator.is_main_process:
-        if ema is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
-        progress.save(tmp / PROGRESS_FILE, num_processes=accelerator.num_processes, global_batch=global_batch)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_states(root)[:-loop.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def install_state_hooks(accelerator) -> None:
-    """Save/load the trainable weights unwrapped (no ``module.`` prefix) so states move between process counts."""
-    from safetensors.torch import load_file
-
-    def save_hook(models, weights, output_dir):
-        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            sd = load_file(str(path), device="cpu")
-            accelerator.unwrap_model(model).load_state_dict(sd, strict=True)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -655,7 +422,7 @@ class Trainer:
         if not Path(loop.sd_path).is_file():
             raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
         self.exp_dir = Path(loop.exp_dir)
-        self.resume_dir = find_resume_state(loop)
+        self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
 
         self.accelerator = acc = Accelerator(
             mixed_precision=loop.mixed_precision,
@@ -697,9 +464,9 @@ class Trainer:
     def _resume(self, state_dir: Path) -> None:
         self.accelerator.load_state(str(state_dir))
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
-        saved_batch = json.loads((state_dir / PROGRESS_FILE).read_text()).get("global_batch")
-        if saved_batch is not None and saved_batch != self.plan.global_batch:
-            raise TrainError(f"{state_dir} was saved with a global batch of {saved_batch}, this run has "
+        saved = json.loads((state_dir / PROGRESS_FILE).read_text())
+        if saved.get("global_batch") not in (None, self.plan.global_batch):
+            raise TrainError(f"{state_dir} was saved with a global batch of {saved['global_batch']}, this run has "
                              f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
@@ -708,8 +475,7 @@ class Trainer:
 
             self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
         window_file = state_dir / LOG_WINDOW_FILE.format(rank=self.accelerator.process_index)
-        saved_processes = json.loads((state_dir / PROGRESS_FILE).read_text()).get("num_processes")
-        if window_file.is_file() and saved_processes == self.accelerator.num_processes:
+        if window_file.is_file() and saved.get("num_processes") == self.accelerator.num_processes:
             self.window = LogWindow.load(window_file, self.accelerator.device)
         elif self.progress.step % self.loop.log_every and self.accelerator.is_main_process:
             log.warning("%s holds no log window for %d processes: the first logged means after step %d cover only "
@@ -795,7 +561,8 @@ class Trainer:
                 self._preview(batch)
             if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
                 self._save_checkpoint()
-                save_training_state(acc, p, self.ema, loop, self.plan.global_batch, window)
+                save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
+                                    window)
         bar.close()
         acc.end_training()
         return 0
@@ -827,52 +594,6 @@ class Trainer:
             save_state_dict_atomic(self.ema.state_dict(), ckpt_dir / f"{name}_ema.pt")
         if self.step_module.image_embedder is not None:
             save_state_dict_atomic(self.step_module.image_embedder.state_dict(), ckpt_dir / f"{name}_image_embedder.pt")
-
-
-class LogWindow:
-    """Running sums of the per-micro-batch logs since the last flush.
-
-    The logged keys depend only on the config and the step, so every process reduces the same list.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def save(self, path: Path) -> None:
-        """This process's sums and counts as JSON (float32 sums are exact as JSON numbers)."""
-        path.write_text(json.dumps({"sums": {k: float(v) for k, v in self.sums.items()}, "counts": self.counts}))
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device) -> "LogWindow":
-        data = json.loads(path.read_text())
-        window = cls()
-        window.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in data["sums"].items()}
-        window.counts = {k: int(v) for k, v in data["counts"].items()}
-        return window
-
-    def add(self, logs: list[dict[str, torch.Tensor]]) -> None:
-        for entry in logs:
-            for key, value in entry.items():
-                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, accelerator, step: int, metrics_path: Path, to_trackers: bool,
-              current: dict[str, float]) -> None:
-        """Log the means (averaged over processes) and the ``current`` values (e.g. the learning rate of the last
-        step) to the trackers and ``metrics.jsonl``; reset."""
-        keys = sorted(self.sums)
-        if keys:
-            local = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).float() / self.counts[k]
-                                 for k in keys])
-            mean = accelerator.reduce(local, reduction="mean")
-            values = {**{f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}, **current}
-            if to_trackers:
-                accelerator.log(values, step=step)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps({"step": step, **values}) + "\n")
-        self.sums, self.counts = {}, {}
 
 
 def main(stage: int, default_config: str) -> None:
