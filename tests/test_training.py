@@ -122,9 +122,12 @@ def test_stage1_two_process_run(world, stage1_run):
 
     events = sorted((exp / "logs" / "stage1").glob("events.out.tfevents.*"))
     assert events
-    acc = EventAccumulator(str(events[0]))
+    acc = EventAccumulator(str(events[0]), size_guidance={"tensors": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("preview")] == [1, 6, 12]
+    prompts = acc.Tensors("preview_prompts/text_summary")
+    assert [e.step for e in prompts] == [1, 6, 12]
+    assert prompts[0].tensor_proto.string_val[0].decode().startswith("0: hazy, foggy, misty, obscure, smoggy.")
     assert len(acc.Scalars("train/loss")) == 12
 
     before = fixed_batch_loss(cfg, 1, None)
