@@ -165,6 +165,15 @@ def test_resume_continues_exactly_and_ignores_a_killed_save(world, stage1_run):
     assert not killed.exists()
 
 
+def test_resume_with_another_global_batch_is_refused(world, stage1_run, tmp_path, caplog):
+    exp = tmp_path / "exp"
+    shutil.copytree(world["root"] / "stage1" / "state" / "0000006", exp / "state" / "0000006")
+    data = {"syn_folder": world["syn"], "real_folder": world["real"], "crop_size": S}
+    cfg = _config(world, tmp_path, 1, data, resume="latest", batch_size=8)
+    assert run_training(cfg, 1) == 2
+    assert "saved with a global batch of 4, this run has global batch 8" in caplog.text
+
+
 def test_whole_loop_stage1_hazegen_stage2_accsamp(world, stage1_run, tmp_path):
     clean = tmp_path / "clean"
     clean.mkdir()

@@ -462,12 +462,14 @@ class Trainer:
             self._resume(self.resume_dir)
 
     def _resume(self, state_dir: Path) -> None:
-        self.accelerator.load_state(str(state_dir))
-        self.progress = Progress.load(state_dir / PROGRESS_FILE)
+        """Restore weights, optimizer, RNG states, progress, EMA and this process's log window; drop the metrics
+        rows a killed run wrote after the state."""
         saved = json.loads((state_dir / PROGRESS_FILE).read_text())
         if saved.get("global_batch") not in (None, self.plan.global_batch):
             raise TrainError(f"{state_dir} was saved with a global batch of {saved['global_batch']}, this run has "
                              f"{self.plan.describe()}; its data position would not match (keep the global batch)")
+        self.accelerator.load_state(str(state_dir))
+        self.progress = Progress.load(state_dir / PROGRESS_FILE)
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
                 raise TrainError(f"train.ema_decay is set but {state_dir} holds no {EMA_FILE}")
@@ -492,8 +494,7 @@ class Trainer:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(p.epoch)
         sampler = GlobalBatchSampler(len(self.dataset), self.plan.per_process, acc.num_processes, acc.process_index,
-                                     self.accum,
-                                     self.loop.seed, p.epoch, p.batch_in_epoch)
+                                     self.accum, self.loop.seed, p.epoch, p.batch_in_epoch)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
                             pin_memory=acc.device.type == "cuda")
         return iter(loader), sampler
