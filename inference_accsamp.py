@@ -14,7 +14,7 @@ from sampler.accsamp import check_speed_options, sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import estimate_transmission
-from utils.pipeline import DiffusionRunner, check_weights, from_model_output, main_wrapper, run_folder
+from utils.pipeline import Batch, DiffusionRunner, check_weights, from_model_output, main_wrapper, run_folder
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -32,22 +32,24 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
         return [f"{stem}.png", *extra]
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
-        hazy, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+    def process(batch: Batch) -> dict[str, torch.Tensor]:
+        hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
-            parameterization=runner.parameterization, generator=gen, disable=not args.show_steps,
+            parameterization=runner.parameterization, generator=gens, disable=not args.show_steps,
             sampler=runner.sample, guidance_every=every, pullback=pullback)
-        out = {f"{stem}.png": runner.finish(z, geom)}
-        if intermediates:
-            out[f"{stem}_estimate.png"] = from_model_output(extras["estimate"] * 0.5 + 0.5, geom).cpu()
-            out[f"{stem}_transmission.png"] = from_model_output(extras["transmission"], geom).expand(3, -1, -1).cpu()
+        out = {}
+        for b, ((_, stem), img) in enumerate(zip(batch, runner.finish_batch(z, geoms))):
+            out[f"{stem}.png"] = img
+            if intermediates:
+                estimate, trans = extras["estimate"][b: b + 1], extras["transmission"][b: b + 1]
+                out[f"{stem}_estimate.png"] = from_model_output(estimate * 0.5 + 0.5, geoms[b]).cpu()
+                out[f"{stem}_transmission.png"] = from_model_output(trans, geoms[b]).expand(3, -1, -1).cpu()
         return out
 
-    return run_folder(cfg, process, names, args.skip_existing, "AccSamp")
-
+    return run_folder(cfg, process, names, args.skip_existing, "AccSamp", runner.batch_key)
 
 if __name__ == "__main__":
     main_wrapper(run, "DiffDehaze inference with AccSamp (tau/omega in YAML)", "configs/inference/stage2_accsamp.yaml")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.spaced import ModelFn, SpacedSchedule, model_x0
+from sampler.spaced import Generators, ModelFn, SpacedSchedule, model_x0, randn
 
 
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
@@ -34,13 +34,14 @@ def ddim_sigma(alpha_cumprod: float, alpha_cumprod_prev: float, eta: float) -> f
 def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, cond: Any, *, eta: float = 0.0,
                 uncond: Any = None, cfg_scale: float = 1.0, parameterization: str = "eps",
                 start_step: int = 0, end_step: int | None = None, x0_fn: Callable | None = None,
-                callback: Callable[[dict], None] | None = None, generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None, generator: Generators = None,
                 disable: bool = True) -> torch.Tensor:
     """Run DDIM on latent ``x`` (B,4,h,w); same arguments and step numbering as ``sample_spaced``.
 
     Step k (k = 0 noisiest) goes from schedule index i = N−1−k to i−1; the last step (i = 0) returns x̂0.
     ``x0_fn(x0, x, i)`` may modify x̂0 (AccSamp fidelity guidance); ``callback`` gets
-    ``{"step", "index", "t", "x", "x0"}`` after each step. Noise is drawn from ``generator`` only when σ > 0.
+    ``{"step", "index", "t", "x", "x0"}`` after each step. Noise is drawn from ``generator`` (one, or one per
+    batch element, see ``sampler.spaced.randn``) only when σ > 0.
     """
     if eta < 0:
         raise ValueError(f"DDIM eta must be >= 0, got {eta}")
@@ -54,7 +55,7 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, co
         sigma = ddim_sigma(a, a_prev, eta)
         x_new = float(np.sqrt(a_prev)) * x0 + float(np.sqrt(max(1.0 - a_prev - sigma**2, 0.0))) * eps
         if sigma > 0:
-            x_new = x_new + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_new = x_new + sigma * randn(x.shape, generator, x.device, x.dtype)
         x = x_new
         if callback is not None:
             callback({"step": k, "index": i, "t": int(schedule.timesteps[i]), "x": x, "x0": x0})

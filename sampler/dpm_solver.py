@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.spaced import ModelFn, SpacedSchedule, model_x0
+from sampler.spaced import Generators, ModelFn, SpacedSchedule, model_x0
 
 
 def half_log_snr(alpha_cumprod: float) -> float:
@@ -33,7 +33,7 @@ def half_log_snr(alpha_cumprod: float) -> float:
 def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, cond: Any, *,
                     uncond: Any = None, cfg_scale: float = 1.0, parameterization: str = "eps",
                     start_step: int = 0, end_step: int | None = None, x0_fn: Callable | None = None,
-                    callback: Callable[[dict], None] | None = None, generator: torch.Generator | None = None,
+                    callback: Callable[[dict], None] | None = None, generator: Generators = None,
                     disable: bool = True) -> torch.Tensor:
     """Run DPM-Solver++ 2M on latent ``x`` (B,4,h,w); same arguments and step numbering as ``sample_spaced``.
 

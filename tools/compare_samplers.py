@@ -90,14 +90,14 @@ def worker(config: str, overrides: list[str]) -> dict:
     cuda = torch.cuda.is_available() and str(cfg.inference.get("device", "auto")) in ("auto", "cuda")
 
     def timed_run_folder(cfg_, process, *args, **kwargs):
-        def timed_process(img01, stem):
+        def timed_process(batch):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = process(img01, stem)
+            out = process(batch)
             if cuda:
                 torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
+            seconds.extend([(time.perf_counter() - start) / len(batch)] * len(batch))
             return out
 
         return real_run_folder(cfg_, timed_process, *args, **kwargs)
