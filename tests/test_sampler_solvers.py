@@ -244,3 +244,16 @@ def test_accsamp_guidance_every_kth_step_and_linear_pullback():
         _accsamp("ddim", guidance=None, guidance_every=0)
     with pytest.raises(ValueError, match="guidance_pullback"):
         _accsamp("ddim", guidance=None, pullback="encoder")
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_solvers_batch_with_one_generator_per_image_equals_single_runs(name):
+    sched = make_spaced_schedule(SD_ALPHAS_CUMPROD, 8)
+    model_fn = gaussian_oracle(SD_ALPHAS_CUMPROD)
+    sample = make_sampler(name, eta=0.5) if name == "ddim" else make_sampler(name)
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    batched = sample(model_fn, x_T, sched, None,
+                     generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    for b, seed in enumerate((1, 2)):
+        alone = sample(model_fn, x_T[b: b + 1], sched, None, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(batched[b: b + 1], alone, rtol=0, atol=1e-12)
