@@ -16,7 +16,7 @@ from utils.common import choose_device
 from utils.dcp import dcp_dehaze
 from utils.pipeline import main_wrapper, run_folder
 
-DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min")
+DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
