@@ -13,16 +13,24 @@ from omegaconf import DictConfig
 from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
-from utils.dcp import estimate_transmission
-from utils.pipeline import DiffusionRunner, check_weights, from_model_output, main_wrapper, run_folder
+from utils.dcp import DCPTransmission
+from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
+from utils.pipeline import (EXIT_BAD_CONFIG, DiffusionRunner, check_weights, from_model_output, log, main_wrapper,
+                            run_folder)
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     inf = cfg.inference
     check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
+    limit_gb = inf.get("max_memory_gb")
+    if limit_gb is not None and not (isinstance(limit_gb, (int, float)) and limit_gb > 0):
+        log.error("inference.max_memory_gb must be a positive number of GB or null, got %r", limit_gb)
+        return EXIT_BAD_CONFIG
     runner = DiffusionRunner(cfg)
+    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
+    transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
     intermediates = bool(inf.get("save_intermediates", False))
 
     def names(stem: str) -> list[str]:
@@ -32,16 +40,21 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     @torch.no_grad()
     def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
         hazy, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+        if model_size is not None:
+            hw = geom.padded_hw
+            tiles = tiles_from_config(cfg) if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
+            check_fits(model_size, hw, "accsamp", tiles, float(limit_gb))
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
-            align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
+            align_fn=align, transmission_fn=transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization,
             generator=gen, disable=not args.show_steps)
         out = {f"{stem}.png": runner.finish(z, geom)}
         if intermediates:
             out[f"{stem}_estimate.png"] = from_model_output(extras["estimate"] * 0.5 + 0.5, geom).cpu()
-            out[f"{stem}_transmission.png"] = from_model_output(extras["transmission"], geom).expand(3, -1, -1).cpu()
+            trans = from_model_output(extras["transmission"][..., :, :], geom)
+            out[f"{stem}_transmission.png"] = trans.expand(3, -1, -1).cpu()
         return out
 
     return run_folder(cfg, process, names, args.skip_existing, "AccSamp")

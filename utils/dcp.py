@@ -117,6 +117,36 @@ def estimate_transmission(img01: torch.Tensor, patch: int = 15, omega: float = 0
     return transmission(img01, estimate_airlight(img01, dark_channel(img01, patch), top, ties), omega, patch, t_min)
 
 
+class DCPTransmission:
+    """The coarse DCP transmission of :func:`estimate_transmission`, computed for the region it is indexed with.
+
+    The airlight is estimated once from the whole image; ``t[..., rows, cols]`` (slices, step 1) evaluates the
+    transmission on that region plus a ``patch // 2`` halo, which gives exactly the values of the full map (the
+    minimum filter sees the same pixels). Keeps no full-size map: large images hold only the input.
+    img01: (B,3,H,W) in [0,1]; indexing returns (B,1,h,w) in [t_min, 1].
+    """
+
+    def __init__(self, img01: torch.Tensor, patch: int = 15, omega: float = 0.95, top: float = 0.001,
+                 t_min: float = 0.05, ties: str = "all"):
+        _check_img(img01)
+        self.img01, self.patch, self.omega, self.t_min = img01, patch, omega, t_min
+        self.airlight = estimate_airlight(img01, dark_channel(img01, patch), top, ties)
+        self.shape = torch.Size((img01.shape[0], 1, *img01.shape[-2:]))
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        if not isinstance(index, tuple) or len(index) != 3 or index[0] is not Ellipsis:
+            raise IndexError("index a DCPTransmission as t[..., rows, cols] with two slices")
+        h, w = self.shape[-2:]
+        (y0, y1, sy), (x0, x1, sx) = index[1].indices(h), index[2].indices(w)
+        if sy != 1 or sx != 1:
+            raise IndexError("DCPTransmission slices must have step 1")
+        r = self.patch // 2
+        cy, cx = max(0, y0 - r), max(0, x0 - r)
+        crop = self.img01[..., cy: min(h, y1 + r), cx: min(w, x1 + r)]
+        t = transmission(crop, self.airlight, self.omega, self.patch, self.t_min)
+        return t[..., y0 - cy: y1 - cy, x0 - cx: x1 - cx]
+
+
 def _box_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """Sum over the window [i-r, i+r] ∩ [0, n) along ``dim`` via a float64 cumulative sum."""
     n = x.shape[dim]
