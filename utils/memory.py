@@ -8,8 +8,10 @@ Model of the peak (bytes), for a padded image of P = H·W pixels run in tiles:
 - per_pixel: the full-resolution tensors the script holds at its worst moment (counted from the code: input,
   decoded x0 or output, AccSamp estimate, the guidance's [0,1] target and gradient, blend-weight sums);
 - tile working sets: one VAE tile decoded without and (AccSamp) with gradients, one denoiser tile, one MS-SSIM
-  gradient tile; each is ``coefficient · channels · tile pixels``, the coefficients measured with the full-size
-  model in ``benchmarks/bench_large.py --calibrate`` (CUDA).
+  gradient tile; each is ``coefficient · channels · tile pixels``. The coefficients are counted from the
+  architectures (tensors autograd keeps per output pixel of the SD decoder's ResBlocks: ~4600 floats per pixel at
+  128 base channels; SDPA attention without a materialised attention matrix); ``benchmarks/bench_large.py
+  --calibrate`` measures them with the full-size model on CUDA.
 
 The estimate is meant to catch configurations that cannot fit before any sampling, not to predict to the MB.
 """
@@ -22,11 +24,11 @@ from omegaconf import DictConfig
 
 BYTES_PER_PIXEL = {"stage2": 48, "hazegen": 48, "accsamp": 64}
 # bytes per (output pixel · base channel) of one VAE decoder tile, without / with the backward pass (fp32)
-VAE_DECODE_COEF, VAE_VJP_COEF = 40.0, 120.0
+VAE_DECODE_COEF, VAE_VJP_COEF = 40.0, 160.0
 # bytes per (latent pixel · base channel · element byte) of one ControlNet + UNet tile step
-DENOISER_COEF = 700.0
+DENOISER_COEF = 150.0
 # bytes per pixel of one MS-SSIM gradient tile including its 160-px halo (3 channels, fp32, autograd)
-MSSSIM_COEF = 600.0
+MSSSIM_COEF = 500.0
 MSSSIM_HALO = 160
 
 
