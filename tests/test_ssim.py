@@ -126,9 +126,9 @@ def test_mismatched_inputs_raise() -> None:
 
 def _smooth_pair(h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
-    y = torch.nn.functional.interpolate(torch.rand(2, 3, h // 8, w // 8, generator=gen, dtype=dtype), size=(h, w),
+    y = torch.nn.functional.interpolate(torch.rand(1, 2, h // 8, w // 8, generator=gen, dtype=dtype), size=(h, w),
                                         mode="bilinear", align_corners=False)
-    return (y + 0.2 * torch.randn(2, 3, h, w, generator=gen, dtype=dtype)).clamp(0, 1), y
+    return (y + 0.2 * torch.randn(1, 2, h, w, generator=gen, dtype=dtype)).clamp(0, 1), y
 
 
 @pytest.mark.parametrize("normalize", [True, False])
