@@ -73,7 +73,7 @@ class WeightedMSSSIMGuidance:
         _, grad = ms_ssim_grad_tiled(x01, self.target_pm1 * 0.5 + 0.5, self.tile_size, data_range=1.0,
                                      normalize=True)
         del x01
-        grad.mul_(self.scale * GRADIENT_GAIN)  # −∂(−MS-SSIM)/∂x = +∂MS-SSIM/∂x
+        grad.mul_(0.5 * self.scale * GRADIENT_GAIN)  # −∂(−MS-SSIM)/∂decoded = ∂MS-SSIM/∂x01 · ∂x01/∂decoded (½)
         for rows in range(0, grad.shape[-2], self.tile_size):
             band = slice(rows, rows + self.tile_size)
             grad[..., band, :] *= self.weight[..., band, :]
