@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
