@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from utils.color import rgb_to_ycbcr
 from utils.dcp import dark_channel, estimate_airlight, transmission
+from utils.haze import recover
 
 DENSITY_LEVELS = ("light", "moderate", "dense")
 HAZE_TYPES = ("uniform", "layered", "non-uniform")
@@ -95,6 +96,7 @@ _SKY_WINDOW = 9
 _SKY_NEAR_A = 0.85
 _AXIS_TOL_DEG = 15.0
 _VEG_MIN, _SKY_INDOOR, _AXIS_MIN, _EDGE_URBAN = 0.2, 0.1, 0.4, 0.02
+_REGION_WINDOW, _REGION_EDGE_DENSITY = 9, 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,29 +185,43 @@ def _transmission_layout(t: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def sky_mask(hazy01: torch.Tensor, airlight: torch.Tensor) -> torch.Tensor:
+    """Sky pixels of the analyser (module docstring): bright (Y >= 0.55), smooth (Sobel luma magnitude < 0.02
+    everywhere in the 9x9 neighbourhood) and close to the airlight (min_c I_c / A_c >= 0.85).
+
+    hazy01: (B,3,H,W) in [0,1]; airlight: (B,3). Returns (B,1,H,W) bool over the whole image (the scene rule uses
+    its top quarter only).
+    """
+    luma = rgb_to_ycbcr(hazy01)[:, :1]
+    gx, gy = sobel(luma)
+    local_max = F.max_pool2d(torch.sqrt(gx**2 + gy**2), _SKY_WINDOW, stride=1, padding=_SKY_WINDOW // 2)
+    near_airlight = (hazy01 / airlight[:, :, None, None].clamp_min(1e-6)).amin(dim=1, keepdim=True) >= _SKY_NEAR_A
+    return (luma >= 0.55) & (local_max < _SKY_SMOOTH) & near_airlight
+
+
+def edge_mask(img01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edge pixels (Sobel luma magnitude >= 0.05, i.e. a step of 0.1) of img01: (B,3,H,W) in [0,1].
+
+    Returns (edges (B,1,H,W) bool, gx, gy (B,1,H,W) Sobel derivatives of the BT.601 luma).
+    """
+    gx, gy = sobel(rgb_to_ycbcr(img01)[:, :1])
+    return torch.sqrt(gx**2 + gy**2) >= _EDGE_MAG, gx, gy
+
+
 def _scene_stats(hazy01: torch.Tensor, t: torch.Tensor, airlight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Colour / edge statistics for the scene rule (see module docstring), each (B,)."""
-    a4 = airlight[:, :, None, None]
-    restored = ((hazy01 - a4) / t.clamp_min(0.1) + a4).clamp(0.0, 1.0)
+    restored = recover(hazy01, t, airlight, t_floor=0.1).clamp(0.0, 1.0)
     hue, sat, value = _hsv(restored)
     veg = (hue >= 65.0) & (hue <= 170.0) & (sat >= 0.2) & (value >= 0.1)
 
-    gx, gy = sobel(rgb_to_ycbcr(restored)[:, :1])
-    mag = torch.sqrt(gx**2 + gy**2)
-    edges = mag >= _EDGE_MAG
+    edges, gx, gy = edge_mask(restored)
     angle = torch.rad2deg(torch.atan2(gy.abs(), gx.abs()))
     axis = edges & ((angle <= _AXIS_TOL_DEG) | (angle >= 90.0 - _AXIS_TOL_DEG))
     n_edges = _mean(edges.float())
     axis_frac = torch.where(n_edges > 0, _mean(axis.float()) / n_edges.clamp_min(1e-12), torch.zeros_like(n_edges))
 
     top = max(1, hazy01.shape[-2] // 4)
-    hazy_top = hazy01[:, :, :top]
-    y_top = rgb_to_ycbcr(hazy_top)[:, :1]
-    hx, hy = sobel(rgb_to_ycbcr(hazy01)[:, :1])
-    local_max = F.max_pool2d(torch.sqrt(hx**2 + hy**2), _SKY_WINDOW, stride=1, padding=_SKY_WINDOW // 2)
-    smooth_top = local_max[:, :, :top] < _SKY_SMOOTH
-    near_airlight = (hazy_top / a4.clamp_min(1e-6)).amin(dim=1, keepdim=True) >= _SKY_NEAR_A
-    sky = (y_top >= 0.55) & smooth_top & near_airlight
+    sky = sky_mask(hazy01, airlight)[:, :, :top]
     return {
         "edge_density": n_edges,
         "axis_fraction": axis_frac,
@@ -213,6 +229,28 @@ def _scene_stats(hazy01: torch.Tensor, t: torch.Tensor, airlight: torch.Tensor) 
         "sky_fraction": _mean(sky.float()),
         "saturation": _mean(sat),
     }
+
+
+REGIONS = ("sky", "texture", "smooth")
+
+
+@torch.no_grad()
+def region_labels(hazy01: torch.Tensor, clean01: torch.Tensor, airlight: torch.Tensor,
+                  window: int = _REGION_WINDOW, min_edge_density: float = _REGION_EDGE_DENSITY) -> torch.Tensor:
+    """Per-pixel regions for the region-aware cycle loss: 0 sky, 1 textured structure, 2 smooth non-sky.
+
+    sky: :func:`sky_mask` of the hazy image (the analyser's rule, whole image); textured: not sky and the fraction of
+    :func:`edge_mask` pixels of the clean image in the ``window`` x ``window`` neighbourhood >= ``min_edge_density``
+    (edges of buildings, foliage, text); smooth: the rest (walls, road, water, haze-free flat areas).
+    hazy01, clean01: (B,3,H,W) in [0,1]; airlight: (B,3). Returns (B,1,H,W) int64 indexing ``REGIONS``.
+    """
+    sky = sky_mask(hazy01.float(), airlight.float())
+    edges = edge_mask(clean01.float())[0].float()
+    density = F.avg_pool2d(edges, window, stride=1, padding=window // 2, count_include_pad=False)
+    labels = torch.full_like(sky, 2, dtype=torch.long)
+    labels[density >= min_edge_density] = 1
+    labels[sky] = 0
+    return labels
 
 
 def density_level(rho: float) -> str:
