@@ -57,18 +57,6 @@ def _vgg16_relu_indices() -> dict[str, int]:
 VGG16_RELU_INDEX = _vgg16_relu_indices()
 
 
-def predict_x0(z_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """One-step clean estimate of an ε-prediction model (DDPM, Ho et al. 2020, eq. 15).
-
-    z_t, eps: (B,C,H,W) noisy latent and predicted noise; alphas_cumprod_t: (B,) ᾱ_t per sample.
-    Returns x̂0 = (z_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ), same shape as z_t.
-    """
-    if alphas_cumprod_t.shape != (z_t.shape[0],):
-        raise ValueError(f"alphas_cumprod_t must be ({z_t.shape[0]},), got {tuple(alphas_cumprod_t.shape)}")
-    a = alphas_cumprod_t.to(z_t.dtype).view(-1, *([1] * (z_t.dim() - 1)))
-    return (z_t - (1.0 - a).sqrt() * eps) / a.sqrt()
-
-
 def timestep_weight(
     alphas_cumprod_t: torch.Tensor,
     mode: str = "snr",

@@ -18,11 +18,11 @@ from model.losses import (
     haze_density_weights,
     info_nce,
     pixel_cycle_loss,
-    predict_x0,
     region_weight_map,
     semantic_cycle_loss,
     timestep_weight,
 )
+from model.gaussian_diffusion import predict_x0
 from utils.dcp import dcp_dehaze
 from utils.fog import REGIONS, region_labels
 from utils.haze import fit_transmission, recover, rehaze
@@ -52,12 +52,15 @@ def test_predict_x0_formula():
     abar = torch.tensor([0.25, 0.64])
     expected = torch.tensor([(1.0 - math.sqrt(0.75) * 0.5) / 0.5, (2.0 + 0.6 * 1.0) / 0.8]).view(2, 1, 1, 1)
     assert torch.allclose(predict_x0(z, eps, abar), expected)
+    assert torch.allclose(predict_x0(z[:1], eps[:1], 0.25), expected[:1])
 
     x0 = torch.randn(2, 4, 3, 3)
     noise = torch.randn(2, 4, 3, 3)
     z_t = abar.sqrt().view(2, 1, 1, 1) * x0 + (1 - abar).sqrt().view(2, 1, 1, 1) * noise
     assert torch.allclose(predict_x0(z_t, noise, abar), x0, atol=1e-5)
-    with pytest.raises(ValueError, match="alphas_cumprod_t"):
+    v = abar.sqrt().view(2, 1, 1, 1) * noise - (1 - abar).sqrt().view(2, 1, 1, 1) * x0
+    assert torch.allclose(predict_x0(z_t, v, abar, "v"), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
         predict_x0(z_t, noise, abar[:1])
 
 

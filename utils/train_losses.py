@@ -8,7 +8,8 @@ Published ("Learning Hazing to Dehazing", CVPR 2025; DiffBIR-style ControlNet tr
 
 HCD-YC extensions (issues 6, 10; none are in the paper), computed in the same step, with gradients:
 
-* hierarchical cycle consistency: x̂0 = (z_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t) from the model's own ε̂, decoded by the
+* hierarchical cycle consistency: x̂0 (``model.gaussian_diffusion.predict_x0``, ε or v) from the model's own output,
+  decoded by the
   frozen VAE decoder (activation checkpointing, optional random latent crop ``cycle_crop``) and scored by
   :class:`model.losses.HierarchicalCycleLoss` in both physical directions (forward = dehazing, compared in the clean
   domain; backward = hazing, compared in the hazy domain), with the true t and A of stage-1 synthetic samples
@@ -48,7 +49,6 @@ from model.losses import (
     cycle_schedule,
     gather_with_local_grad,
     info_nce,
-    predict_x0,
 )
 from model.text_processor import pooled
 from utils.fog import FogInfo, analyze_fog, fog_features
@@ -185,9 +185,6 @@ class TrainingStep(nn.Module):
             raise ValueError("cycle_weight > 0 needs a cycle_loss (build_cycle_loss)")
         if ext.align_enabled and image_embedder is None:
             raise ValueError("text_align_weight > 0 needs an image_embedder")
-        if (ext.cycle_enabled or ext.align_enabled) and diffusion.parameterization != "eps":
-            raise ValueError("the cycle and alignment losses use the eps-prediction x̂0 formula; "
-                             f"model.diffusion.parameterization is '{diffusion.parameterization}'")
         if ext.use_text_processor != (ldm.text_processor is not None):
             raise ValueError("train.use_text_processor must match whether the model has a text_processor")
         self.controlnet = ldm.controlnet
@@ -293,7 +290,7 @@ class TrainingStep(nn.Module):
                 align_factor = 0.0
         if cycle_factor > 0 or (align_factor > 0 and self.stage == 1):
             a_t = self.diffusion.alphas_cumprod[t]
-            x0_hat = predict_x0(out["x_noisy"].float(), out["model_out"].float(), a_t)
+            x0_hat = self.diffusion.predict_x0(out["x_noisy"].float(), t, out["model_out"].float())
             top, left, h, w = latent_window(*x0_hat.shape[-2:], self.ext.cycle_crop, generator)
             f = self.ldm.vae.downscale
             px = (slice(None), slice(None), slice(top * f, (top + h) * f), slice(left * f, (left + w) * f))
