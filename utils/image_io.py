@@ -82,6 +82,31 @@ def tensor01_to_pil(img01: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
+def conversion_note(path: PathLike) -> str:
+    """How load_rgb01 turns this file into 8-bit-range RGB, read from the header only ('' for plain RGB).
+
+    E.g. 'grayscale->RGB', 'alpha dropped', '16-bit grayscale->RGB'. Raises ImageReadError like load_rgb01.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            mode, has_transparency = img.mode, "transparency" in img.info
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(p, f"corrupt, truncated or unsupported image ({exc})") from exc
+    notes = []
+    if mode in _SIXTEEN_BIT_MODES:
+        notes.append("16-bit grayscale->RGB")
+    elif mode in ("L", "LA", "1", "La"):
+        notes.append("grayscale->RGB")
+    elif mode in ("P", "PA"):
+        notes.append("palette->RGB")
+    elif mode not in ("RGB", "RGBA", "RGBa"):
+        notes.append(f"{mode}->RGB")
+    if "A" in mode or "a" in mode or has_transparency:
+        notes.append("alpha dropped")
+    return ", ".join(notes)
+
+
 def load_rgb01(path: PathLike) -> torch.Tensor:
     """Read an image file -> (3,H,W) float32 in [0,1].
 
