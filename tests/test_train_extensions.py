@@ -127,6 +127,14 @@ def test_stage1_cycle_ignores_unconditional_samples():
     assert out["terms"]["cycle"].item() == 0.0
 
 
+def test_stage1_cycle_needs_the_true_haze_parameters():
+    step = make_step(1, cycle_weight=1.0, feature_weight=0.0, semantic_weight=0.0)
+    batch = make_batch(1)
+    del batch["transmission"], batch["airlight"]
+    with pytest.raises(ValueError, match="'transmission' and 'airlight'"):
+        step(batch, 0, gen())
+
+
 def test_cycle_crop_and_schedule():
     step = make_step(2, cycle_weight=2.0, feature_weight=0.0, semantic_weight=0.0, cycle_start_step=10,
                      cycle_ramp_steps=10, cycle_crop=2)

@@ -298,8 +298,10 @@ class TrainingStep(nn.Module):
         if cycle_factor > 0:
             rho = torch.tensor([info.density for info in infos], device=z0.device)
             known = {}
-            if self.stage == 1:
-                known = {"transmission": batch["transmission"].float()[px], "airlight": batch["airlight"].float()}
+            if self.stage == 1:  # the loss names the missing keys when a dataset does not provide them
+                t_true, a_true = batch.get("transmission"), batch.get("airlight")
+                known = {"transmission": None if t_true is None else t_true.float()[px],
+                         "airlight": None if a_true is None else a_true.float()}
             cycle, cycle_logs = self.cycle_loss(
                 self.stage, pred01, ((target_pm1.float() + 1.0) / 2.0)[px], batch["condition"].float()[px],
                 a_t, rho=rho, timesteps=t, sample_mask=batch["is_cond"] if self.stage == 1 else None, **known)
