@@ -15,8 +15,8 @@ from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import DCPTransmission
 from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
-from utils.pipeline import (EXIT_BAD_CONFIG, DiffusionRunner, check_weights, from_model_output, log, main_wrapper,
-                            run_folder)
+from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, check_weights, from_model_output, log,
+                            main_wrapper, run_folder)
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -38,26 +38,29 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
         return [f"{stem}.png", *extra]
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
-        hazy, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+    def process(batch: Batch) -> dict[str, torch.Tensor]:
+        hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         if model_size is not None:
-            hw = geom.padded_hw
+            hw = (x_T.shape[-2] * 8, x_T.shape[-1] * 8)
             tiles = tiles_from_config(cfg) if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
-            check_fits(model_size, hw, "accsamp", tiles, float(limit_gb))
+            check_fits(model_size, hw, "accsamp", tiles, float(limit_gb), batch=len(batch))
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization,
-            generator=gen, disable=not args.show_steps)
-        out = {f"{stem}.png": runner.finish(z, geom)}
-        if intermediates:
-            out[f"{stem}_estimate.png"] = from_model_output(extras["estimate"] * 0.5 + 0.5, geom).cpu()
-            trans = from_model_output(extras["transmission"][..., :, :], geom)
-            out[f"{stem}_transmission.png"] = trans.expand(3, -1, -1).cpu()
+            generator=gens, disable=not args.show_steps)
+        out = {}
+        transmission_maps = extras["transmission"][..., :, :] if intermediates else None
+        for b, ((_, stem), img) in enumerate(zip(batch, runner.finish_batch(z, geoms))):
+            out[f"{stem}.png"] = img
+            if intermediates:
+                estimate, trans = extras["estimate"][b: b + 1], transmission_maps[b: b + 1]
+                out[f"{stem}_estimate.png"] = from_model_output(estimate * 0.5 + 0.5, geoms[b]).cpu()
+                out[f"{stem}_transmission.png"] = from_model_output(trans, geoms[b]).expand(3, -1, -1).cpu()
         return out
 
-    return run_folder(cfg, process, names, args.skip_existing, "AccSamp")
+    return run_folder(cfg, process, names, args.skip_existing, "AccSamp", runner.batch_key)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import argparse
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from utils.common import choose_device
 from utils.dcp import dcp_dehaze
-from utils.pipeline import main_wrapper, run_folder
+from utils.distributed import process_device
+from utils.pipeline import Batch, main_wrapper, run_folder
 
 DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
 
@@ -25,18 +25,20 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     unknown = sorted(set(params) - set(DCP_KEYS))
     if unknown:
         raise KeyError(f"unknown dcp keys {unknown}; allowed: {list(DCP_KEYS)}")
-    device = choose_device(inf.get("device", "auto"))
+    device = process_device(inf.get("device", "auto"))
     with_t = bool(inf.get("save_transmission", False))
 
     def names(stem: str) -> list[str]:
         return [f"{stem}.png"] + ([f"{stem}_transmission.png"] if with_t else [])
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
-        j01, t, _ = dcp_dehaze(img01[None].to(device), **params)
-        out = {f"{stem}.png": j01[0].cpu()}
-        if with_t:
-            out[f"{stem}_transmission.png"] = t[0].expand(3, -1, -1).cpu()
+    def process(batch: Batch) -> dict[str, torch.Tensor]:
+        out = {}
+        for img01, stem in batch:
+            j01, t, _ = dcp_dehaze(img01[None].to(device), **params)
+            out[f"{stem}.png"] = j01[0].cpu()
+            if with_t:
+                out[f"{stem}_transmission.png"] = t[0].expand(3, -1, -1).cpu()
         return out
 
     return run_folder(cfg, process, names, args.skip_existing, "DCP")

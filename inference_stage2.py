@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
-from utils.pipeline import DiffusionRunner, check_weights, main_wrapper, run_folder
+from utils.pipeline import Batch, DiffusionRunner, check_weights, main_wrapper, run_folder
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -19,13 +19,13 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     runner = DiffusionRunner(cfg)
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
-        _, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+    def process(batch: Batch) -> dict[str, torch.Tensor]:
+        _, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
-                          parameterization=runner.parameterization, generator=gen, disable=not args.show_steps)
-        return {f"{stem}.png": runner.finish(z, geom)}
+                          parameterization=runner.parameterization, generator=gens, disable=not args.show_steps)
+        return {f"{stem}.png": img for (_, stem), img in zip(batch, runner.finish_batch(z, geoms))}
 
-    return run_folder(cfg, process, lambda stem: [f"{stem}.png"], args.skip_existing, "DiffDehaze")
+    return run_folder(cfg, process, lambda stem: [f"{stem}.png"], args.skip_existing, "DiffDehaze", runner.batch_key)
 
 
 if __name__ == "__main__":

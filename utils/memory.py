@@ -80,9 +80,11 @@ class ModelSize:
         return cls(total, int(params.vae_cfg.params.ddconfig.ch), int(params.unet_cfg.params.model_channels), size)
 
 
-def estimate_peak_gb(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSettings) -> float:
-    """Estimated peak memory (GB) of ``script`` (stage2 | accsamp | hazegen) on a padded H×W image, tiled."""
-    pixels = hw[0] * hw[1]
+def estimate_peak_gb(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSettings,
+                     batch: int = 1) -> float:
+    """Estimated peak memory (GB) of ``script`` (stage2 | accsamp | hazegen) on ``batch`` padded H×W images, tiled
+    (tiles hold one image's crop at a time in this estimate's model; the full-resolution part scales with the batch)."""
+    pixels = hw[0] * hw[1] * batch
     vae_px = min(tiles.vae_tile, hw[0]) * min(tiles.vae_tile, hw[1])
     lat = min(tiles.latent_tile, hw[0] // 8) * min(tiles.latent_tile, hw[1] // 8)
     working = [VAE_DECODE_COEF * model.vae_channels * vae_px,
@@ -94,30 +96,34 @@ def estimate_peak_gb(model: ModelSize, hw: tuple[int, int], script: str, tiles: 
     return (model.weight_bytes + pixels * BYTES_PER_PIXEL[script] + max(working)) / 1e9
 
 
-def fitting_settings(model: ModelSize, hw: tuple[int, int], script: str, limit_gb: float) -> TileSettings | None:
+def fitting_settings(model: ModelSize, hw: tuple[int, int], script: str, limit_gb: float,
+                     batch: int = 1) -> TileSettings | None:
     """The first (largest-tile) candidate settings whose estimate fits ``limit_gb``; None if none does."""
     for tiles in CANDIDATES:
-        if estimate_peak_gb(model, hw, script, tiles) <= limit_gb:
+        if estimate_peak_gb(model, hw, script, tiles, batch) <= limit_gb:
             return tiles
     return None
 
 
-def check_fits(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSettings, limit_gb: float) -> None:
+def check_fits(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSettings, limit_gb: float,
+               batch: int = 1) -> None:
     """Raise ValueError naming settings that would fit when the estimate exceeds ``inference.max_memory_gb``."""
-    need = estimate_peak_gb(model, hw, script, tiles)
+    need = estimate_peak_gb(model, hw, script, tiles, batch)
     if need <= limit_gb:
         return
-    better = fitting_settings(model, hw, script, limit_gb)
+    better = fitting_settings(model, hw, script, limit_gb, batch)
     if better is not None:
-        hint = f"settings that fit (~{estimate_peak_gb(model, hw, script, better):.1f} GB): --set {better.overrides()}"
+        fits = estimate_peak_gb(model, hw, script, better, batch)
+        hint = f"settings that fit (~{fits:.1f} GB): --set {better.overrides()}"
     else:
         smallest = CANDIDATES[-1]
-        per_px = BYTES_PER_PIXEL[script] / 1e9
+        per_px = BYTES_PER_PIXEL[script] * batch / 1e9
         room = limit_gb - estimate_peak_gb(model, (0, 0), script, smallest)
         side = int((max(room, 0.0) / per_px) ** 0.5) // 64 * 64
         hint = (f"no tile setting fits; with --set {smallest.overrides()} images up to about {side}x{side} "
                 f"(inference.max_pixels={side * side}) fit")
-    raise ValueError(f"{script} on a {hw[1]}x{hw[0]} (padded) image needs ~{need:.1f} GB, above "
+    images = f"a {hw[1]}x{hw[0]} (padded) image" if batch == 1 else f"{batch} {hw[1]}x{hw[0]} (padded) images"
+    raise ValueError(f"{script} on {images} needs ~{need:.1f} GB, above "
                      f"inference.max_memory_gb={limit_gb:g}; {hint}")
 
 
