@@ -13,8 +13,10 @@ from omegaconf import DictConfig
 from sampler.accsamp import check_speed_options, sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
-from utils.dcp import estimate_transmission
-from utils.pipeline import Batch, DiffusionRunner, check_weights, from_model_output, main_wrapper, run_folder
+from utils.dcp import DCPTransmission
+from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
+from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, check_weights, from_model_output, log,
+                            main_wrapper, run_folder)
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -22,9 +24,15 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
     every, pullback = int(inf.get("guidance_every", 1)), str(inf.get("guidance_pullback", "autograd"))
     check_speed_options(every, pullback)
+    limit_gb = inf.get("max_memory_gb")
+    if limit_gb is not None and not (isinstance(limit_gb, (int, float)) and limit_gb > 0):
+        log.error("inference.max_memory_gb must be a positive number of GB or null, got %r", limit_gb)
+        return EXIT_BAD_CONFIG
     runner = DiffusionRunner(cfg)
+    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
+    transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
     intermediates = bool(inf.get("save_intermediates", False))
 
     def names(stem: str) -> list[str]:
@@ -34,22 +42,28 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     @torch.no_grad()
     def process(batch: Batch) -> dict[str, torch.Tensor]:
         hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
+        if model_size is not None:
+            hw = (x_T.shape[-2] * 8, x_T.shape[-1] * 8)
+            tiles = tiles_from_config(cfg) if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
+            check_fits(model_size, hw, "accsamp", tiles, float(limit_gb), batch=len(batch))
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
-            align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
+            align_fn=align, transmission_fn=transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization, generator=gens, disable=not args.show_steps,
             sampler=runner.sample, guidance_every=every, pullback=pullback)
         out = {}
+        transmission_maps = extras["transmission"][..., :, :] if intermediates else None
         for b, ((_, stem), img) in enumerate(zip(batch, runner.finish_batch(z, geoms))):
             out[f"{stem}.png"] = img
             if intermediates:
-                estimate, trans = extras["estimate"][b: b + 1], extras["transmission"][b: b + 1]
+                estimate, trans = extras["estimate"][b: b + 1], transmission_maps[b: b + 1]
                 out[f"{stem}_estimate.png"] = from_model_output(estimate * 0.5 + 0.5, geoms[b]).cpu()
                 out[f"{stem}_transmission.png"] = from_model_output(trans, geoms[b]).expand(3, -1, -1).cpu()
         return out
 
     return run_folder(cfg, process, names, args.skip_existing, "AccSamp", runner.batch_key)
+
 
 if __name__ == "__main__":
     main_wrapper(run, "DiffDehaze inference with AccSamp (tau/omega in YAML)", "configs/inference/stage2_accsamp.yaml")

@@ -16,7 +16,7 @@ from utils.dcp import dcp_dehaze
 from utils.distributed import process_device
 from utils.pipeline import Batch, main_wrapper, run_folder
 
-DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min")
+DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model.gaussian_diffusion import predict_x0
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
@@ -78,14 +80,6 @@ def make_spaced_schedule(base_alphas_cumprod: np.ndarray, num_steps: int | str) 
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
         posterior_log_variance_clipped=np.log(np.append(var[1], var[1:])),
     )
-
-
-def predict_x0(x_t: torch.Tensor, model_out: torch.Tensor, alpha_cumprod: float, parameterization: str) -> torch.Tensor:
-    """x̂0 from eps (x̂0 = (x_t − sqrt(1−ᾱ)·ε)/sqrt(ᾱ)) or from v (x̂0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v)."""
-    a, s = float(np.sqrt(alpha_cumprod)), float(np.sqrt(1.0 - alpha_cumprod))
-    if parameterization == "eps":
-        return (x_t - s * model_out) / a
-    return a * x_t - s * model_out
 
 
 def guided_model_output(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any = None,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,8 +420,8 @@ class Trainer:
             gradient_accumulation_steps=loop.gradient_accumulation_steps,
             log_with=loop.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.exp_dir), logging_dir=str(self.exp_dir / "logs")),
-            # the alignment image encoder gets no gradient on steps where that loss is skipped
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.align_enabled)],
+            # the alignment encoder (skipped steps) and the text processor (before its start) can get no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.has_idle_parameters)],
         )
         logging.getLogger().setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         world = launched_world_size()
