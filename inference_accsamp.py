@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -14,37 +15,52 @@ from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import estimate_transmission
-from utils.pipeline import DiffusionRunner, check_weights, from_model_output, main_wrapper, run_folder
+from utils.pipeline import (WEIGHT_KEYS, DiffusionRunner, Process, check_weights, from_model_output, main_wrapper,
+                            run_folder)
 
 
-def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    inf = cfg.inference
-    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
-    runner = DiffusionRunner(cfg)
-    guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
-    align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
-    intermediates = bool(inf.get("save_intermediates", False))
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces: the result, plus estimate and transmission with save_intermediates."""
+    intermediates = bool(cfg.inference.get("save_intermediates", False))
 
     def names(stem: str) -> list[str]:
         extra = [f"{stem}_estimate.png", f"{stem}_transmission.png"] if intermediates else []
         return [f"{stem}.png", *extra]
 
+    return names
+
+
+def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
+    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``."""
+    inf = cfg.inference
+    guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
+    align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
+    intermediates = bool(inf.get("save_intermediates", False))
+
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
+    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
+                ) -> dict[str, torch.Tensor]:
         hazy, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization,
-            generator=gen, disable=not args.show_steps)
+            generator=gen, callback=callback, disable=not show_steps)
         out = {f"{stem}.png": runner.finish(z, geom)}
         if intermediates:
             out[f"{stem}_estimate.png"] = from_model_output(extras["estimate"] * 0.5 + 0.5, geom).cpu()
             out[f"{stem}_transmission.png"] = from_model_output(extras["transmission"], geom).expand(3, -1, -1).cpu()
         return out
 
-    return run_folder(cfg, process, names, args.skip_existing, "AccSamp")
+    return process
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    runner = DiffusionRunner(cfg)
+    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing,
+                      "AccSamp")
 
 
 if __name__ == "__main__":

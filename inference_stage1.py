@@ -18,13 +18,15 @@ import argparse
 import sys
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
 from utils.image_io import list_images, load_rgb01
-from utils.pipeline import EXIT_BAD_CONFIG, DiffusionRunner, check_weights, log, main_wrapper, run_folder
+from utils.pipeline import (EXIT_BAD_CONFIG, WEIGHT_KEYS, DiffusionRunner, Process, check_weights, log, main_wrapper,
+                            run_folder)
 
 
 def fog_references(cfg: DictConfig) -> list[Path]:
@@ -41,18 +43,22 @@ def fog_references(cfg: DictConfig) -> list[Path]:
     return references
 
 
-def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    inf = cfg.inference
-    num_samples = int(inf.get("num_samples", 1))
-    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
-    references = fog_references(cfg)
-    runner = DiffusionRunner(cfg)
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces: ``<stem>_<k>.png`` for k < inference.num_samples."""
+    num_samples = int(cfg.inference.get("num_samples", 1))
+    return lambda stem: [f"{stem}_{k}.png" for k in range(num_samples)]
 
-    def names(stem: str) -> list[str]:
-        return [f"{stem}_{k}.png" for k in range(num_samples)]
+
+def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
+    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``.
+    Exits with status 2 when dynamic prompts / the text processor lack their fog reference photos."""
+    inf = cfg.inference
+    references = fog_references(cfg)
+    names = output_names(cfg)
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
+    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
+                ) -> dict[str, torch.Tensor]:
         clean, geom = runner.prepare(img01, inf)
         cond = runner.condition(clean, img01, stage=1)
         outputs = {}
@@ -66,12 +72,20 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
             gen = runner.generator(int(inf.seed) + k)
             x_T = runner.initial_noise((1, 4, clean.shape[-2] // 8, clean.shape[-1] // 8), gen)
             z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,
-                              cfg_scale=float(inf.w), parameterization=runner.parameterization, generator=gen,
-                              disable=not args.show_steps)
+                              cfg_scale=float(inf.w), parameterization=runner.parameterization, callback=callback,
+                              generator=gen, disable=not show_steps)
             outputs[name] = runner.finish(z, geom)
         return outputs
 
-    return run_folder(cfg, process, names, args.skip_existing, "HazeGen")
+    return process
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    fog_references(cfg)
+    runner = DiffusionRunner(cfg)
+    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing,
+                      "HazeGen")
 
 
 if __name__ == "__main__":

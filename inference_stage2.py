@@ -5,27 +5,41 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
-from utils.pipeline import DiffusionRunner, check_weights, main_wrapper, run_folder
+from utils.pipeline import WEIGHT_KEYS, DiffusionRunner, Process, check_weights, main_wrapper, run_folder
+
+
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces."""
+    return lambda stem: [f"{stem}.png"]
+
+
+def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
+    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``."""
+    inf = cfg.inference
+
+    @torch.no_grad()
+    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
+                ) -> dict[str, torch.Tensor]:
+        _, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+        z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
+                          parameterization=runner.parameterization, callback=callback, generator=gen,
+                          disable=not show_steps)
+        return {f"{stem}.png": runner.finish(z, geom)}
+
+    return process
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    inf = cfg.inference
-    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
+    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
     runner = DiffusionRunner(cfg)
-
-    @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
-        _, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
-        z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
-                          parameterization=runner.parameterization, generator=gen, disable=not args.show_steps)
-        return {f"{stem}.png": runner.finish(z, geom)}
-
-    return run_folder(cfg, process, lambda stem: [f"{stem}.png"], args.skip_existing, "DiffDehaze")
+    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing,
+                      "DiffDehaze")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 log = logging.getLogger("hcdyc")
 EXIT_MISSING_WEIGHTS = 2
 EXIT_BAD_CONFIG = 2
+WEIGHT_KEYS = ("sd_path", "controlnet_path")  # inference.* weight files of every diffusion script
+
+# A script's per-image function: process(img01 (3,H,W) in [0,1], stem, callback=None) -> {file name: (C,H,W) [0,1]};
+# callback(info) receives the sampler's per-step dict ({"step", "index", "t", "x", "x0"}).
+Process = Callable[..., dict[str, torch.Tensor]]
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:
@@ -92,7 +97,6 @@ class DiffusionRunner:
     """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config."""
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
-        self.cfg = cfg
         inf = cfg.inference
         self.device = choose_device(inf.get("device", "auto"))
         self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
@@ -107,6 +111,13 @@ class DiffusionRunner:
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
+        self.configure(cfg)
+
+    def configure(self, cfg: DictConfig) -> None:
+        """Adopt the per-run settings of ``cfg`` (steps, tiling, prompt ...) for the loaded model; app.py calls this
+        between runs with another mode's or slider's settings (same model section and weights)."""
+        self.cfg = cfg
+        inf = cfg.inference
         self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.get("steps", 50))
         self.parameterization = self.diffusion.parameterization
         self.tiled = inf.get("tiled", "auto")
@@ -201,7 +212,7 @@ class DiffusionRunner:
         return torch.randn(latent_shape, generator=generator, device=self.device)
 
 
-def run_folder(cfg: DictConfig, process: Callable[[torch.Tensor, str], dict[str, torch.Tensor]],
+def run_folder(cfg: DictConfig, process: Process,
                output_names: Callable[[str], list[str]], skip_existing: bool, desc: str) -> int:
     """Loop over ``inference.image_folder``; ``process(img01 (3,H,W), stem)`` returns ``{file name: (C,H,W) [0,1]}``.
 
