@@ -39,14 +39,14 @@ def _require_module(name: str):
 
 @pytest.fixture(scope="module")
 def app_config(tmp_path_factory) -> Path:
-    """A tiny random-init model in the release formats, and an AccSamp config for it (6 steps, CPU)."""
+    """A tiny random-init model in the release formats, and an AccSamp config for it (4 steps, CPU)."""
     folder = tmp_path_factory.mktemp("app")
     model = build_tiny(seed=31)
     randomize_(model.unet, seed=32, std=0.02)
     randomize_(model.controlnet, seed=33, std=0.02)
     sd_path, cn_path = write_release_checkpoints(model, folder / "weights")
     cfg = tiny_config("configs/inference/stage2_accsamp.yaml", **{
-        "inference.sd_path": sd_path, "inference.controlnet_path": cn_path, "inference.steps": 6,
+        "inference.sd_path": sd_path, "inference.controlnet_path": cn_path, "inference.steps": 4,
         "inference.device": "cpu", "inference.min_short_side": 64, "inference.image_folder": folder / "in",
         "inference.result_folder": folder / "out"})
     path = folder / "accsamp.yaml"
@@ -86,8 +86,17 @@ def _hazy_photo() -> Path:
     return photo
 
 
-def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer):
-    photo = ROOT / "tests" / "data" / "real_hazy" / "real_4.png"
+@pytest.fixture
+def small_photo(tmp_path) -> Path:
+    """A 96x64 crop of a real hazy photo (keeps the back-end tests fast)."""
+    path = tmp_path / "small.png"
+    with Image.open(ROOT / "tests" / "data" / "real_hazy" / "real_4.png") as im:
+        im.convert("RGB").crop((200, 100, 296, 164)).save(path)
+    return path
+
+
+def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer, small_photo):
+    photo = small_photo
     seen = []
     info = dehazer.run(str(photo), "AccSamp", {"steps": 10, "seed": 3}, "s1", lambda k, n: seen.append((k, n)))
     # AccSamp with tau 0.8, omega 0.6 over 10 steps runs steps 1..2 (phase 1) and 5..10 (phase 2), 1-based.
@@ -108,8 +117,8 @@ def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer):
     assert Path(dehazer.run(str(photo), "AccSamp", {"steps": 2, "tau": 0.5}, "s1", lambda k, n: None)["result"]).is_file()
 
 
-def test_backend_dcp_mode_needs_no_model_and_reports_bad_files(dehazer, tmp_path):
-    photo = ROOT / "tests" / "data" / "real_hazy" / "real_4.png"
+def test_backend_dcp_mode_needs_no_model_and_reports_bad_files(dehazer, small_photo, tmp_path):
+    photo = small_photo
     info = dehazer.run(str(photo), "DCP baseline", {"seed": 5}, "s2", lambda k, n: None)
     assert [caption for _, caption in info["extras"]] == ["transmission"]
     assert "_seed" not in Path(info["result"]).name  # DCP has no seed control
@@ -150,7 +159,7 @@ def test_page_in_chromium_equals_script_output_and_survives_a_bad_upload(app_con
             assert page.upload(photo) == f"Loaded {PHOTO} ({im.width}x{im.height})."
         page.set_number("seed", 7)
         status = page.run()
-        assert status.startswith("Done: AccSamp (tau 0.8, omega 0.6, guidance 0.1, steps 6, seed 7) in "), status
+        assert status.startswith("Done: AccSamp (tau 0.8, omega 0.6, guidance 0.1, steps 4, seed 7) in "), status
         screenshot = tmp_path / "app_after_run.png"
         driver.save_screenshot(str(screenshot))
         if os.environ.get("HCDYC_APP_SCREENSHOT"):
