@@ -13,6 +13,7 @@ Gradio's analytics off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -32,10 +33,12 @@ from PIL import Image  # noqa: E402
 
 from utils.common import load_config  # noqa: E402
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, save_png01  # noqa: E402
-from utils.modes import Mode, RunnerCache, load_modes  # noqa: E402
+from utils.modes import SLIDERS, Mode, RunnerCache, load_modes  # noqa: E402
 from utils.pipeline import WEIGHT_KEYS, check_weights, log, setup_logging  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
+SLIDER_LABELS = {"tau": "τ (estimate at step (1−τ)·N)", "omega": "ω (restart at step (1−ω)·N)",
+                 "guidance": "guidance scale", "steps": "steps"}
 SLIDER_RANGES = {"tau": (0.02, 0.98, 0.02), "omega": (0.02, 1.0, 0.02), "guidance": (0.0, 2.0, 0.01),
                  "steps": (1, 100, 1)}
 
@@ -79,10 +82,7 @@ class Dehazer:
             progress(int(info.get("step", 0)) + 1, total)
 
         stem = Path(image_path).stem
-        if mode.script.WEIGHT_KEYS:
-            runner, lock = self.runners.get(cfg)
-        else:
-            runner, lock = None, threading.Lock()
+        runner, lock = self.runners.get(cfg) if mode.script.WEIGHT_KEYS else (None, contextlib.nullcontext())
         with lock:
             if runner is not None:
                 runner.configure(cfg)
@@ -116,7 +116,7 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
     def control_updates(label: str) -> list:
         mode = dehazer.modes[label]
         updates = []
-        for name in SLIDERS_ORDER:
+        for name in SLIDERS:
             key = mode.sliders.get(name)
             value = OmegaConf.select(mode.cfg, key) if key else None
             updates.append(gr.update(visible=key is not None, value=value) if key else gr.update(visible=False))
@@ -171,7 +171,7 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
                 preview = gr.Image(label="Input", type="filepath", interactive=False, elem_id="preview")
                 mode = gr.Dropdown(choices=labels, value=labels[0], label="Mode", elem_id="mode")
                 controls = {}
-                for name in SLIDERS_ORDER:
+                for name in SLIDERS:
                     key = first.sliders.get(name)
                     value = OmegaConf.select(first.cfg, key) if key else None
                     if name == "seed":
@@ -193,16 +193,11 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
 
         upload.upload(on_upload, upload, [upload, image_path, preview, status])
         example.change(on_example, example, [image_path, preview, status])
-        mode.change(lambda label: control_updates(label), mode, [controls[n] for n in SLIDERS_ORDER])
-        run_button.click(on_run, [image_path, mode, *[controls[n] for n in SLIDERS_ORDER]],
+        mode.change(control_updates, mode, [controls[n] for n in SLIDERS])
+        run_button.click(on_run, [image_path, mode, *[controls[n] for n in SLIDERS]],
                          [compare, extras, download, status], concurrency_limit=1, concurrency_id="model")
         cancel_button.click(on_cancel, None, None, concurrency_limit=None)
     return page
-
-
-SLIDERS_ORDER = ("tau", "omega", "guidance", "steps", "seed")
-SLIDER_LABELS = {"tau": "τ (estimate at step (1−τ)·N)", "omega": "ω (restart at step (1−ω)·N)",
-                 "guidance": "guidance scale", "steps": "steps"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -96,12 +96,6 @@ class Page:
         self.wait.until(lambda d: self.status() not in ("", before) and path.name in self.status())
         return self.status()
 
-    def clear_upload(self) -> None:
-        """Remove the current file from the upload box (its ✕ button) so the next upload replaces it."""
-        buttons = self.driver.find_elements("css selector", "#upload button[aria-label='Clear'], #upload .label-clear-button")
-        if buttons:
-            buttons[0].click()
-
     def set_number(self, elem_id: str, value: int) -> None:
         box = self.css(f"#{elem_id} input[type=number]")
         box.clear()

@@ -20,7 +20,7 @@ from utils.common import load_config
 from utils.pipeline import DiffusionRunner, log
 
 MODE_KEYS = ("label", "script", "defaults", "preset", "set", "requires", "sliders")
-SLIDERS = ("tau", "omega", "guidance", "steps", "seed")
+SLIDERS = ("tau", "omega", "guidance", "steps", "seed")  # the page's controls, in page order
 # What a preset never replaces: the model and where/how it runs come from the app's config.
 PRESET_KEEPS = ("sd_path", "controlnet_path", "device", "precision", "image_folder", "result_folder")
 
