@@ -15,8 +15,7 @@ from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import estimate_transmission
-from utils.pipeline import (WEIGHT_KEYS, DiffusionRunner, Process, check_weights, from_model_output, main_wrapper,
-                            run_folder)
+from utils.pipeline import DiffusionRunner, Process, from_model_output, main_wrapper, run_script
 
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
@@ -57,10 +56,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
-    runner = DiffusionRunner(cfg)
-    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing,
-                      "AccSamp")
+    return run_script(cfg, args, make_process, output_names, "AccSamp")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
 from utils.image_io import list_images, load_rgb01
-from utils.pipeline import (EXIT_BAD_CONFIG, WEIGHT_KEYS, DiffusionRunner, Process, check_weights, log, main_wrapper,
-                            run_folder)
+from utils.pipeline import EXIT_BAD_CONFIG, DiffusionRunner, Process, log, main_wrapper, run_script
 
 
 def fog_references(cfg: DictConfig) -> list[Path]:
@@ -81,11 +80,8 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
     fog_references(cfg)
-    runner = DiffusionRunner(cfg)
-    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing,
-                      "HazeGen")
+    return run_script(cfg, args, make_process, output_names, "HazeGen")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
-from utils.pipeline import WEIGHT_KEYS, DiffusionRunner, Process, check_weights, main_wrapper, run_folder
+from utils.pipeline import DiffusionRunner, Process, main_wrapper, run_script
 
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
@@ -36,10 +36,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
-    runner = DiffusionRunner(cfg)
-    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing,
-                      "DiffDehaze")
+    return run_script(cfg, args, make_process, output_names, "DiffDehaze")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,15 @@ def run_folder(cfg: DictConfig, process: Process,
     return 1 if failed else 0
 
 
+def run_script(cfg: DictConfig, args: argparse.Namespace, make_process: Callable[..., Process],
+               output_names: Callable[[DictConfig], Callable[[str], list[str]]], desc: str) -> int:
+    """A diffusion script's ``run``: check the weight files, load the model once, run its per-image function
+    ``make_process(cfg, runner, show_steps)`` over the folder. Returns the exit status."""
+    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    runner = DiffusionRunner(cfg)
+    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing, desc)
+
+
 def main_wrapper(fn: Callable[[DictConfig, argparse.Namespace], int], description: str, default_config: str) -> None:
     setup_logging()
     args = parse_args(description, default_config)
