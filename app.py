@@ -80,7 +80,7 @@ class Dehazer:
             progress(int(info.get("step", 0)) + 1, total)
 
         stem = Path(image_path).stem
-        runner, lock = self.runners.get(cfg) if mode.script.WEIGHT_KEYS else (None, contextlib.nullcontext())
+        runner, lock = self.runners.get(cfg) if mode.weight_paths else (None, contextlib.nullcontext())
         with lock:
             if runner is not None:
                 runner.configure(cfg)

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from utils.common import load_config
-from utils.pipeline import DiffusionRunner, log
+from utils.pipeline import WEIGHT_KEYS, DiffusionRunner, log
 
 MODE_KEYS = ("label", "script", "defaults", "preset", "set", "requires", "sliders")
 SLIDERS = ("tau", "omega", "guidance", "steps", "seed")  # the page's controls, in page order
@@ -40,8 +40,9 @@ class Mode:
 
     @property
     def weight_paths(self) -> dict[str, str]:
-        """``inference.*`` weight files this mode loads (empty for DCP)."""
-        return {key: str(self.cfg.inference[key]) for key in self.script.WEIGHT_KEYS}
+        """``inference.*`` weight files this mode loads: utils.pipeline.WEIGHT_KEYS, unless the script declares its
+        own ``WEIGHT_KEYS`` (DCP: none, so no model is loaded for it)."""
+        return {key: str(self.cfg.inference[key]) for key in getattr(self.script, "WEIGHT_KEYS", WEIGHT_KEYS)}
 
     def run_config(self, values: dict[str, Any]) -> DictConfig:
         """This mode's settings with the page's control ``values`` (slider name -> value) written to their keys;
