@@ -112,13 +112,10 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
     first = dehazer.modes[labels[0]]
 
     def control_updates(label: str) -> list:
+        """Show the controls mode ``label`` maps, set to its configured values; hide the others."""
         mode = dehazer.modes[label]
-        updates = []
-        for name in SLIDERS:
-            key = mode.sliders.get(name)
-            value = OmegaConf.select(mode.cfg, key) if key else None
-            updates.append(gr.update(visible=key is not None, value=value) if key else gr.update(visible=False))
-        return updates
+        return [gr.update(visible=True, value=OmegaConf.select(mode.cfg, mode.sliders[name]))
+                if name in mode.sliders else gr.update(visible=False) for name in SLIDERS]
 
     def on_upload(file_path: str | None):
         """Check an uploaded file; the upload box is emptied either way (the preview shows what was loaded)."""
