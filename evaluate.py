@@ -1,22 +1,27 @@
 """Evaluate a folder of results: full-reference PSNR / SSIM / CIEDE2000 against a folder of
-references, and/or no-reference NIQE / BRISQUE.
+references, and/or no-reference metrics (FADE, pyiqa's learned metrics, our offline NIQE/BRISQUE).
 
-    python evaluate.py --results DIR [--references DIR] [--out DIR] [--no-ref-metrics niqe,brisque]
-                       [--strict-size]
+    python evaluate.py --results DIR [--references DIR] [--out DIR] [--no-ref-metrics fade,musiq,...]
+                       [--preset paper] [--metric-weights DIR] [--save-maps] [--strict-size]
 
 Matching: a result ``<stem>.*`` pairs with the reference of the same stem, else, for HazeGen-style
 names ``<name>_<k>`` (k an integer), with the reference ``<name>``. Results without a reference
 are listed (not fatal); non-image files and AccSamp intermediates (``*_estimate``,
 ``*_transmission``) are skipped with a note; unreadable images are reported as failed.
 A result whose size differs from its reference is resized to the reference size (bicubic,
-antialiased, clamped to [0,1]) and the original size is recorded in the CSV; ``--strict-size``
-makes that an error instead. No-reference metrics are computed on the result as stored.
+antialiased, clamped to [0,1]) and the original size (W x H) is recorded in the CSV; ``--strict-size``
+makes that an error instead. No-reference metrics are computed on the result as stored; grayscale,
+16-bit and RGBA files are converted to RGB (alpha dropped) and the conversion is noted in the CSV.
+No-reference metric names and implementations: utils/iqa.py. A metric whose parameter files are
+missing is reported as unavailable (one line naming the file) while the others run.
 
 Outputs (written atomically to ``--out``, default ``<results>_eval`` next to the results):
 per_image.csv, summary.md and summary.json (mean, population std and count per metric, with
-the exact metric settings). Summary statistics use finite values only (PSNR of an identical
-pair is +inf). The summary table is also printed. Exit status: 0, or 1 if an image failed or
-nothing could be evaluated, 2 for a size mismatch under --strict-size or bad arguments.
+the exact metric settings), and with --save-maps fade_maps/<stem>_fade.png. Summary statistics
+use finite values only (PSNR of an identical pair is +inf). The summary table is also printed, and
+with --preset paper a markdown row in the paper's column order. Exit status: 0, or 1 if an image
+failed, a metric was unavailable or nothing could be evaluated, 2 for a size mismatch under
+--strict-size or bad arguments.
 """
 from __future__ import annotations
 
@@ -30,23 +35,23 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from utils import brisque as brisque_mod
+from utils import iqa
 from utils import metrics as fr_metrics
-from utils import niqe as niqe_mod
 from utils.atomic import write_text_atomic
-from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, resize01
+from utils.image_io import IMAGE_EXTS, ImageReadError, conversion_note, list_images, load_rgb01, resize01
 
 LOG = logging.getLogger("evaluate")
 FULL_REFERENCE = ("psnr", "ssim", "deltae00")
-NO_REFERENCE: dict[str, Callable[[torch.Tensor], float]] = {"niqe": niqe_mod.niqe, "brisque": brisque_mod.brisque}
-NO_REF_SETTINGS = {"niqe": niqe_mod.SETTINGS, "brisque": brisque_mod.SETTINGS}
+NO_REFERENCE = tuple(iqa.METRICS)
+DEFAULT_NO_REF = ("fade", "niqe_hcdyc", "brisque_svr")
+PRESETS = {"paper": iqa.PAPER_PRESET}
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "deltae00": "ΔE00 ↓",
-          "niqe": "NIQE ↓", "brisque": "BRISQUE ↓"}
+          **{name: spec.label for name, spec in iqa.METRICS.items()}}
 INTERMEDIATE_SUFFIXES = ("_estimate", "_transmission")
 RESIZE_NOTE = "result resized to the reference size (bicubic, antialiased, clamped to [0,1])"
 _K_SUFFIX = re.compile(r"^(?P<name>.+)_(?P<k>\d+)$")
@@ -66,6 +71,7 @@ class EvalReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 def reference_for(stem: str, references: dict[str, Path]) -> Optional[Path]:
@@ -89,6 +95,8 @@ def _reference_index(folder: Path) -> dict[str, Path]:
 
 def _result_files(folder: Path, report: EvalReport) -> list[Path]:
     """Image files of the results folder; other files are noted as skipped."""
+    if folder.is_file():
+        raise NotADirectoryError(f"--results must be a folder of images, got a file: {folder}")
     if not folder.is_dir():
         raise FileNotFoundError(f"results folder does not exist: {folder}")
     images = []
@@ -103,7 +111,7 @@ def _result_files(folder: Path, report: EvalReport) -> list[Path]:
 
 
 def _matched_pair(result_path: Path, ref_path: Path, strict_size: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Load (result (1,3,H,W), reference (1,3,H,W), resized_from 'HxW' or '')."""
+    """Load (result (1,3,H,W), reference (1,3,H,W), resized_from 'WxH' or '')."""
     result = load_rgb01(result_path)
     ref = load_rgb01(ref_path)
     if result.shape == ref.shape:
@@ -113,27 +121,43 @@ def _matched_pair(result_path: Path, ref_path: Path, strict_size: bool) -> tuple
         raise SizeMismatchError(f"{result_path.name} is {rw}x{rh} but its reference {ref_path.name} is "
                                 f"{ref.shape[-1]}x{ref.shape[-2]} (--strict-size)")
     resized = resize01(result[None], ref.shape[-2:]).clamp(0.0, 1.0)
-    return resized, ref[None], f"{rh}x{rw}"
+    return resized, ref[None], f"{rw}x{rh}"
 
 
-def _no_reference_values(img01: torch.Tensor, names: Sequence[str], row: dict) -> dict[str, float]:
-    """No-reference scores of img01 (3,H,W); a metric undefined for this image gives NaN and a note in row."""
-    values = {}
-    for name in names:
+def _add_note(row: dict, note: str) -> None:
+    row["note"] = "; ".join(filter(None, [row["note"], note]))
+
+
+def build_scorers(no_ref: Sequence[str], report: EvalReport, weights_dir: Optional[Path] = None,
+                  device: Optional[torch.device] = None, batch_size: int = 4, allow_download: bool = False,
+                  map_dir: Optional[Path] = None) -> dict[str, iqa.Scorer]:
+    """Build every requested metric once; unavailable ones go to report.unavailable (one line each)."""
+    scorers = {}
+    for name in no_ref:
         try:
-            values[name] = float(NO_REFERENCE[name](img01))
-        except ValueError as err:
-            values[name] = math.nan
-            row["note"] = "; ".join(filter(None, [row["note"], f"{name}: {err}"]))
-    return values
+            scorers[name] = iqa.build_scorer(name, weights_dir, device, batch_size, allow_download, map_dir)
+            report.settings[name] = iqa.METRICS[name].implementation
+        except iqa.MetricUnavailable as err:
+            report.unavailable[name] = str(err)
+    return scorers
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
 
 
 def evaluate_folders(results: Path, references: Optional[Path] = None, no_ref: Sequence[str] = (),
-                     strict_size: bool = False, progress: bool = False) -> EvalReport:
-    """Evaluate every image of ``results`` (see module docstring). Raises SizeMismatchError under strict_size."""
+                     strict_size: bool = False, progress: bool = False, weights_dir: Optional[Path] = None,
+                     device: Optional[torch.device] = None, batch_size: int = 4, allow_download: bool = False,
+                     map_dir: Optional[Path] = None) -> EvalReport:
+    """Evaluate every image of ``results`` (see module docstring). Raises SizeMismatchError under strict_size,
+    ValueError for unknown metrics, FileNotFoundError / NotADirectoryError for a bad results path."""
     unknown = [m for m in no_ref if m not in NO_REFERENCE]
     if unknown:
         raise ValueError(f"unknown no-reference metric(s) {unknown}; choose from {sorted(NO_REFERENCE)}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     metrics = (list(FULL_REFERENCE) if references is not None else []) + list(no_ref)
     if not metrics:
         raise ValueError("nothing to compute: give --references and/or --no-ref-metrics")
@@ -141,31 +165,62 @@ def evaluate_folders(results: Path, references: Optional[Path] = None, no_ref: S
     if references is not None:
         report.settings.update({m: fr_metrics.SETTINGS[m] for m in FULL_REFERENCE})
         report.settings["size_mismatch"] = "error (--strict-size)" if strict_size else RESIZE_NOTE
-    report.settings.update({m: NO_REF_SETTINGS[m] for m in no_ref})
     ref_index = _reference_index(references) if references is not None else {}
     files = _result_files(results, report)
+    if not files:
+        LOG.warning("no images to evaluate in %s (%d other file(s) skipped; images end in %s)", results,
+                    len(report.skipped), ", ".join(IMAGE_EXTS))
+        return report
+    scorers = build_scorers(no_ref, report, weights_dir, device, batch_size, allow_download, map_dir)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        files = tqdm(files, desc="evaluate", unit="img")
-    for path in files:
-        ref_path = reference_for(path.stem, ref_index) if references is not None else None
-        if references is not None and ref_path is None:
-            report.missing_reference.append(path.name)
-            if not no_ref:
-                continue
-        row: dict = {"image": path.name, "reference": ref_path.name if ref_path else "", "resized_from": "", "note": ""}
-        try:
-            if ref_path is not None:
-                x, y, row["resized_from"] = _matched_pair(path, ref_path, strict_size)
-                row.update({k: float(v[0]) for k, v in fr_metrics.full_reference_metrics(x, y).items()})
-            if no_ref:
-                row.update(_no_reference_values(load_rgb01(path), no_ref, row))
-        except ImageReadError as err:
-            report.failed.append((path.name, str(err)))
-            continue
-        report.rows.append(row)
+        bar = tqdm(total=len(files), desc="evaluate", unit="img")
+    for chunk in _chunks(files, batch_size):
+        rows, images = [], []
+        for path in chunk:
+            row = _evaluate_one(path, references, ref_index, strict_size, bool(no_ref), report)
+            if row is not None:
+                rows.append(row)
+                if no_ref:
+                    images.append(row.pop("_img01"))
+        for name, scorer in scorers.items():
+            for row, (value, note) in zip(rows, scorer(images, [r["image"] for r in rows])):
+                row[name] = value
+                _add_note(row, note)
+        report.rows.extend(rows)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return report
+
+
+def _evaluate_one(path: Path, references: Optional[Path], ref_index: dict[str, Path], strict_size: bool,
+                  want_no_ref: bool, report: EvalReport) -> Optional[dict]:
+    """Full-reference numbers of one result; with want_no_ref the row carries the loaded image (3,H,W) in
+    [0,1] under '_img01'. None (and a note in report) when the image is skipped or failed."""
+    ref_path = reference_for(path.stem, ref_index) if references is not None else None
+    if references is not None and ref_path is None:
+        report.missing_reference.append(path.name)
+        if not want_no_ref:
+            return None
+    row: dict = {"image": path.name, "reference": ref_path.name if ref_path else "", "resized_from": "",
+                 "converted": "", "note": ""}
+    try:
+        row["converted"] = conversion_note(path)
+        if ref_path is not None:
+            x, y, row["resized_from"] = _matched_pair(path, ref_path, strict_size)
+            row.update({k: float(v[0]) for k, v in fr_metrics.full_reference_metrics(x, y).items()})
+        if want_no_ref:
+            row["_img01"] = load_rgb01(path)
+    except ImageReadError as err:
+        report.failed.append((path.name, str(err)))
+        return None
+    if "16-bit" in row["converted"] and "fade" in report.metrics:
+        row["converted"] += " (FADE: rounded to 8 bits)"
+    return row
 
 
 def summarize(report: EvalReport) -> dict[str, dict[str, float]]:
@@ -194,20 +249,23 @@ def summary_markdown(report: EvalReport, summary: dict, title: str) -> str:
         lines.append(f"| {LABELS[m]} | {format_value(s)} | {s['n']}{extra} |")
     lines += ["", "Settings:", ""] + [f"- **{k}**: {v}" for k, v in report.settings.items()]
     lines += ["- **std**: population standard deviation (ddof 0) over finite per-image values"]
-    for heading, items in (("Results without a reference", [(n, "") for n in report.missing_reference]),
-                           ("Skipped files", report.skipped), ("Failed images", report.failed)):
+    for heading, items in (("Unavailable metrics", [(m, "") for m in report.unavailable.values()]),
+                           ("Results without a reference", [(n, "") for n in report.missing_reference]),
+                           ("Skipped files", report.skipped), ("Failed images", report.failed),
+                           ("Converted to RGB", [(r["image"], r["converted"]) for r in report.rows
+                                                 if r.get("converted")])):
         if items:
             lines += ["", f"{heading}:", ""] + [f"- {n}{': ' + r if r else ''}" for n, r in items]
     resized = [(r["image"], r["resized_from"]) for r in report.rows if r.get("resized_from")]
     if resized:
         lines += ["", f"Resized to the reference size ({RESIZE_NOTE}):", ""]
-        lines += [f"- {n} (was {hw})" for n, hw in resized]
+        lines += [f"- {n} (was {wh}, W x H)" for n, wh in resized]
     return "\n".join(lines) + "\n"
 
 
 def per_image_csv(report: EvalReport) -> str:
     buf = io.StringIO()
-    cols = ["image", "reference"] + report.metrics + ["resized_from", "note"]
+    cols = ["image", "reference"] + report.metrics + ["resized_from", "converted", "note"]
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
@@ -215,13 +273,14 @@ def per_image_csv(report: EvalReport) -> str:
     return buf.getvalue()
 
 
-def _json_safe(value):
+def json_safe(value):
+    """value with non-finite floats (also nested in dicts/lists) replaced by their string ('inf', 'nan')."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -231,32 +290,71 @@ def write_report(report: EvalReport, out: Path, title: str, inputs: dict[str, st
     write_text_atomic(out / "per_image.csv", per_image_csv(report))
     write_text_atomic(out / "summary.md", summary_markdown(report, summary, title))
     doc = {"inputs": inputs, "metrics": report.metrics, "summary": summary, "settings": report.settings,
-           "missing_reference": report.missing_reference,
+           "unavailable": report.unavailable, "missing_reference": report.missing_reference,
            "skipped": [{"file": n, "reason": r} for n, r in report.skipped],
            "failed": [{"file": n, "reason": r} for n, r in report.failed],
            "per_image": report.rows}
-    write_text_atomic(out / "summary.json", json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
     return summary
 
 
-def _parse_no_ref(text: str) -> list[str]:
+def paper_row(name: str, summary: dict, metrics: Sequence[str] = iqa.PAPER_PRESET) -> str:
+    """Markdown header + one row of means (4 decimals, 'n/a' when not computed) in ``metrics`` order, to paste
+    beside a published table."""
+    cells = [f"{summary[m]['mean']:.4f}" if m in summary and summary[m]["mean"] is not None else "n/a"
+             for m in metrics]
+    return ("| method | " + " | ".join(LABELS[m] for m in metrics) + " |\n"
+            + "|---" * (len(metrics) + 1) + "|\n"
+            + f"| {name} | " + " | ".join(cells) + " |\n")
+
+
+def parse_metric_list(text: str) -> list[str]:
+    """'fade, MUSIQ' -> ['fade', 'musiq']; '' or 'none' -> []."""
     return [] if text.strip().lower() in ("", "none") else [t.strip().lower() for t in text.split(",") if t.strip()]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="PSNR/SSIM/CIEDE2000 against references and NIQE/BRISQUE without")
+def _metric_help() -> str:
+    parts = []
+    for name, spec in iqa.METRICS.items():
+        heavy = f"; heavy, only when asked: {spec.memory}" if spec.memory else ""
+        parts.append(f"{name} ({spec.label[-1]}{heavy})")
+    return ", ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="PSNR/SSIM/CIEDE2000 against references; FADE, pyiqa's learned "
+                                     "metrics and offline NIQE/BRISQUE without")
     parser.add_argument("--results", required=True, type=Path, help="folder of result images")
     parser.add_argument("--references", type=Path, help="folder of reference (clean) images")
     parser.add_argument("--out", type=Path, help="output folder (default: <results>_eval beside the results)")
-    parser.add_argument("--no-ref-metrics", type=_parse_no_ref, default=None,
-                        help="comma list of niqe,brisque, or none (default: none with --references, else niqe,brisque)")
+    parser.add_argument("--no-ref-metrics", type=parse_metric_list, default=None,
+                        help="comma list of no-reference metrics, or none (default: none with --references, else "
+                        f"{','.join(DEFAULT_NO_REF)}). Known: {_metric_help()}")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="paper = " + ", ".join(LABELS[m] for m in iqa.PAPER_PRESET) + " (the RTTS table, in its "
+                        "column order; includes Q-Align, see its memory above); also prints a markdown row")
+    parser.add_argument("--metric-weights", type=Path, default=None, metavar="DIR",
+                        help="folder with pyiqa's parameter files as DIR/pyiqa/<file> and DIR/clip/<file> (default: "
+                        "pyiqa's cache, torch.hub.get_dir()); timm backbones and Q-Align come from the Hugging Face "
+                        "cache (HF_HOME)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let pyiqa download missing parameter files (default: offline, missing = unavailable)")
+    parser.add_argument("--device", default=None, help="torch device for pyiqa metrics (default: cuda if present)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images of one size scored together (default 4)")
+    parser.add_argument("--save-maps", action="store_true", help="save FADE density maps as <out>/fade_maps/*.png")
     parser.add_argument("--strict-size", action="store_true", help="error on result/reference size mismatch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     no_ref = args.no_ref_metrics
+    if args.preset:
+        no_ref = list(dict.fromkeys(list(PRESETS[args.preset]) + (no_ref or [])))
     if no_ref is None:
-        no_ref = [] if args.references else ["niqe", "brisque"]
+        no_ref = [] if args.references else list(DEFAULT_NO_REF)
     out = args.out or args.results.parent / f"{args.results.name}_eval"
     if args.references is not None and not args.references.is_dir():
         LOG.error("references folder does not exist: %s", args.references)
@@ -264,17 +362,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     if out.resolve() in (args.results.resolve(), args.references.resolve() if args.references else None):
         LOG.error("--out must differ from the results and references folders: %s", out)
         return 2
+    if args.metric_weights is not None and not args.metric_weights.is_dir():
+        LOG.error("--metric-weights folder does not exist: %s", args.metric_weights)
+        return 2
+    if not args.allow_download:
+        iqa.offline_environment()
     try:
-        report = evaluate_folders(args.results, args.references, no_ref, args.strict_size, progress=not args.quiet)
-    except (SizeMismatchError, FileNotFoundError, ValueError) as err:
+        device = torch.device(args.device) if args.device else None
+        report = evaluate_folders(args.results, args.references, no_ref, args.strict_size, not args.quiet,
+                                  args.metric_weights, device, args.batch_size, args.allow_download,
+                                  out / "fade_maps" if args.save_maps and "fade" in no_ref else None)
+    except (SizeMismatchError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as err:
         LOG.error("%s", err)
         return 2
+    for message in report.unavailable.values():
+        LOG.error("metric unavailable: %s", message)
     inputs = {"results": str(args.results), "references": str(args.references) if args.references else ""}
     summary = write_report(report, out, f"Evaluation of {args.results}", inputs)
     print(summary_markdown(report, summary, f"Evaluation of {args.results}"), end="")
-    LOG.info("%d evaluated, %d without reference, %d skipped, %d failed; wrote %s",
-             len(report.rows), len(report.missing_reference), len(report.skipped), len(report.failed), out)
-    return 1 if report.failed or not report.rows else 0
+    if args.preset:
+        print("\n" + paper_row(args.results.name, summary, PRESETS[args.preset]), end="")
+    LOG.info("%d evaluated, %d without reference, %d skipped, %d failed, %d metric(s) unavailable; wrote %s",
+             len(report.rows), len(report.missing_reference), len(report.skipped), len(report.failed),
+             len(report.unavailable), out)
+    return 1 if report.failed or report.unavailable or not report.rows else 0
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 from utils.image_io import save_png01
@@ -61,7 +64,7 @@ def test_evaluate_writes_numbers_and_notes(folders: tuple[Path, Path], tmp_path:
     assert rows["b_3.png"]["reference"] == "b.png"
     assert rows["b_3.png"]["psnr"] == "inf" and float(rows["b_3.png"]["ssim"]) == pytest.approx(1.0, abs=1e-6)
     assert float(rows["b_3.png"]["deltae00"]) == 0.0
-    assert rows["d.png"]["resized_from"] == "48x64" and rows["a.png"]["resized_from"] == ""
+    assert rows["d.png"]["resized_from"] == "64x48" and rows["a.png"]["resized_from"] == ""   # W x H
 
     doc = json.loads((out / "summary.json").read_text())
     assert doc["missing_reference"] == ["c.png"]
@@ -73,7 +76,7 @@ def test_evaluate_writes_numbers_and_notes(folders: tuple[Path, Path], tmp_path:
     assert "11x11 Gaussian window sigma 1.5, K1=0.01, K2=0.03" in doc["settings"]["ssim"]
     assert "bicubic" in doc["settings"]["size_mismatch"]
     md = (out / "summary.md").read_text()
-    assert "c.png" in md and "notes.txt" in md and "d.png (was 48x64)" in md
+    assert "c.png" in md and "notes.txt" in md and "d.png (was 64x48, W x H)" in md
     assert "| SSIM ↑ |" in capsys.readouterr().out
 
 
@@ -99,20 +102,22 @@ def test_unreadable_image_is_reported_and_fails_the_run(folders: tuple[Path, Pat
 
 
 def test_no_reference_metrics_and_default_out(tmp_path: Path) -> None:
-    """Without references NIQE/BRISQUE are computed; a metric undefined for an image (NIQE needs
-    two 96x96 blocks) is NaN with a note, not a failure."""
+    """Without references the offline no-reference metrics are computed; a metric undefined for an image
+    (NIQE needs two 96x96 blocks) is NaN with a note naming the size as W x H, not a failure."""
+    pytest.importorskip("pyfade")
     res = tmp_path / "results"
     g = torch.Generator().manual_seed(5)
     save_png01(torch.rand(3, 96, 192, generator=g), res / "big.png")
-    save_png01(torch.rand(3, 40, 40, generator=g), res / "small.png")
+    save_png01(torch.rand(3, 40, 48, generator=g), res / "small.png")
     assert evaluate.main(["--results", str(res), "--quiet"]) == 0
     out = tmp_path / "results_eval"
     rows = _read_csv(out / "per_image.csv")
-    assert math.isfinite(float(rows["big.png"]["niqe"])) and math.isfinite(float(rows["small.png"]["brisque"]))
-    assert rows["small.png"]["niqe"] == "nan" and "96x96" in rows["small.png"]["note"]
+    assert math.isfinite(float(rows["big.png"]["niqe_hcdyc"]))
+    assert math.isfinite(float(rows["small.png"]["brisque_svr"])) and math.isfinite(float(rows["small.png"]["fade"]))
+    assert rows["small.png"]["niqe_hcdyc"] == "nan" and "image is 48x40 (WxH)" in rows["small.png"]["note"]
     doc = json.loads((out / "summary.json").read_text())
-    assert doc["metrics"] == ["niqe", "brisque"] and doc["summary"]["niqe"]["n"] == 1
-    assert "pristine" in doc["settings"]["niqe"]
+    assert doc["metrics"] == ["fade", "niqe_hcdyc", "brisque_svr"] and doc["summary"]["niqe_hcdyc"]["n"] == 1
+    assert "pristine" in doc["settings"]["niqe_hcdyc"] and "brisque 0.2.0" in doc["settings"]["brisque_svr"]
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
@@ -122,3 +127,49 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert evaluate.main(["--results", str(res), "--references", str(res), "--out", str(res), "--quiet"]) == 2
     with pytest.raises(ValueError, match="unknown no-reference"):
         evaluate.evaluate_folders(res, None, ["piqe"])
+
+
+def test_size_messages_are_width_by_height(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    """d.png is 64 wide and 48 high: the CSV, the summary and the --strict-size error all say 64x48."""
+    res, refs = folders
+    out = tmp_path / "eval"
+    assert evaluate.main(["--results", str(res), "--references", str(refs), "--out", str(out), "--quiet"]) == 0
+    assert _read_csv(out / "per_image.csv")["d.png"]["resized_from"] == "64x48"
+    with pytest.raises(evaluate.SizeMismatchError, match="d.png is 64x48"):
+        evaluate.evaluate_folders(res, refs, strict_size=True)
+
+
+def test_grayscale_and_alpha_conversions_are_noted_in_the_csv(tmp_path: Path) -> None:
+    res, refs = tmp_path / "res", tmp_path / "refs"
+    ref = _ref_image(6)
+    save_png01(ref, refs / "g.png")
+    save_png01(ref, refs / "r.png")
+    res.mkdir()
+    arr = (ref.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr[..., 0], mode="L").save(res / "g.png")
+    Image.fromarray(np.dstack([arr, np.full(arr.shape[:2], 9, np.uint8)]), mode="RGBA").save(res / "r.png")
+    out = tmp_path / "eval"
+    assert evaluate.main(["--results", str(res), "--references", str(refs), "--out", str(out), "--quiet"]) == 0
+    rows = _read_csv(out / "per_image.csv")
+    assert rows["g.png"]["converted"] == "grayscale->RGB" and rows["r.png"]["converted"] == "alpha dropped"
+    assert rows["r.png"]["psnr"] == "inf"                      # alpha dropped, not composited
+    assert "- g.png: grayscale->RGB" in (out / "summary.md").read_text()
+
+
+def test_empty_folder_warns_why_and_exits_1(tmp_path: Path, caplog) -> None:
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "readme.txt").write_text("no images here")
+    with caplog.at_level(logging.INFO):
+        assert evaluate.main(["--results", str(res), "--quiet"]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no images to evaluate" in warnings[0] and "1 other file(s) skipped" in warnings[0]
+
+
+def test_results_pointing_at_a_file_says_so(tmp_path: Path, caplog) -> None:
+    file = tmp_path / "a.png"
+    save_png01(_ref_image(7), file)
+    with caplog.at_level(logging.ERROR):
+        assert evaluate.main(["--results", str(file), "--out", str(tmp_path / "eval"), "--quiet"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"--results must be a folder of images, got a file: {file}"]

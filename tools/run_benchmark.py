@@ -6,10 +6,13 @@ configured models (run over BENCH/hazy into WORK/NAME with inference_accsamp.py 
 ``guidance`` section, else inference_stage2.py) and any number of ``NAME=DIR`` result folders computed
 elsewhere. Each is evaluated
 against BENCH/clean with evaluate.py
-(PSNR / SSIM / CIEDE2000, results matched by the <name>_<k> -> <name> rule); per-method reports
-go to WORK/<method>/eval, the table to WORK/benchmark.md and WORK/benchmark.json.
+(PSNR / SSIM / CIEDE2000, results matched by the <name>_<k> -> <name> rule, plus any no-reference metrics of
+``--no-ref-metrics`` / ``--preset paper``); per-method reports go to WORK/<method>/eval, the table to
+WORK/benchmark.md and WORK/benchmark.json, one box-plot chart per metric to WORK/charts/<metric>.png
+(tools/compare_methods.py).
 
     python tools/run_benchmark.py --bench data/bench [--methods hazy dcp accsamp=configs/inference/stage2_accsamp.yaml]
+                                  [--preset paper] [--metric-weights DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inference_dcp  # noqa: E402
-from evaluate import FULL_REFERENCE, LABELS, evaluate_folders, format_value, write_report  # noqa: E402
+from evaluate import DEFAULT_NO_REF, PRESETS, evaluate_folders, parse_metric_list, write_report  # noqa: E402
+from tools.compare_methods import comparison_table, save_charts  # noqa: E402
+from utils import iqa  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.common import load_config  # noqa: E402
 
@@ -55,16 +60,6 @@ def run_model(bench: Path, work: Path, name: str, config: Path, skip_existing: b
     return dst
 
 
-def benchmark_table(rows: list[tuple[str, dict]]) -> str:
-    """Markdown table: one row per method, mean ± std (population) of PSNR / SSIM / ΔE00 and n."""
-    lines = ["| method | n | " + " | ".join(LABELS[m] for m in FULL_REFERENCE) + " |",
-             "|---|---|" + "---|" * len(FULL_REFERENCE)]
-    for name, summary in rows:
-        n = max(summary[m]["n"] for m in FULL_REFERENCE)
-        lines.append(f"| {name} | {n} | " + " | ".join(format_value(summary[m]) for m in FULL_REFERENCE) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def parse_method(text: str) -> tuple[str, Path | None]:
     """'hazy' | 'dcp' -> (name, None); 'NAME=DIR' or 'NAME=CONFIG.yaml' -> (NAME, path)."""
     name, sep, folder = text.partition("=")
@@ -88,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dcp-config", type=Path, default=ROOT / "configs" / "inference" / "dcp.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DCP config overrides")
     parser.add_argument("--skip-existing", action="store_true", help="keep DCP/model results that already exist")
+    parser.add_argument("--no-ref-metrics", type=parse_metric_list, default=[],
+                        help=f"no-reference metrics to add, as evaluate.py (e.g. {','.join(DEFAULT_NO_REF)})")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="add evaluate.py's preset (paper = the RTTS table)")
+    parser.add_argument("--metric-weights", type=Path, metavar="DIR", help="as evaluate.py")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     hazy, clean = args.bench / "hazy", args.bench / "clean"
@@ -98,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         parser.error(f"method names must be unique, got {names}")
     work = args.work or args.bench / "runs"
+    no_ref = list(dict.fromkeys((list(PRESETS[args.preset]) if args.preset else []) + args.no_ref_metrics))
+    iqa.offline_environment()
 
     folders: list[tuple[str, Path]] = []
     for name, folder in args.methods:
@@ -108,17 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         elif folder.suffix in (".yaml", ".yml"):
             folder = run_model(args.bench, work, name, folder, args.skip_existing)
         folders.append((name, folder))
-    rows, status = [], 0
+    rows, reports, status = [], [], 0
     for name, folder in folders:
-        report = evaluate_folders(folder, clean)
+        report = evaluate_folders(folder, clean, no_ref, weights_dir=args.metric_weights)
         summary = write_report(report, work / name / "eval", f"{name} on {args.bench}",
                                {"results": str(folder), "references": str(clean)})
         if report.failed or report.missing_reference:
             LOG.warning("%s: %d failed, %d without reference (see %s)", name, len(report.failed),
                         len(report.missing_reference), work / name / "eval" / "summary.md")
             status = 1 if report.failed else status
+        for message in report.unavailable.values():
+            LOG.error("%s: metric unavailable: %s", name, message)
+        status = 1 if report.unavailable else status
         rows.append((name, summary))
-    table = benchmark_table(rows)
+        reports.append((name, report))
+    table = comparison_table(rows, reports[0][1].metrics)
+    save_charts(reports, reports[0][1].metrics, work / "charts")
     write_text_atomic(work / "benchmark.md", f"# Benchmark {args.bench}\n\n{table}")
     write_text_atomic(work / "benchmark.json", json.dumps({name: s for name, s in rows}, indent=2) + "\n")
     print(table, end="")

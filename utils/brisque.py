@@ -43,7 +43,7 @@ SETTINGS = (
     "bicubic halving); lower is better"
 )
 _GREY_WEIGHTS = (0.2125, 0.7154, 0.0721)
-_MIN_SIDE = 16
+MIN_SIDE = 16
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,8 @@ def brisque_features(img01: torch.Tensor) -> np.ndarray:
     if img01.ndim != 3 or img01.shape[0] != 3:
         raise ValueError(f"expected a (3,H,W) image, got shape {tuple(img01.shape)}")
     h, w = img01.shape[-2:]
-    if min(h, w) < _MIN_SIDE:
-        raise ValueError(f"BRISQUE needs images of at least {_MIN_SIDE}x{_MIN_SIDE}, got {h}x{w}")
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"BRISQUE needs images of at least {MIN_SIDE}x{MIN_SIDE}, got {w}x{h} (WxH)")
     rgb = img01.detach().to("cpu", torch.float64).numpy()
     grey = sum(wc * rgb[c] for c, wc in enumerate(_GREY_WEIGHTS))
     return np.array(scale_features(grey) + scale_features(half_bicubic(grey)), dtype=np.float64)

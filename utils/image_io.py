@@ -73,13 +73,42 @@ def pil_to_tensor01(img: Image.Image) -> torch.Tensor:
 
 
 def tensor01_to_pil(img01: torch.Tensor) -> Image.Image:
-    """(3,H,W) tensor in [0,1] -> 8-bit RGB PIL image (clamped, rounded to nearest)."""
+    """(3,H,W) tensor in ~[0,1] -> 8-bit RGB PIL image.
+
+    The conversion is torchvision ``save_image``'s (the published scripts' writer): ``x·255 + 0.5`` clamped to
+    [0,255] and truncated, i.e. round-half-up with values outside [0,1] saturating at 0 / 255.
+    """
     if img01.ndim != 3 or img01.shape[0] != 3:
         raise ValueError(f"expected a (3,H,W) tensor, got shape {tuple(img01.shape)}")
     if not torch.isfinite(img01).all():
         raise ValueError("image tensor contains NaN or Inf")
-    arr = (img01.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    arr = (img01.detach().float().cpu() * 255.0 + 0.5).clamp(0.0, 255.0).to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
+
+
+def conversion_note(path: PathLike) -> str:
+    """How load_rgb01 turns this file into 8-bit-range RGB, read from the header only ('' for plain RGB).
+
+    E.g. 'grayscale->RGB', 'alpha dropped', '16-bit grayscale->RGB'. Raises ImageReadError like load_rgb01.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            mode, has_transparency = img.mode, "transparency" in img.info
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(p, f"corrupt, truncated or unsupported image ({exc})") from exc
+    notes = []
+    if mode in _SIXTEEN_BIT_MODES:
+        notes.append("16-bit grayscale->RGB")
+    elif mode in ("L", "LA", "1", "La"):
+        notes.append("grayscale->RGB")
+    elif mode in ("P", "PA"):
+        notes.append("palette->RGB")
+    elif mode not in ("RGB", "RGBA", "RGBa"):
+        notes.append(f"{mode}->RGB")
+    if "A" in mode or "a" in mode or has_transparency:
+        notes.append("alpha dropped")
+    return ", ".join(notes)
 
 
 def load_rgb01(path: PathLike, max_pixels: int | None = None) -> torch.Tensor:
@@ -110,9 +139,11 @@ def load_rgb01(path: PathLike, max_pixels: int | None = None) -> torch.Tensor:
 def save_png01(img01: torch.Tensor, path: PathLike) -> None:
     """Write ``img01`` (3,H,W) in [0,1] as an 8-bit RGB PNG, atomically.
 
-    Values are clamped to [0,1] and rounded. The PNG is written to a temporary file in the
-    destination folder and moved into place with os.replace, so readers never see a partial
-    file. Parent folders are created. Raises ValueError for a wrong shape or non-finite values.
+    Values are converted as torchvision ``save_image`` does (see :func:`tensor01_to_pil`) and Pillow encodes
+    the PNG with its defaults, as there, so the bytes equal ``save_image``'s for the same tensor. The PNG is
+    written to a temporary file in the destination folder and moved into place with os.replace, so readers
+    never see a partial file. Parent folders are created. Raises ValueError for a wrong shape or non-finite
+    values.
     """
     dst = Path(path)
     pil = tensor01_to_pil(img01)

@@ -148,7 +148,7 @@ def niqe_luma(y255: np.ndarray) -> float:
     h, w = y255.shape
     nh, nw = h // BLOCK, w // BLOCK
     if nh < 1 or nw < 1 or nh * nw < 2:
-        raise ValueError(f"NIQE needs at least two {BLOCK}x{BLOCK} blocks, image is {h}x{w}")
+        raise ValueError(f"NIQE needs at least two {BLOCK}x{BLOCK} blocks, image is {w}x{h} (WxH)")
     mu_p, cov_p, window = load_params()
     img = np.asarray(y255, dtype=np.float64)[: nh * BLOCK, : nw * BLOCK]
     per_scale = []

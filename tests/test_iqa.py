@@ -1,0 +1,215 @@
+"""utils/iqa.py and evaluate.py's no-reference metrics: FADE equals pyfade and behaves like a fog density,
+pyiqa metrics equal pyiqa called directly (offline, with parameter files written here), missing files are one
+line and do not stop the other metrics, bad inputs are converted and noted."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+import evaluate
+from tools import make_benchmark
+from utils import iqa
+from utils.dcp import dcp_dehaze
+from utils.image_io import load_rgb01, save_png01
+
+pyfade = pytest.importorskip("pyfade")
+pyiqa = pytest.importorskip("pyiqa")
+
+MUSIQ_FILE = "pyiqa/musiq_koniq_ckpt-e95806b9.pth"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic benchmark (4 photos x 3 betas x 2 airlights) at long side 128."""
+    out = tmp_path_factory.mktemp("bench")
+    assert make_benchmark.main(["--out", str(out), "--max-side", "128"]) == 0
+    return out
+
+
+def _photo(path: Path, h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
+    """A smooth colour image with texture, saved as 8-bit RGB PNG; returns its (H,W,3) uint8 array."""
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([0.5 + 0.4 * np.sin(6 * x + c) * np.cos(4 * y) for c in range(3)], axis=-1)
+    arr = np.clip(np.round((base + 0.08 * g.standard_normal((h, w, 3))) * 255), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode="RGB").save(path)
+    return arr
+
+
+def test_fade_through_evaluate_equals_pyfade_on_the_same_files(tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    for seed in range(3):
+        _photo(res / f"img{seed}.png", seed=seed)
+    report = evaluate.evaluate_folders(res, None, ["fade"])
+    assert len(report.rows) == 3
+    for row in report.rows:
+        assert row["fade"] == pyfade.fade_image(res / row["image"])
+
+
+def test_fade_input_convention_is_uint8_rgb_0_255(tmp_path: Path) -> None:
+    arr = _photo(tmp_path / "a.png", seed=4)
+    img01 = load_rgb01(tmp_path / "a.png")
+    converted = iqa.to_uint8_hwc(img01)
+    assert converted.dtype == np.uint8 and np.array_equal(converted, arr)
+    score, density = iqa.fade_score(img01)
+    assert score == pyfade.fade_array(arr)
+    assert density.shape == (64 // 8, 96 // 8)
+    assert score != pyfade.fade_array(np.ascontiguousarray(arr[..., ::-1]))       # BGR would be caught
+    assert score != pyfade.fade_array(arr.astype(np.float64) / 255.0 * 254.0)    # a 0-254 float scale too
+
+
+def test_fade_is_monotone_in_haze_and_dcp_lowers_it(bench: Path) -> None:
+    manifest = json.loads((bench / "manifest.json").read_text())
+    clean = {p.stem: iqa.fade_score(load_rgb01(p))[0] for p in (bench / "clean").iterdir()}
+    hazy = {}
+    for pair in manifest["pairs"]:
+        img = load_rgb01(bench / pair["hazy"])
+        key = (Path(pair["clean"]).stem, pair["airlight"], pair["beta"])
+        hazy[key] = iqa.fade_score(img)[0]
+        dehazed = dcp_dehaze(img[None])[0][0]
+        assert iqa.fade_score(dehazed)[0] < hazy[key], pair["hazy"]
+    for (name, airlight, beta), value in hazy.items():
+        assert clean[name] < value, (name, airlight, beta)
+    for name in clean:
+        for airlight in {a for _, a, _ in hazy}:
+            chain = [hazy[(name, airlight, b)] for b in (0.8, 1.6, 2.4)]
+            assert chain == sorted(chain) and len(set(chain)) == 3, (name, airlight, chain)
+
+
+def _write_musiq_weights(weights: Path) -> Path:
+    """Random-init MUSIQ (pyiqa's architecture, KonIQ head) saved as the file pyiqa looks for."""
+    torch.manual_seed(0)
+    net = pyiqa.create_metric("musiq", pretrained=False, device="cpu").net
+    path = weights / MUSIQ_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_pyiqa_metrics_equal_pyiqa_called_directly_offline(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    musiq_path = _write_musiq_weights(weights)
+    g = torch.Generator().manual_seed(1)
+    sv = torch.randn(40, 36, generator=g, dtype=torch.float64)
+    torch.save((torch.randn(40, generator=g, dtype=torch.float64), sv), weights / "pyiqa/brisque_svm_weights.pth")
+    a = np.random.default_rng(2).standard_normal((36, 36))
+    scipy.io.savemat(weights / "pyiqa/niqe_modelparameters.mat",
+                     {"mu_prisparam": np.random.default_rng(3).standard_normal((1, 36)),
+                      "cov_prisparam": a @ a.T + 36 * np.eye(36)})
+    x = torch.rand(2, 3, 96, 128, generator=g)
+    for name, path in (("musiq", musiq_path), ("brisque", weights / "pyiqa/brisque_svm_weights.pth"),
+                       ("niqe", weights / "pyiqa/niqe_modelparameters.mat")):
+        ours = iqa.build_scorer(name, weights, torch.device("cpu"), batch_size=2)(list(x), ["a.png", "b.png"])
+        direct = pyiqa.create_metric(name, device="cpu", pretrained_model_path=str(path))(x).reshape(-1)
+        assert [v for v, _ in ours] == pytest.approx(direct.double().tolist(), rel=1e-6, abs=1e-9), name
+        assert all(math.isfinite(v) and note == "" for v, note in ours), name
+
+
+def test_missing_weights_one_line_error_and_other_metrics_complete(tmp_path: Path, caplog, capsys) -> None:
+    weights = tmp_path / "weights"
+    _write_musiq_weights(weights)
+    res = tmp_path / "res"
+    _photo(res / "a.png", seed=5)
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.ERROR):
+        rc = evaluate.main(["--results", str(res), "--out", str(out), "--quiet", "--metric-weights", str(weights),
+                            "--no-ref-metrics", "fade,musiq,maniqa,liqe"])
+    assert rc == 1
+    doc = json.loads((out / "summary.json").read_text())
+    row = doc["per_image"][0]
+    assert math.isfinite(row["fade"]) and math.isfinite(row["musiq"])
+    assert set(doc["unavailable"]) == {"maniqa", "liqe"}
+    assert "ckpt_koniq10k.pt" in doc["unavailable"]["maniqa"] and "--metric-weights DIR" in doc["unavailable"]["maniqa"]
+    assert "liqe_koniq.pt" in doc["unavailable"]["liqe"] and "ViT-B-32.pt" in doc["unavailable"]["liqe"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("\n" not in e for e in errors)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_unsafe_or_wrong_weight_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / MUSIQ_FILE
+    path.parent.mkdir(parents=True)
+    torch.save({"params": {"w": torch.zeros(1)}, "meta": Path("x")}, path)
+    with pytest.raises(iqa.MetricUnavailable, match="weights_only=True"):
+        iqa.build_scorer("musiq", tmp_path, torch.device("cpu"))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "RN50.pt").write_bytes(b"not OpenAI's archive")   # pyiqa would try to download it again
+    with pytest.raises(iqa.MetricUnavailable, match="SHA-256 differs"):
+        iqa.build_scorer("clipiqa", tmp_path, torch.device("cpu"))
+
+
+def test_small_gray_16bit_and_rgba_inputs_are_reported_and_converted(tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    res.mkdir()
+    rgb = _photo(tmp_path / "src.png", seed=6)
+    gray = rgb.mean(axis=-1).round().astype(np.uint8)
+    Image.fromarray(gray, mode="L").save(res / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 7, np.uint8)]), mode="RGBA").save(res / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(res / "gray16.png")
+    Image.fromarray(rgb[:6, :40]).save(res / "tiny.png")
+    report = evaluate.evaluate_folders(res, None, ["fade", "brisque_svr"])
+    rows = {r["image"]: r for r in report.rows}
+    assert rows["gray.png"]["converted"] == "grayscale->RGB"
+    assert rows["rgba.png"]["converted"] == "alpha dropped"
+    assert rows["gray16.png"]["converted"] == "16-bit grayscale->RGB (FADE: rounded to 8 bits)"
+    assert rows["tiny.png"]["converted"] == ""
+    assert rows["gray.png"]["fade"] == pyfade.fade_array(np.repeat(gray[..., None], 3, axis=-1))
+    assert rows["gray16.png"]["fade"] == rows["gray.png"]["fade"]
+    assert rows["rgba.png"]["fade"] == pyfade.fade_array(rgb)
+    assert math.isnan(rows["tiny.png"]["fade"]) and "40x6 (WxH), needs a side of at least 8" in rows["tiny.png"]["note"]
+    assert math.isnan(rows["tiny.png"]["brisque_svr"]) and "brisque_svr" in rows["tiny.png"]["note"]
+    assert not report.failed
+
+
+def test_save_maps_writes_colour_density_maps(tmp_path: Path) -> None:
+    res, out = tmp_path / "res", tmp_path / "eval"
+    _photo(res / "a.png", seed=7)
+    assert evaluate.main(["--results", str(res), "--out", str(out), "--quiet", "--no-ref-metrics", "fade",
+                          "--save-maps"]) == 0
+    with Image.open(out / "fade_maps" / "a_fade.png") as im:
+        assert im.size == (96, 64) and im.mode == "RGB"
+        arr = np.asarray(im)
+    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 4   # colour-mapped, not flat
+
+
+def test_paper_row_has_the_table_columns_in_order() -> None:
+    summary = {"fade": {"mean": 2.484, "std": 0.1, "n": 3, "n_nonfinite": 0},
+               "musiq": {"mean": 53.768, "std": 1.0, "n": 3, "n_nonfinite": 0}}
+    header, rule, row = evaluate.paper_row("hazy", summary).splitlines()
+    assert header == "| method | FADE ↓ | Q-Align ↑ | LIQE ↑ | CLIPIQA ↑ | MANIQA ↑ | MUSIQ ↑ | BRISQUE ↓ |"
+    assert row == "| hazy | 2.4840 | n/a | n/a | n/a | n/a | 53.7680 | n/a |"
+    assert [iqa.METRICS[m].lower_better for m in iqa.PAPER_PRESET] == [True, False, False, False, False, False, True]
+
+
+def test_compare_methods_table_json_and_one_chart_per_metric(bench: Path, tmp_path: Path) -> None:
+    from tools import compare_methods
+
+    dcp_dir = tmp_path / "dcp"
+    for path in sorted((bench / "hazy").iterdir())[:6]:
+        save_png01(dcp_dehaze(load_rgb01(path)[None])[0][0], dcp_dir / path.name)
+    out = tmp_path / "cmp"
+    rc = compare_methods.main(["--methods", f"hazy={bench / 'hazy'}", f"dcp={dcp_dir}", "--out", str(out),
+                               "--no-ref-metrics", "fade,brisque_svr,musiq", "--metric-weights", str(tmp_path),
+                               "--quiet"])
+    assert rc == 1                                                   # musiq has no weights here
+    doc = json.loads((out / "comparison.json").read_text())
+    assert list(doc) == ["hazy", "dcp"] and doc["dcp"]["fade"]["n"] == 6 and doc["hazy"]["fade"]["n"] == 24
+    direct = [iqa.fade_score(load_rgb01(p))[0] for p in sorted(dcp_dir.iterdir())]
+    assert doc["dcp"]["fade"]["mean"] == pytest.approx(float(np.mean(direct)), rel=1e-12)
+    assert doc["dcp"]["fade"]["mean"] < doc["hazy"]["fade"]["mean"]
+    assert sorted(p.name for p in (out / "charts").iterdir()) == ["brisque_svr.png", "fade.png"]
+    with Image.open(out / "charts" / "fade.png") as im:
+        assert im.format == "PNG" and im.size[0] > 200
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[2].startswith("| method | n | FADE ↓ | BRISQUE-SVR ↓ | MUSIQ ↑ |")
+    assert table[4].startswith("| hazy | 24 |") and table[5].startswith("| dcp | 6 |")
+    assert table[4].endswith("| n/a |")

@@ -1,0 +1,284 @@
+"""No-reference quality metrics of the dehazing literature: one implementation per metric name.
+
+* ``fade``: FADE (Choi, You & Bovik, IEEE TIP 2015) through the PyPI package ``fade-python`` (``pyfade``), a
+  MATLAB-aligned port that ships FADE's natural/foggy model files: runs offline. Input convention of the
+  reference: 8-bit RGB, values 0-255 (``img01`` is rounded to that grid here).
+* ``qalign``, ``liqe``, ``clipiqa``, ``maniqa``, ``musiq``, ``brisque``, ``niqe``, ``nima``: pyiqa (IQA-PyTorch),
+  with pyiqa's metric names and default settings. Their parameter files are NOT shipped: they are looked up in a
+  weights folder laid out like pyiqa's own cache (``torch.hub.get_dir()``, i.e. ``<dir>/pyiqa/<file>`` and
+  ``<dir>/clip/<file>``) and, for timm backbones and Q-Align, in the Hugging Face cache. Nothing is downloaded
+  unless the caller allows it: a missing file raises :class:`MetricUnavailable` naming it.
+* ``niqe_hcdyc`` (utils/niqe.py) and ``brisque_svr`` (utils/brisque.py): our offline implementations with shipped
+  parameters; named apart from pyiqa's ``niqe``/``brisque`` because their numbers differ from those.
+
+All scorers take images ``img01`` (3,H,W) float RGB in [0,1] and return one float per image (NaN with a reason
+when the image is outside the metric's domain, e.g. smaller than its minimum side).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from utils import brisque as brisque_mod
+from utils import niqe as niqe_mod
+from utils.image_io import save_png01
+
+PYIQA_VERSION = "0.1.16"
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot be built here (missing parameter file or package); the message is one line."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file a metric needs from the Hugging Face cache (timm backbones, Q-Align)."""
+
+    repo_id: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What evaluate.py knows about one no-reference metric name.
+
+    files: parameter files relative to the weights folder (pyiqa cache layout); hub_files: files expected in the
+    Hugging Face cache; path_file: the entry of ``files`` passed to pyiqa as ``pretrained_model_path``;
+    min_side: smallest image side the metric accepts (smaller images give NaN and a note).
+    """
+
+    name: str
+    label: str
+    lower_better: bool
+    implementation: str
+    files: tuple[str, ...] = ()
+    hub_files: tuple[HubFile, ...] = ()
+    path_file: Optional[str] = None
+    min_side: int = 1
+    memory: str = ""
+
+
+_TIMM_VIT = HubFile("timm/vit_base_patch8_224.augreg2_in21k_ft_in1k", "model.safetensors")
+_TIMM_IRV2 = HubFile("timm/inception_resnet_v2.tf_in1k", "model.safetensors")
+
+METRICS: dict[str, MetricSpec] = {s.name: s for s in (
+    MetricSpec("fade", "FADE ↓", True, "fade-python 1.0.0 (pyfade), shipped natural/foggy models (patch 8)",
+               min_side=8),
+    MetricSpec("qalign", "Q-Align ↑", False, f"pyiqa {PYIQA_VERSION} `qalign` (mPLUG-Owl2 7B, fp16)",
+               hub_files=(HubFile("q-future/one-align", "config.json"),),
+               memory="7B parameters: the fp16 weights alone take 14 GB, so plan for ~16 GB of GPU memory"),
+    MetricSpec("liqe", "LIQE ↑", False, f"pyiqa {PYIQA_VERSION} `liqe` (CLIP ViT-B/32, KonIQ weights)",
+               files=("pyiqa/liqe_koniq.pt", "clip/ViT-B-32.pt"), path_file="pyiqa/liqe_koniq.pt", min_side=32),
+    MetricSpec("clipiqa", "CLIPIQA ↑", False, f"pyiqa {PYIQA_VERSION} `clipiqa` (CLIP RN50, antonym prompts)",
+               files=("clip/RN50.pt",), min_side=32),
+    MetricSpec("maniqa", "MANIQA ↑", False, f"pyiqa {PYIQA_VERSION} `maniqa` (ViT-B/8, KonIQ weights)",
+               files=("pyiqa/ckpt_koniq10k.pt",), hub_files=(_TIMM_VIT,), path_file="pyiqa/ckpt_koniq10k.pt",
+               min_side=224),
+    MetricSpec("musiq", "MUSIQ ↑", False, f"pyiqa {PYIQA_VERSION} `musiq` (KonIQ weights)",
+               files=("pyiqa/musiq_koniq_ckpt-e95806b9.pth",), path_file="pyiqa/musiq_koniq_ckpt-e95806b9.pth",
+               min_side=32),
+    MetricSpec("brisque", "BRISQUE ↓", True, f"pyiqa {PYIQA_VERSION} `brisque` (MATLAB release SVR)",
+               files=("pyiqa/brisque_svm_weights.pth",), path_file="pyiqa/brisque_svm_weights.pth", min_side=8),
+    MetricSpec("niqe", "NIQE ↓", True, f"pyiqa {PYIQA_VERSION} `niqe` (MATLAB pristine model)",
+               files=("pyiqa/niqe_modelparameters.mat",), path_file="pyiqa/niqe_modelparameters.mat", min_side=96),
+    MetricSpec("nima", "NIMA ↑", False, f"pyiqa {PYIQA_VERSION} `nima` (Inception-ResNet-v2, AVA weights)",
+               files=("pyiqa/NIMA_InceptionV2_ava-b0c77c00.pth",), hub_files=(_TIMM_IRV2,),
+               path_file="pyiqa/NIMA_InceptionV2_ava-b0c77c00.pth", min_side=32),
+    MetricSpec("niqe_hcdyc", "NIQE (ours) ↓", True, "utils/niqe.py, shipped pristine model "
+               "(utils/data/niqe_pris_params.npz); needs two 96×96 blocks"),
+    MetricSpec("brisque_svr", "BRISQUE-SVR ↓", True, "utils/brisque.py, LIVE SVR of the PyPI package brisque "
+               "0.2.0 (utils/data/brisque_svm.txt)", min_side=brisque_mod.MIN_SIDE),
+)}
+PYIQA_METRICS = ("qalign", "liqe", "clipiqa", "maniqa", "musiq", "brisque", "niqe", "nima")
+# pyiqa's CLIP loader re-downloads a file whose SHA-256 differs from these (the hash in OpenAI's URL): checked first.
+CLIP_SHA256 = {
+    "clip/RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "clip/ViT-B-32.pt": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+}
+PAPER_PRESET = ("fade", "qalign", "liqe", "clipiqa", "maniqa", "musiq", "brisque")
+HEAVY = ("qalign",)
+
+
+def missing_files(spec: MetricSpec, weights_dir: Path) -> list[str]:
+    """Paths (as strings) of the files ``spec`` needs that are absent from ``weights_dir`` / the HF cache."""
+    missing = [str(weights_dir / f) for f in spec.files if not (weights_dir / f).is_file()]
+    if spec.hub_files:
+        from huggingface_hub import try_to_load_from_cache
+
+        for hub in spec.hub_files:
+            if not isinstance(try_to_load_from_cache(hub.repo_id, hub.filename), str):
+                missing.append(f"Hugging Face cache: {hub.repo_id}/{hub.filename}")
+    return missing
+
+
+def _check_file(path: Path, rel: str, name: str) -> None:
+    """Refuse files pyiqa would mishandle: CLIP archives with the wrong SHA-256 (pyiqa would try to download them
+    again) and pyiqa .pth/.pt files that hold more than tensors (pyiqa unpickles them without weights_only)."""
+    if rel in CLIP_SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != CLIP_SHA256[rel]:
+            raise MetricUnavailable(f"{name}: {path} is not OpenAI's {Path(rel).name} (SHA-256 differs)")
+        return
+    if path.suffix not in (".pth", ".pt"):
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as err:
+        raise MetricUnavailable(f"{name}: {path} does not load with weights_only=True "
+                                f"({type(err).__name__}); refusing to unpickle it") from err
+
+
+class Scorer:
+    """One metric, built once. ``__call__(images, names) -> list[(score, note)]`` with images a list of (3,H,W)
+    in [0,1] and names their file names; images of one size are scored as one batch of at most ``batch_size``;
+    a NaN score comes with a note saying why. ``fn(batch (B,3,H,W), names) -> (B,) or (B,1) scores``."""
+
+    def __init__(self, spec: MetricSpec, fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
+                 batch_size: int) -> None:
+        self.spec = spec
+        self._fn = fn
+        self.batch_size = max(1, batch_size)
+
+    def __call__(self, images: Sequence[torch.Tensor], names: Sequence[str]) -> list[tuple[float, str]]:
+        out: list[tuple[float, str]] = [(math.nan, "")] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            h, w = img.shape[-2:]
+            if min(h, w) < self.spec.min_side:
+                out[i] = (math.nan, f"{self.spec.name}: image is {w}x{h} (WxH), needs a side of at least "
+                                    f"{self.spec.min_side} px")
+            else:
+                groups.setdefault(tuple(img.shape), []).append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                for i, value in zip(chunk, self._score_chunk([images[i] for i in chunk], [names[i] for i in chunk])):
+                    out[i] = value
+        return out
+
+    def _score_chunk(self, imgs: list[torch.Tensor], names: list[str]) -> list[tuple[float, str]]:
+        try:
+            with torch.no_grad():
+                values = self._fn(torch.stack(imgs), names).reshape(-1).double().cpu().tolist()
+        except (RuntimeError, ValueError, AssertionError, IndexError, ZeroDivisionError) as err:
+            if len(imgs) > 1:
+                return [v for img, n in zip(imgs, names) for v in self._score_chunk([img], [n])]
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return [(math.nan, f"{self.spec.name}: {reason}")]
+        return [(v, "") if math.isfinite(v) else (v, f"{self.spec.name}: undefined ({v})") for v in values]
+
+
+def to_uint8_hwc(img01: torch.Tensor) -> np.ndarray:
+    """(3,H,W) RGB in [0,1] -> (H,W,3) uint8 RGB 0-255 (round half up, as MATLAB's im2uint8)."""
+    arr = torch.floor(img01.detach().float().cpu().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+    return arr.permute(1, 2, 0).contiguous().numpy()
+
+
+def fade_score(img01: torch.Tensor) -> tuple[float, np.ndarray]:
+    """FADE of one image through pyfade. img01: (3,H,W) RGB in [0,1], at least 8x8 -> (score, density map
+    (H//8, W//8) float64, NaN where a patch has no defined density). Lower is less foggy."""
+    import pyfade
+
+    score, density = pyfade.fade_array(to_uint8_hwc(img01), return_map=True)
+    return float(score), np.asarray(density, dtype=np.float64)
+
+
+def density_map_png(density: np.ndarray, path: Path) -> None:
+    """Save a FADE density map (h, w) as a colour-mapped PNG, each patch drawn 8x8 (the image's patch grid);
+    colours span the map's own finite min..max (matplotlib 'magma': dark = clear, bright = foggy); NaN patches
+    grey. Written atomically."""
+    from matplotlib import colormaps
+
+    finite = np.isfinite(density)
+    lo, hi = (float(density[finite].min()), float(density[finite].max())) if finite.any() else (0.0, 1.0)
+    norm = np.where(finite, (density - lo) / max(hi - lo, 1e-12), 0.0)
+    rgb = (colormaps["magma"](norm)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+    rgb[~finite] = 128
+    img01 = torch.from_numpy(np.repeat(np.repeat(rgb, 8, axis=0), 8, axis=1)).permute(2, 0, 1).float() / 255.0
+    save_png01(img01, path)
+
+
+def _per_image(fn: Callable[[torch.Tensor], float]) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    return lambda batch, names: torch.tensor([fn(img) for img in batch], dtype=torch.float64)
+
+
+def _fade_fn(map_dir: Optional[Path]) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    def score(batch: torch.Tensor, names: list[str]) -> torch.Tensor:
+        values = []
+        for img, name in zip(batch, names):
+            value, density = fade_score(img)
+            if map_dir is not None:
+                density_map_png(density, map_dir / f"{Path(name).stem}_fade.png")
+            values.append(value)
+        return torch.tensor(values, dtype=torch.float64)
+    return score
+
+
+def _pyiqa_fn(spec: MetricSpec, weights_dir: Path, device: torch.device,
+              allow_download: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """Build pyiqa's metric ``spec.name`` with its defaults; parameter files from ``weights_dir``."""
+    if not allow_download:
+        missing = missing_files(spec, weights_dir)
+        if missing:
+            raise MetricUnavailable(f"{spec.name}: missing {', '.join(missing)}; copy the file(s) from a machine "
+                                    "where pyiqa downloaded them and pass --metric-weights DIR (DIR/pyiqa/<file>, "
+                                    "DIR/clip/<file>), or run once with --allow-download")
+        for rel in spec.files:
+            _check_file(weights_dir / rel, rel, spec.name)
+    try:
+        import pyiqa
+    except ImportError as err:
+        raise MetricUnavailable(f"{spec.name}: pyiqa is not installed (pip install -r requirements-metrics.txt "
+                                f"&& pip install --no-deps pyiqa=={PYIQA_VERSION})") from err
+    local = weights_dir / spec.path_file if spec.path_file else None
+    kwargs = {"pretrained_model_path": str(local)} if local is not None and local.is_file() else {}
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(weights_dir))  # pyiqa's CLIP loader reads <hub dir>/clip at build time
+    try:
+        metric = pyiqa.create_metric(spec.name, device=device, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise MetricUnavailable(f"{spec.name}: pyiqa could not build it from {weights_dir} "
+                                f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+                                ) from err
+    finally:
+        torch.hub.set_dir(previous)
+    metric.eval()
+    return lambda batch, names: metric(batch.to(device))
+
+
+def build_scorer(name: str, weights_dir: Optional[Path] = None, device: Optional[torch.device] = None,
+                 batch_size: int = 4, allow_download: bool = False, map_dir: Optional[Path] = None) -> Scorer:
+    """Scorer for metric ``name`` (a key of METRICS). weights_dir defaults to pyiqa's cache root
+    (torch.hub.get_dir()); device defaults to CUDA when present; map_dir (FADE only): write each image's
+    density map there as ``<stem>_fade.png``. Raises MetricUnavailable (one-line message)."""
+    spec = METRICS[name]
+    if name == "fade":
+        if importlib.util.find_spec("pyfade") is None:
+            raise MetricUnavailable("fade: fade-python is not installed (pip install -r requirements-metrics.txt)")
+        return Scorer(spec, _fade_fn(map_dir), batch_size)
+    if name == "niqe_hcdyc":
+        return Scorer(spec, _per_image(niqe_mod.niqe), batch_size)
+    if name == "brisque_svr":
+        return Scorer(spec, _per_image(brisque_mod.brisque), batch_size)
+    weights = Path(weights_dir) if weights_dir is not None else Path(torch.hub.get_dir())
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Scorer(spec, _pyiqa_fn(spec, weights, dev, allow_download), batch_size)
+
+
+def offline_environment() -> None:
+    """Forbid Hugging Face downloads in this process unless the user set the variables (call before importing
+    pyiqa / huggingface_hub)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
