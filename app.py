@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -31,6 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from utils.common import load_config  # noqa: E402
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, save_png01  # noqa: E402
+from utils.iqa import density_map_png, fade_score  # noqa: E402
 from utils.modes import SLIDERS, Mode, RunnerCache, load_modes  # noqa: E402
 from utils.pipeline import WEIGHT_KEYS, check_weights, log, setup_logging  # noqa: E402
 
@@ -43,6 +45,11 @@ SLIDER_RANGES = {"tau": (0.02, 0.98, 0.02), "omega": (0.02, 1.0, 0.02), "guidanc
 
 class RunCancelled(Exception):
     """Raised from the sampler's step callback when the page's Cancel button was pressed."""
+
+
+def fade_available() -> bool:
+    """FADE needs the optional metrics group (requirements-metrics.txt: fade-python, matplotlib for the maps)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("pyfade", "matplotlib"))
 
 
 def _slug(text: str) -> str:
@@ -65,7 +72,8 @@ class Dehazer:
     def run(self, image_path: str, label: str, values: dict[str, Any], session: str,
             progress: Callable[[int, int], None]) -> dict[str, Any]:
         """Run mode ``label`` on the image file with the control ``values``; returns the result file, extra outputs
-        ``[(file, caption)]``, the seconds taken and the settings. Raises ImageReadError / ValueError / RuntimeError /
+        ``[(file, caption)]`` (with FADE density maps of input and result when FADE is installed), the seconds taken,
+        the FADE scores (input, result) or [] and the settings. Raises ImageReadError / ValueError / RuntimeError /
         RunCancelled with a message for the page."""
         mode = self.modes[label]
         cfg = mode.run_config(values)
@@ -95,15 +103,25 @@ class Dehazer:
             path = run_dir / f"{Path(name).stem}_{tag}.png"
             save_png01(img, path)
             files.append((str(path), Path(name).stem[len(stem):].strip("_") or "result"))
-        return {"result": files[0][0], "extras": files[1:], "seconds": seconds, "cfg": cfg, "mode": mode}
+        scores = []
+        if fade_available():
+            for which, image in (("input", img01), ("result", next(iter(outputs.values())))):
+                score, density = fade_score(image)
+                path = run_dir / f"{stem}_fade_{which}.png"
+                density_map_png(density, path)
+                scores.append(score)
+                files.append((str(path), f"FADE density, {which} ({score:.3f})"))
+        return {"result": files[0][0], "extras": files[1:], "seconds": seconds, "cfg": cfg, "mode": mode,
+                "fade": scores}
 
 
 def describe_run(info: dict[str, Any], device: str) -> str:
     """One status line: mode, the controls' values, time taken."""
     cfg, mode = info["cfg"], info["mode"]
     settings = ", ".join(f"{name} {OmegaConf.select(cfg, key)}" for name, key in mode.sliders.items())
+    fade = f" FADE {info['fade'][0]:.3f} → {info['fade'][1]:.3f}." if info["fade"] else ""
     return f"**Done**: {mode.label}" + (f" ({settings})" if settings else "") + \
-        f" in {info['seconds']:.2f} s on {device}."
+        f" in {info['seconds']:.2f} s on {device}." + fade
 
 
 def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
@@ -182,7 +200,8 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
             with gr.Column(scale=2):
                 status = gr.Markdown("", elem_id="status")
                 compare = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id="compare")
-                extras = gr.Gallery(label="AccSamp estimate and transmission (or DCP transmission)", columns=2,
+                extras = gr.Gallery(label="AccSamp estimate and transmission (DCP: transmission); FADE density maps",
+                                    columns=2,
                                     height=260, elem_id="extras")
                 download = gr.DownloadButton("Download full-resolution PNG", value=None, elem_id="download")
 

@@ -35,7 +35,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(config: Path, log_path: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+def start_app(config: Path, log_path: Path, timeout: float = 900.0) -> tuple[subprocess.Popen, str]:
     """Start ``python app.py --config config`` on a free port; wait until the page answers. Returns (process, url)."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -75,7 +75,7 @@ def chromium(profile: Path, downloads: Path):
 class Page:
     """The app page in a browser: the few actions and readings a user has."""
 
-    def __init__(self, driver, url: str, timeout: float = 300.0):
+    def __init__(self, driver, url: str, timeout: float = 900.0):
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.driver = driver

@@ -62,7 +62,7 @@ def _script_output(config: Path, photo: Path, work: Path, *sets: str) -> Path:
     proc = subprocess.run([sys.executable, "inference_accsamp.py", "--config", str(config), "--set",
                            f"inference.image_folder={images}", f"inference.result_folder={results}",
                            "inference.save_intermediates=True", *sets],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return results
 
@@ -96,20 +96,31 @@ def small_photo(tmp_path) -> Path:
 
 
 def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer, small_photo):
+    import app
+    from utils.image_io import load_rgb01
+
     photo = small_photo
     seen = []
     info = dehazer.run(str(photo), "AccSamp", {"steps": 10, "seed": 3}, "s1", lambda k, n: seen.append((k, n)))
     # AccSamp with tau 0.8, omega 0.6 over 10 steps runs steps 1..2 (phase 1) and 5..10 (phase 2), 1-based.
     assert seen == [(k, 10) for k in (1, 2, 5, 6, 7, 8, 9, 10)]
-    assert [caption for _, caption in info["extras"]] == ["estimate", "transmission"]
+    assert [caption for _, caption in info["extras"]][:2] == ["estimate", "transmission"]
     with Image.open(info["result"]) as out, Image.open(photo) as src:
         assert out.size == src.size
+    if app.fade_available():  # FADE of the input and of the PNG the page offers, as evaluate.py computes it
+        from utils.iqa import fade_score
+
+        expected = [fade_score(load_rgb01(photo))[0], fade_score(load_rgb01(info["result"]))[0]]
+        assert info["fade"] == expected
+        assert [caption for _, caption in info["extras"]][2:] == [f"FADE density, input ({expected[0]:.3f})",
+                                                                   f"FADE density, result ({expected[1]:.3f})"]
+        for path, _ in info["extras"][2:]:
+            with Image.open(path) as density:
+                assert density.size[0] == out.size[0] // 8 * 8
 
     def cancel_after_two(k: int, n: int) -> None:
         if k == 2:
             dehazer.flag("s1").set()
-
-    import app
 
     with pytest.raises(app.RunCancelled, match="step 5 of 10"):
         dehazer.run(str(photo), "AccSamp", {"steps": 10}, "s1", cancel_after_two)
@@ -120,7 +131,7 @@ def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer, sm
 def test_backend_dcp_mode_needs_no_model_and_reports_bad_files(dehazer, small_photo, tmp_path):
     photo = small_photo
     info = dehazer.run(str(photo), "DCP baseline", {"seed": 5}, "s2", lambda k, n: None)
-    assert [caption for _, caption in info["extras"]] == ["transmission"]
+    assert [caption for _, caption in info["extras"]][:1] == ["transmission"]
     assert "_seed" not in Path(info["result"]).name  # DCP has no seed control
     from utils.image_io import ImageReadError
 
