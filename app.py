@@ -93,7 +93,7 @@ class Dehazer:
             if runner is not None:
                 runner.configure(cfg)
             start = time.perf_counter()
-            outputs = mode.script.make_process(cfg, runner)(img01, stem, callback=on_step)
+            outputs = mode.script.make_process(cfg, runner)([(img01, stem)], callback=on_step)
             seconds = time.perf_counter() - start
         seed = cfg.inference.get("seed") if "seed" in mode.sliders else None
         tag = _slug(label) + (f"_seed{seed}" if seed is not None else "")

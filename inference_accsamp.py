@@ -15,7 +15,7 @@ from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import estimate_transmission
-from utils.pipeline import DiffusionRunner, Process, from_model_output, main_wrapper, run_script
+from utils.pipeline import Batch, DiffusionRunner, Process, from_model_output, main_wrapper, run_script
 
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
@@ -30,26 +30,28 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 
 
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
-    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``."""
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     inf = cfg.inference
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
     intermediates = bool(inf.get("save_intermediates", False))
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
-                ) -> dict[str, torch.Tensor]:
-        hazy, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
+        hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization,
-            generator=gen, callback=callback, disable=not show_steps)
-        out = {f"{stem}.png": runner.finish(z, geom)}
-        if intermediates:
-            out[f"{stem}_estimate.png"] = from_model_output(extras["estimate"] * 0.5 + 0.5, geom).cpu()
-            out[f"{stem}_transmission.png"] = from_model_output(extras["transmission"], geom).expand(3, -1, -1).cpu()
+            generator=gens, callback=callback, disable=not show_steps)
+        out = {}
+        for b, ((_, stem), img) in enumerate(zip(batch, runner.finish_batch(z, geoms))):
+            out[f"{stem}.png"] = img
+            if intermediates:
+                estimate, trans = extras["estimate"][b: b + 1], extras["transmission"][b: b + 1]
+                out[f"{stem}_estimate.png"] = from_model_output(estimate * 0.5 + 0.5, geoms[b]).cpu()
+                out[f"{stem}_transmission.png"] = from_model_output(trans, geoms[b]).expand(3, -1, -1).cpu()
         return out
 
     return process

@@ -13,11 +13,13 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from utils.common import choose_device
 from utils.dcp import dcp_dehaze
-from utils.pipeline import Process, main_wrapper, run_folder
+from utils.distributed import process_device
+from utils.pipeline import Batch, Process, main_wrapper, run_folder
 
 DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min")
+
+
 WEIGHT_KEYS: tuple[str, ...] = ()  # no weight files; app.py builds no diffusion model for this script
 
 
@@ -37,19 +39,20 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 
 
 def make_process(cfg: DictConfig, runner: None = None, show_steps: bool = False) -> Process:
-    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``; DCP has
-    no model (``runner`` is unused) and no steps (``callback`` and ``show_steps`` are unused)."""
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``; DCP has no model
+    (``runner`` is unused) and no steps (``callback`` and ``show_steps`` are unused)."""
     params = dcp_params(cfg)
-    device = choose_device(cfg.inference.get("device", "auto"))
+    device = process_device(cfg.inference.get("device", "auto"))
     with_t = bool(cfg.inference.get("save_transmission", False))
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
-                ) -> dict[str, torch.Tensor]:
-        j01, t, _ = dcp_dehaze(img01[None].to(device), **params)
-        out = {f"{stem}.png": j01[0].cpu()}
-        if with_t:
-            out[f"{stem}_transmission.png"] = t[0].expand(3, -1, -1).cpu()
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for img01, stem in batch:
+            j01, t, _ = dcp_dehaze(img01[None].to(device), **params)
+            out[f"{stem}.png"] = j01[0].cpu()
+            if with_t:
+                out[f"{stem}_transmission.png"] = t[0].expand(3, -1, -1).cpu()
         return out
 
     return process

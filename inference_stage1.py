@@ -24,8 +24,9 @@ import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
+from utils.batching import stack_conditions
 from utils.image_io import list_images, load_rgb01
-from utils.pipeline import EXIT_BAD_CONFIG, DiffusionRunner, Process, log, main_wrapper, run_script
+from utils.pipeline import EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, log, main_wrapper, run_script
 
 
 def fog_references(cfg: DictConfig) -> list[Path]:
@@ -49,31 +50,42 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 
 
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
-    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``.
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``.
     Exits with status 2 when dynamic prompts / the text processor lack their fog reference photos."""
     inf = cfg.inference
+    num_samples = int(inf.get("num_samples", 1))
     references = fog_references(cfg)
-    names = output_names(cfg)
+
+    def conditions(clean: torch.Tensor, img01: torch.Tensor, stem: str, k: int) -> tuple[dict, dict]:
+        """(cond, uncond) for the clean input (1,3,Hp,Wp) in [0,1]: its text embedding and condition latent; uncond
+        has an all-zero condition latent (and the YCbCr features of an all-zero image). With fog references,
+        variant k analyses its reference photo instead of ``img01``."""
+        if references:
+            img01 = load_rgb01(references[(zlib.crc32(stem.encode()) + k) % len(references)])
+        cond = runner.condition(clean, img01, stage=1)
+        uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
+        if "c_ycbcr" in cond:
+            uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(clean))
+        return cond, uncond
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
-                ) -> dict[str, torch.Tensor]:
-        clean, geom = runner.prepare(img01, inf)
-        cond = runner.condition(clean, img01, stage=1)
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
+        prepared = [runner.prepare(img01) for img01, _ in batch]
+        geoms = [geom for _, geom in prepared]
+        latent_shape = (1, 4, prepared[0][0].shape[-2] // 8, prepared[0][0].shape[-1] // 8)
+        shared = None if references else [conditions(clean, img01, stem, 0)
+                                          for (clean, _), (img01, stem) in zip(prepared, batch)]
         outputs = {}
-        for k, name in enumerate(names(stem)):
-            if references:
-                reference = references[(zlib.crc32(stem.encode()) + k) % len(references)]
-                cond = runner.condition(clean, load_rgb01(reference), stage=1)
-            uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
-            if "c_ycbcr" in cond:
-                uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(clean))
-            gen = runner.generator(int(inf.seed) + k)
-            x_T = runner.initial_noise((1, 4, clean.shape[-2] // 8, clean.shape[-1] // 8), gen)
-            z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, uncond=uncond,
+        for k in range(num_samples):
+            conds = shared or [conditions(clean, img01, stem, k) for (clean, _), (img01, stem) in zip(prepared, batch)]
+            gens = [runner.generator(int(inf.seed) + k) for _ in batch]
+            x_T = torch.cat([runner.initial_noise(latent_shape, gen) for gen in gens])
+            z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule,
+                              stack_conditions([c for c, _ in conds]), uncond=stack_conditions([u for _, u in conds]),
                               cfg_scale=float(inf.w), parameterization=runner.parameterization, callback=callback,
-                              generator=gen, disable=not show_steps)
-            outputs[name] = runner.finish(z, geom)
+                              generator=gens, disable=not show_steps)
+            for (_, stem), img in zip(batch, runner.finish_batch(z, geoms)):
+                outputs[f"{stem}_{k}.png"] = img
         return outputs
 
     return process

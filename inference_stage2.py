@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from sampler.spaced import sample_spaced
-from utils.pipeline import DiffusionRunner, Process, main_wrapper, run_script
+from utils.pipeline import Batch, DiffusionRunner, Process, main_wrapper, run_script
 
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
@@ -20,17 +20,16 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 
 
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
-    """The per-image function of this script (also what app.py runs): ``process(img01, stem, callback)``."""
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     inf = cfg.inference
 
     @torch.no_grad()
-    def process(img01: torch.Tensor, stem: str, callback: Callable[[dict], None] | None = None
-                ) -> dict[str, torch.Tensor]:
-        _, geom, cond, gen, x_T = runner.start(img01, stage=2, seed=inf.seed)
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
+        _, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         z = sample_spaced(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
-                          parameterization=runner.parameterization, callback=callback, generator=gen,
+                          parameterization=runner.parameterization, callback=callback, generator=gens,
                           disable=not show_steps)
-        return {f"{stem}.png": runner.finish(z, geom)}
+        return {f"{stem}.png": img for (_, stem), img in zip(batch, runner.finish_batch(z, geoms))}
 
     return process
 

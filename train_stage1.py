@@ -2,7 +2,7 @@
 
     accelerate launch train_stage1.py --config configs/train/stage1.yaml [--set train.batch_size=8 ...]
 
-Published recipe (HybridTrainingData with p = 0.3, AdamW lr 1e-5, batch 16, 5k steps); see utils/trainer.py and
+Published recipe (HybridTrainingData with p = 0.3, AdamW lr 1e-5, global batch 16, 5k steps); see utils/trainer.py and
 docs/training.md for resume, mixed precision, multi-process and the HCD-YC extension switches.
 """
 from utils.trainer import main

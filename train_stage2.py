@@ -2,8 +2,8 @@
 
     accelerate launch train_stage2.py --config configs/train/stage2.yaml [--set train.resume=latest ...]
 
-Published recipe (StaticPairedData, AdamW lr 3e-5, batch 16); see utils/trainer.py and docs/training.md for
-resume, mixed precision, multi-process and the HCD-YC extension switches.
+Published recipe (StaticPairedData, AdamW, global batch 16, 100k steps: lr 3e-5, then 1e-5 from step 50,001); see
+utils/trainer.py and docs/training.md for resume, mixed precision, multi-process and the HCD-YC extension switches.
 """
 from utils.trainer import main
 

@@ -35,12 +35,12 @@ CASES: dict[str, dict] = {
     "base": {},
     "cycle_pixel": {"cycle_weight": 1.0, "feature_weight": 0.0, "semantic_weight": 0.0},
     "cycle": {"cycle_weight": 1.0},
-    "text_processor": {"use_text_processor": True},
+    "text_processor": {"use_text_processor": True, "text_processor_start": 0},
     "dynamic_prompt": {"use_dynamic_prompt": True},
     "align": {"use_dynamic_prompt": True, "text_align_weight": 0.05},
     "ycbcr": {"ycbcr": True},
-    "all": {"cycle_weight": 1.0, "use_text_processor": True, "use_dynamic_prompt": True, "text_align_weight": 0.05,
-            "ycbcr": True},
+    "all": {"cycle_weight": 1.0, "use_text_processor": True, "text_processor_start": 0, "use_dynamic_prompt": True,
+            "text_align_weight": 0.05, "ycbcr": True},
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

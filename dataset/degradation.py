@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils.haze import rehaze
+
 
 @dataclass(frozen=True)
 class DegradationParams:
@@ -111,8 +113,10 @@ def haze_formula(
     J: (H,W,3) in [0,1]; depth01: (H,W) in [0,1]; A: scalar or (3,) airlight.
     Returns I: (H,W,3), not clipped (A may exceed 1 by the per-channel shift).
     """
-    t = transmission(depth01, beta)[:, :, None]
-    return J * t + np.asarray(A, dtype=np.float64) * (1.0 - t)
+    J = np.asarray(J, dtype=np.float64)
+    t = torch.from_numpy(np.asarray(transmission(depth01, beta), dtype=np.float64))[None, None]
+    airlight = torch.from_numpy(np.broadcast_to(np.asarray(A, dtype=np.float64), (3,)).copy())[None]
+    return rehaze(torch.from_numpy(J.transpose(2, 0, 1).copy())[None], t, airlight)[0].numpy().transpose(1, 2, 0)
 
 
 def jpeg_compress(img01: np.ndarray, quality: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dataset.checks import DataError, require_depth_maps, require_folder, require_images, verify_images
-from dataset.degradation import DegradationParams, degrade
+from dataset.degradation import DegradationParams, degrade, normalize_depth, transmission
 from dataset.paired import SeededData, random_crop, to_chw, to_hwc
 from utils.image_io import load_rgb01
 
@@ -38,7 +38,10 @@ class HybridTrainingData(SeededData):
 
     Sample: target (3,S,S) hazy in [-1,1]; condition (3,S,S) clean in [0,1]
     (synthetic) or zeros (real); is_cond bool tensor; prompt str;
-    hazy_ref (3,S,S) the hazy image in [0,1] = (target + 1) / 2.
+    hazy_ref (3,S,S) the hazy image in [0,1] = (target + 1) / 2;
+    transmission (1,S,S) in (0,1] and airlight (3,): the true t and A of the
+    degradation (synthetic; the stage-1 cycle loss uses them), or ones and zeros
+    (real photos, which have none: is_cond False masks them out).
     """
 
     def __init__(
@@ -87,12 +90,13 @@ class HybridTrainingData(SeededData):
     def __getitem__(self, index: int) -> dict[str, object]:
         rng = self.sample_rng(index)
         if rng.random() < self.p:
-            clean01, hazy01 = self._synthetic_pair(index % len(self.syn_paths), rng)
+            clean01, hazy01, t, airlight = self._synthetic_pair(index % len(self.syn_paths), rng)
             condition, is_cond = clean01, True
         else:
             real_path = self.real_paths[int(rng.integers(len(self.real_paths)))]
             hazy01 = random_crop(load_rgb01(real_path), self.crop_size, rng)
             condition, is_cond = torch.zeros_like(hazy01), False
+            t, airlight = torch.ones_like(hazy01[:1]), torch.zeros(3)
         hazy01 = hazy01.contiguous()
         return {
             "target": (hazy01 * 2.0 - 1.0).clamp(-1.0, 1.0),
@@ -100,10 +104,16 @@ class HybridTrainingData(SeededData):
             "is_cond": torch.tensor(is_cond),
             "prompt": self.prompt,
             "hazy_ref": hazy01,
+            "transmission": t.contiguous(),
+            "airlight": airlight,
         }
 
-    def _synthetic_pair(self, syn_index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Degrade the full clean image, then crop both. Returns (clean01, hazy01), (3,S,S) in [0,1]."""
+    def _synthetic_pair(self, syn_index: int, rng: np.random.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Degrade the full clean image, then crop it, the hazy image and t with one window.
+
+        Returns (clean01 (3,S,S), hazy01 (3,S,S) in [0,1], t (1,S,S) in (0,1], A (3,) float32).
+        """
         clean_path = self.syn_paths[syn_index]
         depth_path = self.depth_paths[syn_index]
         clean01 = load_rgb01(clean_path)
@@ -113,6 +123,7 @@ class HybridTrainingData(SeededData):
         if depth.shape != tuple(clean01.shape[1:]):
             raise DataError(depth_path, f"depth map shape {depth.shape} != image size "
                                         f"{tuple(clean01.shape[1:])} of {clean_path}")
-        hazy_hwc, _ = degrade(to_hwc(clean01), depth, rng, self.degradation)
-        stack = random_crop(torch.cat([clean01, to_chw(hazy_hwc)]), self.crop_size, rng)
-        return stack[:3], stack[3:]
+        hazy_hwc, info = degrade(to_hwc(clean01), depth, rng, self.degradation)
+        t = torch.from_numpy(transmission(normalize_depth(depth), info["beta"]).astype(np.float32))[None]
+        stack = random_crop(torch.cat([clean01, to_chw(hazy_hwc), t]), self.crop_size, rng)
+        return stack[:3], stack[3:6], stack[6:], torch.from_numpy(np.asarray(info["A"], dtype=np.float32))

@@ -134,26 +134,29 @@ class ControlLDM(nn.Module):
         """z: scaled latent (B,4,h,w) -> image (B,3,8h,8w) in ~[-1,1] (not clamped)."""
         return self.vae.decode(z.to(self.vae.post_quant_conv.weight.dtype) / self.scale_factor)
 
-    def encode_text(self, prompts: list[str], fog_feats: torch.Tensor | None = None) -> torch.Tensor:
-        """prompts (B strings) -> (B,77,D) text embeddings, refined by the text processor when one is configured."""
+    def encode_text(self, prompts: list[str], fog_feats: torch.Tensor | None = None,
+                    process_text: bool = True) -> torch.Tensor:
+        """prompts (B strings) -> (B,77,D) text embeddings, refined by the text processor when one is configured and
+        ``process_text`` (False: the processor is skipped, e.g. before ``train.text_processor_start``)."""
         with torch.no_grad():
             c_txt = self.clip(prompts)
-        if self.text_processor is not None:
+        if self.text_processor is not None and process_text:
             c_txt = self.text_processor(c_txt, fog_feats)
         return c_txt
 
     def prepare_condition(self, cond_img01: torch.Tensor, prompts: list[str],
-                          fog_feats: torch.Tensor | None = None, c_img: torch.Tensor | None = None) -> dict[str, Any]:
+                          fog_feats: torch.Tensor | None = None, c_img: torch.Tensor | None = None,
+                          process_text: bool = True) -> dict[str, Any]:
         """cond_img01: (B,3,H,W) in [0,1]. Returns ``c_txt`` (B,77,D), ``c_img`` (B,4,H/8,W/8) and, with YCbCr
         fusion, ``c_ycbcr`` (per-level features computed once per image).
 
         ``c_img`` may be given precomputed (e.g. a tiled VAE encoding of a large image); otherwise it is the
-        posterior mode of ``vae_encode(cond_img01*2-1)``.
+        posterior mode of ``vae_encode(cond_img01*2-1)``. ``process_text``: see :meth:`encode_text`.
         """
         if c_img is None:
             with torch.no_grad():
                 c_img = self.vae_encode(cond_img01 * 2 - 1, sample=False)
-        cond: dict[str, Any] = {"c_txt": self.encode_text(prompts, fog_feats), "c_img": c_img}
+        cond: dict[str, Any] = {"c_txt": self.encode_text(prompts, fog_feats, process_text), "c_img": c_img}
         if self.controlnet.ycbcr is not None:
             cond["c_ycbcr"] = self.controlnet.ycbcr.encode(cond_img01)
         return cond
@@ -167,6 +170,17 @@ class ControlLDM(nn.Module):
                 raise ValueError(f"control_scales has {len(self.control_scales)} entries, ControlNet gives {len(control)}")
             control = [c * s for c, s in zip(control, self.control_scales)]
         return self.unet(x_noisy, t, cond["c_txt"], control)
+
+    def set_channels_last(self, enabled: bool) -> "ControlLDM":
+        """Store the UNet and ControlNet conv weights channels-last (NHWC) or back in the default layout.
+
+        Convolutions then produce NHWC activations, which oneDNN / cuDNN run faster, and the transformer blocks'
+        (B,C,H,W) <-> (B,H·W,C) reshapes become views instead of copies. Values are unchanged up to float rounding.
+        """
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        for module in (self.unet, self.controlnet):
+            module.to(memory_format=layout)
+        return self
 
     def cast_denoiser(self, dtype: torch.dtype) -> "ControlLDM":
         """Run UNet + ControlNet in ``dtype`` (fp16/bf16) with every GroupNorm's parameters kept in float32

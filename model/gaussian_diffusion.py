@@ -1,6 +1,7 @@
 """Forward diffusion process and training loss of SD-2.1 (scaled-linear schedule, 1000 steps)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -17,6 +18,29 @@ def make_scaled_linear_betas(linear_start: float, linear_end: float, timesteps: 
 def extract(arr: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """arr[t] reshaped to (B, 1, ..., 1) for broadcasting against an ndim-tensor."""
     return arr.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def predict_x0(x_t: torch.Tensor, model_out: torch.Tensor, alphas_cumprod: float | torch.Tensor,
+               parameterization: str = "eps") -> torch.Tensor:
+    """One-step clean estimate x̂0 from the model output (the one formula used by training and every sampler).
+
+    eps-prediction (DDPM, Ho et al. 2020, eq. 15): x̂0 = (x_t − sqrt(1−ᾱ)·ε̂) / sqrt(ᾱ);
+    v-prediction (Salimans & Ho 2022):             x̂0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v̂.
+    x_t, model_out: (B,C,H,W) latents; alphas_cumprod: ᾱ as a float (one timestep for the batch) or a (B,) tensor
+    (per sample; square roots taken in float64). Returns x̂0 with the shape and dtype of x_t.
+    """
+    if parameterization not in ("eps", "v"):
+        raise ValueError(f"parameterization must be 'eps' or 'v', got '{parameterization}'")
+    if isinstance(alphas_cumprod, torch.Tensor):
+        if alphas_cumprod.shape != (x_t.shape[0],):
+            raise ValueError(f"alphas_cumprod must be a float or ({x_t.shape[0]},), got {tuple(alphas_cumprod.shape)}")
+        ac = alphas_cumprod.double().view(-1, *([1] * (x_t.dim() - 1)))
+        a, s = ac.sqrt().to(x_t.dtype), (1.0 - ac).sqrt().to(x_t.dtype)
+    else:
+        a, s = math.sqrt(alphas_cumprod), math.sqrt(1.0 - alphas_cumprod)
+    if parameterization == "eps":
+        return (x_t - s * model_out) / a
+    return a * x_t - s * model_out
 
 
 class Diffusion(nn.Module):
@@ -53,12 +77,8 @@ class Diffusion(nn.Module):
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, model_out: torch.Tensor) -> torch.Tensor:
-        """x̂0 from the model output (eps or v) at integer timesteps t (B,)."""
-        a = extract(self.sqrt_alphas_cumprod, t, x_t.ndim)
-        s = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
-        if self.parameterization == "eps":
-            return (x_t - s * model_out) / a
-        return a * x_t - s * model_out
+        """x̂0 from the model output (eps or v) at integer timesteps t (B,): :func:`predict_x0`."""
+        return predict_x0(x_t, model_out, self.alphas_cumprod.to(t.device)[t], self.parameterization)
 
     def training_outputs(self, model: Callable, x_start: torch.Tensor, t: torch.Tensor, cond: dict,
                          noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

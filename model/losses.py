@@ -3,13 +3,18 @@
 Not part of "Learning Hazing to Dehazing" (CVPR 2025), which trains both stages with the plain
 diffusion noise-prediction loss only. These terms are added on top of it:
 
-* cycle consistency on the one-step clean estimate x̂0 = (z_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ), decoded
-  to pixels by the caller, at three levels: pixels (texture-weighted L1), VGG-16 feature maps
-  (L1), and a global semantic vector (pooled deep VGG features, cosine);
-* in two directions: forward (prediction vs its target) and backward (push the prediction
-  through the physical haze model in the opposite direction and compare with the input);
+* cycle consistency on the one-step clean estimate x̂0 (``model.gaussian_diffusion.predict_x0``),
+  decoded to pixels by the caller, at three levels: pixels (region-weighted L1), VGG-16 feature
+  maps (region-weighted L1), and a global semantic vector (pooled deep VGG features, cosine);
+* in the two physical directions of the atmospheric model I = J t + A (1 - t) (``utils.haze``):
+  forward = dehazing (hazy -> clean, compared in the clean domain), backward = hazing (clean ->
+  hazy, compared in the hazy domain), with the same meaning in both stages; every term compares
+  op(prediction) with op(ground truth) for one fixed operator op, so the ground truth is always a
+  minimiser (0 at the ground truth, see :class:`HierarchicalCycleLoss`);
+* with per-region weights (sky / textured structure / smooth, ``utils.fog.region_labels``);
 * weighted per sample by the timestep (x̂0 is unreliable at high noise) and by haze density;
-* a symmetric InfoNCE loss aligning pooled text conditions with image embeddings.
+* a symmetric InfoNCE loss aligning pooled text conditions with image embeddings, with
+  negatives gathered across processes.
 
 All images are ``img01``: (B,3,H,W) in [0,1] unless stated otherwise.
 """
@@ -23,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.color import rgb_to_ycbcr
-from utils.dcp import dcp_dehaze
-from utils.fog import sobel
+from utils.dcp import dark_channel, estimate_airlight
+from utils.fog import REGIONS, region_labels
+from utils.haze import fit_transmission, recover, rehaze
 
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -50,18 +55,6 @@ def _vgg16_relu_indices() -> dict[str, int]:
 
 
 VGG16_RELU_INDEX = _vgg16_relu_indices()
-
-
-def predict_x0(z_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """One-step clean estimate of an ε-prediction model (DDPM, Ho et al. 2020, eq. 15).
-
-    z_t, eps: (B,C,H,W) noisy latent and predicted noise; alphas_cumprod_t: (B,) ᾱ_t per sample.
-    Returns x̂0 = (z_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ), same shape as z_t.
-    """
-    if alphas_cumprod_t.shape != (z_t.shape[0],):
-        raise ValueError(f"alphas_cumprod_t must be ({z_t.shape[0]},), got {tuple(alphas_cumprod_t.shape)}")
-    a = alphas_cumprod_t.to(z_t.dtype).view(-1, *([1] * (z_t.dim() - 1)))
-    return (z_t - (1.0 - a).sqrt() * eps) / a.sqrt()
 
 
 def timestep_weight(
@@ -95,23 +88,25 @@ def timestep_weight(
     return w
 
 
-@torch.no_grad()
-def region_weight(img01: torch.Tensor, boost: float = 1.0, ratio: float = 1.5) -> torch.Tensor:
-    """Texture emphasis map (B,1,H,W): 1 + boost where the Sobel magnitude of the BT.601 luma
-    exceeds ``ratio`` x its per-image mean, else 1. Computed on the target, without gradients."""
-    gx, gy = sobel(rgb_to_ycbcr(img01)[:, :1])
-    mag = torch.sqrt(gx**2 + gy**2)
-    textured = mag > ratio * mag.mean(dim=(1, 2, 3), keepdim=True)
-    return 1.0 + boost * textured.to(img01.dtype)
+def region_weight_map(labels: torch.Tensor, weights: Mapping[str, float]) -> torch.Tensor:
+    """Per-pixel weights from region labels: labels (B,1,H,W) int indexing ``utils.fog.REGIONS`` ->
+    (B,1,H,W) float32 with ``weights[name]`` on the pixels of region ``name`` (every region must be given)."""
+    missing = [name for name in REGIONS if name not in weights]
+    if missing:
+        raise KeyError(f"region weights missing for {missing}")
+    table = torch.tensor([float(weights[name]) for name in REGIONS], device=labels.device)
+    return table[labels]
 
 
 def pixel_cycle_loss(
     pred01: torch.Tensor, target01: torch.Tensor, weight_map: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Weighted L1 per sample: sum(w |pred - target|) / sum(w) over C,H,W -> (B,).
+    """Weighted L1 per sample: sum(w |pred - target|) / sum(w) over C,H,W -> (B,); 0 iff pred == target
+    on the pixels with w > 0.
 
-    weight_map: (B,1,H,W) (e.g. ``region_weight``) or None (plain mean L1). Normalising by the
-    weight sum keeps the scale of a plain L1 whatever the texture fraction.
+    weight_map: (B,1,H,W) (e.g. ``region_weight_map``) or None (plain mean L1). Normalising by the
+    weight sum keeps the scale of a plain L1 whatever the region fractions; a sample whose weights
+    are all 0 gives 0.
     """
     diff = (pred01 - target01).abs()
     if weight_map is None:
@@ -151,7 +146,7 @@ class VGGFeatures(nn.Module):
             raise ValueError(
                 "VGGFeatures needs local VGG-16 weights: download torchvision's "
                 f"'{VGG16_WEIGHTS_FILE}' ({VGG16_WEIGHTS_URL}) and set its path in the config "
-                "(e.g. loss.vgg_weights: weights/vgg16-397923af.pth)"
+                "(train.vgg_path: weights/vgg16-397923af.pth)"
             )
         self.layers = tuple(layers)
         self.semantic_layer = semantic_layer
@@ -218,15 +213,22 @@ def feature_cycle_loss(
     feats_pred: Mapping[str, torch.Tensor],
     feats_target: Mapping[str, torch.Tensor],
     layer_weights: Mapping[str, float],
+    weight_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Perceptual loss per sample: sum_l w_l * mean |φ_l(pred) - φ_l(target)| -> (B,)."""
+    """Perceptual loss per sample: sum_l w_l * pixel_cycle_loss(φ_l(pred), φ_l(target), m_l) -> (B,).
+
+    weight_map: (B,1,H,W) per-pixel weights (or None: plain mean), area-averaged to each layer's
+    resolution (m_l), so a region weight applies to the feature cells it covers.
+    """
     if not layer_weights:
         raise ValueError("layer_weights is empty")
     total = None
     for name, w in layer_weights.items():
         if name not in feats_pred or name not in feats_target:
             raise KeyError(f"feature layer '{name}' missing from the VGG outputs")
-        term = w * (feats_pred[name] - feats_target[name]).abs().flatten(1).mean(dim=1)
+        fp, ft = feats_pred[name], feats_target[name]
+        m = None if weight_map is None else F.adaptive_avg_pool2d(weight_map.to(fp.dtype), fp.shape[-2:])
+        term = w * pixel_cycle_loss(fp, ft, m)
         total = term if total is None else total + term
     return total
 
@@ -249,31 +251,11 @@ def semantic_cycle_loss(
     raise ValueError(f"unknown semantic loss mode '{mode}', expected 'cosine' or 'l2'")
 
 
-def rehaze(clean01: torch.Tensor, t: torch.Tensor, airlight: torch.Tensor) -> torch.Tensor:
-    """Atmospheric scattering model I = J t + A (1 - t) (Koschmieder; as in DCP).
-
-    clean01: (B,3,H,W) J in [0,1]; t: (B,1,H,W) transmission; airlight: (B,3) A. Returns I (B,3,H,W).
-    """
-    a = airlight.to(clean01.dtype)[:, :, None, None]
-    return clean01 * t + a * (1.0 - t)
-
-
 @torch.no_grad()
-def dcp_estimates(hazy01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCP transmission (guided-filter refined, >= 0.1) and airlight of hazy01: -> (t (B,1,H,W), A (B,3))."""
-    _, t, airlight = dcp_dehaze(hazy01.detach().float().clamp(0.0, 1.0))
-    return t.to(hazy01.dtype), airlight.to(hazy01.dtype)
-
-
-def dehaze_with_dcp(hazy01: torch.Tensor, t_floor: float = 0.1) -> torch.Tensor:
-    """Invert the haze model with DCP estimates: J = (I - A) / max(t, t_floor) + A -> (B,3,H,W).
-
-    t and A are estimated from ``hazy01`` without gradients and treated as constants, so the
-    result is differentiable w.r.t. ``hazy01``; it is not clamped (clamping would stop gradients).
-    """
-    t, airlight = dcp_estimates(hazy01)
-    a = airlight[:, :, None, None]
-    return (hazy01 - a) / t.clamp_min(t_floor) + a
+def dcp_airlight(hazy01: torch.Tensor) -> torch.Tensor:
+    """DCP airlight of hazy01 (B,3,H,W) in [0,1] (15x15 dark channel, top 0.1 %) -> (B,3), no gradients."""
+    img = hazy01.detach().float().clamp(0.0, 1.0)
+    return estimate_airlight(img, dark_channel(img)).to(hazy01.dtype)
 
 
 def haze_density_weights(
@@ -301,24 +283,42 @@ def alignment_schedule(step: int, max_step: int) -> float:
     return min(1.0, max(0.0, step / max_step))
 
 
+DEFAULT_REGION_WEIGHTS: dict[str, float] = {"sky": 0.5, "texture": 2.0, "smooth": 1.0}
+
+
 class HierarchicalCycleLoss(nn.Module):
     """Hierarchical (pixel / feature / semantic), bidirectional cycle-consistency loss.
 
-    Per sample, with L(a, b) = λp·pixel(a, b; region_weight(b)) + λf·feature(a, b) + λs·semantic(a, b)
-    (λ density-adapted by ``haze_density_weights`` when rho is given):
+    Each sample has a clean image J and a hazy image I related by the atmospheric model with a transmission t and an
+    airlight A (``utils.haze``): stage 2 (DiffDehaze, hazy -> clean) predicts x̂ ≈ J from the condition I; stage 1
+    (HazeGen, clean -> hazy) predicts ŷ ≈ I from the condition J. With t clamped at ``t_floor``, H = rehaze(·, t, A)
+    and D = recover(·, t, A), the two directions are
 
-        stage 2 (DiffDehaze): pred = dehazed x̂, target = clean, cond = hazy input
-            forward  = L(x̂, clean)
-            backward = L(rehaze(x̂, t_dcp(hazy), A_dcp(hazy)), hazy)
-        stage 1 (HazeGen): pred = generated hazy, target = hazy target, cond = clean condition
-            forward  = L(pred, hazy target)
-            backward = L(dehaze_with_dcp(pred), clean condition)
+        forward  (dehazing, hazy -> clean, compared in the clean domain):
+            stage 2: L(x̂, J)                   stage 1: L(D(ŷ), D(I))
+        backward (hazing, clean -> hazy, compared in the hazy domain):
+            stage 2: L(H(x̂), H(J))             stage 1: L(ŷ, I)
+
+    with L(a, b) = λp·pixel(a, b; m) + λf·feature(a, b; m) + λs·semantic(a, b), m the region weight map
+    (``region_weights`` on ``utils.fog.region_labels(I, J, A)``), λ density-adapted by ``haze_density_weights`` when
+    rho is given. Both sides of every comparison go through the same fixed operator (t, A carry no gradient), so each
+    term is >= 0 and exactly 0 at the ground truth (x̂ = J, ŷ = I): the ground truth is a minimiser of every term, for
+    any (t, A), also when I is not exactly J t + A (1 - t) (RIDCP's gamma, noise and JPEG). The pixel terms are
+    minimised only there: |H(x̂) - H(J)| = t |x̂ - J|, |D(ŷ) - D(I)| = |ŷ - I| / t.
+
+    Where (t, A) come from:
+    * stage 1: the true t and A of the synthetic sample (``dataset.HybridTrainingData`` makes them from depth, β and
+      A); real hazy photos have no clean image and no (t, A) and are masked out (``sample_mask``);
+    * stage 2, when not given: A = DCP airlight of I and t = ``utils.haze.fit_transmission(I, J, A)``, the per-pixel
+      least-squares t* = Σ_c (I_c − A_c)(J_c − A_c) / Σ_c (J_c − A_c)², so that H(J) is the part of the hazy input the
+      atmospheric model explains (H(J) = I on exact pairs with the same A). No DCP transmission estimate is involved,
+      so its bias cannot move the minimiser (the former DCP-based terms had their optimum at the DCP re-hazing).
 
         loss_i = w_t(i) · m_i · (forward_weight · forward_i + backward_weight · backward_i)
         total  = mean_i loss_i
 
-    w_t: ``timestep_weight``; m_i: ``sample_mask`` (e.g. 0 where stage 1 dropped the condition).
-    ``vgg`` may be None only if feature_weight and semantic_weight are both 0.
+    w_t: ``timestep_weight``; m_i: ``sample_mask``. ``vgg`` may be None only if feature_weight and semantic_weight are
+    both 0.
     """
 
     def __init__(
@@ -332,8 +332,9 @@ class HierarchicalCycleLoss(nn.Module):
         layer_weights: Mapping[str, float] | None = None,
         timestep_mode: str = "snr",
         max_t: int | None = None,
-        region_boost: float = 1.0,
+        region_weights: Mapping[str, float] | None = None,
         semantic_mode: str = "cosine",
+        t_floor: float = 0.1,
     ) -> None:
         super().__init__()
         self.use_vgg = feature_weight != 0 or semantic_weight != 0
@@ -349,6 +350,11 @@ class HierarchicalCycleLoss(nn.Module):
                 raise ValueError(f"layer_weights name layers the VGG does not output: {missing}")
             if semantic_weight != 0 and vgg.semantic_layer is None:
                 raise ValueError("semantic_weight is non-zero but the VGG has no semantic_layer")
+        region_weights = dict(DEFAULT_REGION_WEIGHTS if region_weights is None else region_weights)
+        if sorted(region_weights) != sorted(REGIONS) or any(w < 0 for w in region_weights.values()):
+            raise ValueError(f"region_weights must give a weight >= 0 to each of {REGIONS}, got {region_weights}")
+        if not 0.0 < t_floor <= 1.0:
+            raise ValueError(f"t_floor must be in (0,1], got {t_floor}")
         self.layer_weights = dict(layer_weights)
         self.pixel_weight = pixel_weight
         self.feature_weight = feature_weight
@@ -357,23 +363,40 @@ class HierarchicalCycleLoss(nn.Module):
         self.backward_weight = backward_weight
         self.timestep_mode = timestep_mode
         self.max_t = max_t
-        self.region_boost = region_boost
+        self.region_weights = region_weights
         self.semantic_mode = semantic_mode
+        self.t_floor = t_floor
 
-    def _directions(
-        self, stage: int, pred01: torch.Tensor, target01: torch.Tensor, cond01: torch.Tensor
+    def haze_parameters(
+        self, clean01: torch.Tensor, hazy01: torch.Tensor,
+        transmission: torch.Tensor | None, airlight: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t (B,1,H,W) in [t_floor,1], A (B,3)) of the pairs: the given ones, else fitted (see class docstring)."""
+        if (transmission is None) != (airlight is None):
+            raise ValueError("give both transmission and airlight, or neither")
+        if transmission is None:
+            airlight = dcp_airlight(hazy01)
+            transmission = fit_transmission(hazy01, clean01, airlight)
+        b, _, h, w = clean01.shape
+        if transmission.shape != (b, 1, h, w) or airlight.shape != (b, 3):
+            raise ValueError(f"transmission must be ({b},1,{h},{w}) and airlight ({b},3), got "
+                             f"{tuple(transmission.shape)}, {tuple(airlight.shape)}")
+        return transmission.detach().float().clamp(self.t_floor, 1.0), airlight.detach().float()
+
+    def directions(
+        self, stage: int, pred01: torch.Tensor, clean01: torch.Tensor, hazy01: torch.Tensor,
+        t: torch.Tensor, airlight: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (forward pred, forward target, backward pred, backward target)."""
+        """-> (forward pred, forward target, backward pred, backward target), see the class docstring."""
         if stage == 2:
-            t, airlight = dcp_estimates(cond01)
-            return pred01, target01, rehaze(pred01, t, airlight), cond01
+            return pred01, clean01, rehaze(pred01, t, airlight), rehaze(clean01, t, airlight)
         if stage == 1:
-            return pred01, target01, dehaze_with_dcp(pred01), cond01
+            return recover(pred01, t, airlight), recover(hazy01, t, airlight), pred01, hazy01
         raise ValueError(f"stage must be 1 or 2, got {stage}")
 
-    def _levels(self, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _levels(self, preds: torch.Tensor, targets: torch.Tensor, weight_map: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted per-sample level losses for stacked (2B,3,H,W) pairs -> {level: (2B,)}."""
-        out = {"pixel": pixel_cycle_loss(preds, targets, region_weight(targets, self.region_boost))}
+        out = {"pixel": pixel_cycle_loss(preds, targets, weight_map)}
         zeros = preds.new_zeros(preds.shape[0])
         out["feature"], out["semantic"] = zeros, zeros
         if self.use_vgg:
@@ -381,7 +404,7 @@ class HierarchicalCycleLoss(nn.Module):
             with torch.no_grad():
                 ft = self.vgg(targets)
             if self.feature_weight != 0:
-                out["feature"] = feature_cycle_loss(fp, ft, self.layer_weights)
+                out["feature"] = feature_cycle_loss(fp, ft, self.layer_weights, weight_map)
             if self.semantic_weight != 0:
                 sl = self.vgg.semantic_layer
                 out["semantic"] = semantic_cycle_loss(fp[sl], ft[sl], self.semantic_mode)
@@ -397,15 +420,20 @@ class HierarchicalCycleLoss(nn.Module):
         rho: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         sample_mask: torch.Tensor | None = None,
+        transmission: torch.Tensor | None = None,
+        airlight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cycle loss for one batch.
 
-        pred01, target01, cond01: (B,3,H,W) in [0,1] (roles per stage, see class docstring);
+        pred01, target01, cond01: (B,3,H,W) in [0,1] (stage 2: x̂, J, I; stage 1: ŷ, I, J);
         alphas_cumprod_t: (B,) ᾱ of the sampled timesteps; rho: (B,) haze density or None
         (constant weights); timesteps: (B,) ints, needed when ``max_t`` is set; sample_mask: (B,)
-        bool/float or None. Returns (total float32 scalar, {component: detached scalar} for logging).
-        Images are promoted to float32 (the losses sum over many pixels).
+        bool/float or None; transmission (B,1,H,W) and airlight (B,3): the pairs' haze parameters
+        (required in stage 1; fitted when None in stage 2). Returns (total float32 scalar,
+        {component: detached scalar} for logging). Images are promoted to float32.
         """
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
         pred01, target01, cond01 = pred01.float(), target01.float(), cond01.float()
         b = pred01.shape[0]
         if target01.shape != pred01.shape or cond01.shape != pred01.shape:
@@ -413,8 +441,15 @@ class HierarchicalCycleLoss(nn.Module):
                 f"pred01, target01, cond01 must share a shape, got {tuple(pred01.shape)}, "
                 f"{tuple(target01.shape)}, {tuple(cond01.shape)}"
             )
-        fwd_pred, fwd_tgt, bwd_pred, bwd_tgt = self._directions(stage, pred01, target01, cond01)
-        levels = self._levels(torch.cat([fwd_pred, bwd_pred]), torch.cat([fwd_tgt, bwd_tgt]).detach())
+        if stage == 1 and transmission is None:
+            raise ValueError("the stage-1 cycle loss needs the true transmission and airlight of the synthetic pairs "
+                             "(batch keys 'transmission' and 'airlight' from dataset.HybridTrainingData)")
+        clean01, hazy01 = (target01, cond01) if stage == 2 else (cond01, target01)
+        t, a = self.haze_parameters(clean01, hazy01, transmission, airlight)
+        fwd_pred, fwd_tgt, bwd_pred, bwd_tgt = self.directions(stage, pred01, clean01, hazy01, t, a)
+        weight_map = region_weight_map(region_labels(hazy01, clean01, a), self.region_weights)
+        levels = self._levels(torch.cat([fwd_pred, bwd_pred]), torch.cat([fwd_tgt, bwd_tgt]).detach(),
+                              torch.cat([weight_map, weight_map]))
 
         if rho is None:
             lam = {name: pred01.new_full((b,), w) for name, w in (
@@ -440,11 +475,21 @@ class HierarchicalCycleLoss(nn.Module):
         return total, logs
 
 
-def info_nce(text_emb: torch.Tensor, img_emb: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP loss) with in-batch negatives.
+def info_nce(
+    text_emb: torch.Tensor,
+    img_emb: torch.Tensor,
+    temperature: float = 0.07,
+    all_text: torch.Tensor | None = None,
+    all_img: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP loss); row i of ``text_emb`` and ``img_emb`` (B,D) is a positive pair.
 
-    text_emb, img_emb: (B,D), row i of each is a positive pair; both are L2-normalised here.
-    Returns the scalar (CE(text->image) + CE(image->text)) / 2 of logits cos / temperature.
+    Negatives are the rows of ``all_text`` / ``all_img`` (N,D) (e.g. the batches of every process, see
+    :func:`gather_with_local_grad`), in which the local pairs sit at rows ``offset .. offset+B-1``; None = the local
+    batch (N = B, offset 0). Embeddings are L2-normalised here. Returns the scalar
+    (CE(text_i -> all images) + CE(image_i -> all texts)) / 2 averaged over the B local rows, logits cos / temperature;
+    minimised when each text is closer to its own image than to every other one.
     """
     if text_emb.shape != img_emb.shape or text_emb.dim() != 2:
         raise ValueError(
@@ -452,11 +497,36 @@ def info_nce(text_emb: torch.Tensor, img_emb: torch.Tensor, temperature: float =
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    t = F.normalize(text_emb.float(), dim=1)
-    i = F.normalize(img_emb.float(), dim=1)
-    logits = t @ i.t() / temperature
-    labels = torch.arange(t.shape[0], device=t.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    all_text = text_emb if all_text is None else all_text
+    all_img = img_emb if all_img is None else all_img
+    if all_text.shape != all_img.shape or all_text.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"all_text and all_img must both be (N,{text_emb.shape[1]}), got "
+                         f"{tuple(all_text.shape)}, {tuple(all_img.shape)}")
+    if not 0 <= offset <= all_text.shape[0] - text_emb.shape[0]:
+        raise ValueError(f"offset {offset} does not place {text_emb.shape[0]} rows inside {all_text.shape[0]}")
+    t, i = F.normalize(text_emb.float(), dim=1), F.normalize(img_emb.float(), dim=1)
+    t_all, i_all = F.normalize(all_text.float(), dim=1), F.normalize(all_img.float(), dim=1)
+    labels = torch.arange(offset, offset + t.shape[0], device=t.device)
+    return 0.5 * (F.cross_entropy(t @ i_all.t() / temperature, labels)
+                  + F.cross_entropy(i @ t_all.t() / temperature, labels))
+
+
+def gather_with_local_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate a (B,...) tensor over all processes (``accelerate.utils.gather``): -> ((P·B,...), offset).
+
+    The rows of this process (at ``offset = process_index · B``) are ``local`` itself, so they keep their autograd
+    graph; the other processes' rows are detached copies. Every process must call this with the same B (the training
+    sampler drops incomplete global batches). One process: (local, 0).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return local, 0
+    everything = gather(local.detach().contiguous())
+    b, offset = local.shape[0], state.process_index * local.shape[0]
+    return torch.cat([everything[:offset], local, everything[offset + b:]]), offset
 
 
 class ImageEmbedder(nn.Module):

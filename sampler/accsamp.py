@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sampler.guidance import WeightedMSSSIMGuidance
-from sampler.spaced import ModelFn, SpacedSchedule, sample_spaced
+from sampler.spaced import Generators, ModelFn, SpacedSchedule, randn, sample_spaced
 
 
 def _guide_x0(x0: torch.Tensor, x_t: torch.Tensor, i: int, *, guidance: WeightedMSSSIMGuidance,
@@ -46,7 +46,7 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
                    align_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    transmission_fn: Callable[[torch.Tensor], torch.Tensor],
                    decode_vjp_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   parameterization: str = "eps", generator: torch.Generator | None = None,
+                   parameterization: str = "eps", generator: Generators = None,
                    callback: Callable[[dict], None] | None = None,
                    disable: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run AccSamp.
@@ -54,7 +54,8 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
     x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in [0,1] (the padded input, H = 8h);
     decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
     align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W);
-    decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance).
+    decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance);
+    generator: one, or one per batch element (``sampler.spaced.randn``).
     Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": (B,1,H,W)}``.
     """
     n = len(schedule)
@@ -76,7 +77,7 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
         z_est = encode_fn(estimate)
     i_restart = n - 1 - k_restart
     ac = float(schedule.alphas_cumprod[i_restart])
-    noise = torch.randn(z_est.shape, generator=generator, device=z_est.device, dtype=z_est.dtype)
+    noise = randn(z_est.shape, generator, z_est.device, z_est.dtype)
     x = float(np.sqrt(ac)) * z_est + float(np.sqrt(1.0 - ac)) * noise
     x0_fn: Callable | None = None
     if guidance is not None:

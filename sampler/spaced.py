@@ -6,13 +6,16 @@ with a ``callback`` receiving the intermediates of every step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model.gaussian_diffusion import predict_x0
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list[int]:
@@ -79,14 +82,6 @@ def make_spaced_schedule(base_alphas_cumprod: np.ndarray, num_steps: int | str) 
     )
 
 
-def predict_x0(x_t: torch.Tensor, model_out: torch.Tensor, alpha_cumprod: float, parameterization: str) -> torch.Tensor:
-    """x̂0 from eps (x̂0 = (x_t − sqrt(1−ᾱ)·ε)/sqrt(ᾱ)) or from v (x̂0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v)."""
-    a, s = float(np.sqrt(alpha_cumprod)), float(np.sqrt(1.0 - alpha_cumprod))
-    if parameterization == "eps":
-        return (x_t - s * model_out) / a
-    return a * x_t - s * model_out
-
-
 def guided_model_output(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any = None,
                         cfg_scale: float = 1.0) -> torch.Tensor:
     """Classifier-free guidance ``uncond + s·(cond − uncond)``; plain ``model_fn(x, t, cond)`` when s == 1 or no
@@ -98,27 +93,42 @@ def guided_model_output(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, con
     return out_uncond + cfg_scale * (out - out_uncond)
 
 
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B,...).
+
+    ``generator`` may be one generator (or None) for the whole batch, or a list of B generators: then row b is
+    drawn from generator b alone, so an image sampled in a batch gets exactly the noise it gets when sampled alone.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def posterior_step(x_t: torch.Tensor, x0: torch.Tensor, schedule: SpacedSchedule, i: int,
-                   generator: torch.Generator | None) -> torch.Tensor:
+                   generator: Generators) -> torch.Tensor:
     """One ancestral DDPM step from index i to i−1: posterior mean plus noise (no noise at i == 0)."""
     mean = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x_t
     if i == 0:
         return mean
-    noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
     return mean + float(np.exp(0.5 * schedule.posterior_log_variance_clipped[i])) * noise
 
 
 def sample_spaced(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, cond: Any, *,
                   uncond: Any = None, cfg_scale: float = 1.0, parameterization: str = "eps",
                   start_step: int = 0, end_step: int | None = None, x0_fn: Callable | None = None,
-                  callback: Callable[[dict], None] | None = None, generator: torch.Generator | None = None,
+                  callback: Callable[[dict], None] | None = None, generator: Generators = None,
                   disable: bool = True) -> torch.Tensor:
     """Run the respaced chain on latent ``x`` (B,4,h,w).
 
     Steps are counted in sampling order: step k uses schedule index i = N−1−k (k = 0 is the noisiest).
     ``start_step``/``end_step`` run the sub-range [start_step, end_step) (AccSamp uses both). ``x0_fn(x0, x, i)``
     may modify the x0 prediction (fidelity guidance). ``callback`` gets ``{"step", "index", "t", "x", "x0"}``
-    after each step, where ``x`` is the new latent. Returns the latent after the last step run.
+    after each step, where ``x`` is the new latent. ``generator``: one, or one per batch element (see
+    :func:`randn`). Returns the latent after the last step run.
     """
     n = len(schedule)
     end_step = n if end_step is None else end_step

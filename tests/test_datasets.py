@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from dataset import STAGE1_PROMPT, STAGE2_PROMPT, DataError, DegradationParams, HybridTrainingData, StaticPairedData
 from dataset.checks import clean_name_for
+from utils.haze import rehaze
 
 H, W, CROP = 80, 96, 64
 HAZE_ONLY = DegradationParams(gamma_p=0.0, noise_p=0.0, jpeg_p=0.0)
@@ -71,7 +72,7 @@ def to01(img_u8: np.ndarray) -> torch.Tensor:
 def test_hybrid_synthetic_branch(syn_folder: Path, real_folder: Path) -> None:
     data = HybridTrainingData(syn_folder, real_folder, crop_size=CROP, p=1.0, seed=0, degradation=HAZE_ONLY)
     sample = data[1]
-    assert set(sample) == {"target", "condition", "is_cond", "prompt", "hazy_ref"}
+    assert set(sample) == {"target", "condition", "is_cond", "prompt", "hazy_ref", "transmission", "airlight"}
     for key in ("target", "condition", "hazy_ref"):
         assert sample[key].shape == (3, CROP, CROP) and sample[key].dtype == torch.float32
     assert sample["target"].min() >= -1 and sample["target"].max() <= 1 and sample["target"].min() < 0
@@ -97,6 +98,12 @@ def test_hybrid_synthetic_target_is_the_hazed_image(syn_folder: Path, real_folde
         assert find_window(sample["condition"], [to01(noise_u8(index))])
         # far everywhere: t = exp(-2 beta) <= exp(-0.6) scales the clean image's contrast
         assert sample["hazy_ref"].std() < 0.56 * sample["condition"].std()
+        # the carried t and A are the degradation's: they re-make the target up to clipping and 8-bit rounding
+        t, airlight = sample["transmission"], sample["airlight"]
+        assert t.shape == (1, CROP, CROP) and airlight.shape == (3,)
+        assert 0.049 < float(t.min()) and float(t.max()) <= 0.55
+        remade = rehaze(sample["condition"][None], t[None], airlight[None])[0].clamp(0, 1)
+        assert (remade - sample["hazy_ref"]).abs().max() <= 0.5 / 255 + 1e-6
 
 
 def test_hybrid_real_branch(syn_folder: Path, real_folder: Path) -> None:
@@ -106,6 +113,7 @@ def test_hybrid_real_branch(syn_folder: Path, real_folder: Path) -> None:
         sample = data[index]
         assert not bool(sample["is_cond"])
         assert sample["condition"].shape == (3, CROP, CROP) and not sample["condition"].any()
+        assert torch.equal(sample["transmission"], torch.ones(1, CROP, CROP)) and not sample["airlight"].any()
         assert find_window(sample["hazy_ref"], reals)
         torch.testing.assert_close(sample["target"], sample["hazy_ref"] * 2 - 1)
 

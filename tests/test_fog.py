@@ -61,7 +61,7 @@ def test_density_increases_with_beta(seed):
 
 
 def test_density_levels_thresholds():
-    assert [density_level(r) for r in (0.0, 0.44, 0.45, 0.64, 0.65, 1.0)] == [
+    assert [density_level(r) for r in (0.0, 0.51, 0.52, 0.75, 0.76, 1.0)] == [
         "light", "light", "moderate", "moderate", "dense", "dense"
     ]
 
@@ -167,3 +167,18 @@ def test_dynamic_prompts_follow_density():
     light, dense = dynamic_prompts(batch, stage=2, rng=None)
     assert light.startswith("remove light haze")
     assert dense.startswith("remove dense fog")
+
+
+def test_non_uniform_needs_gradients_that_follow_the_transmission():
+    """Same left/right transmission step twice: on a scene textured everywhere the gradients follow t (agreement
+    near 1, non-uniform); when all texture sits in the hazy half, the clear half's gradients contradict it
+    (agreement < 0) and the step is read as scene content (uniform)."""
+    x = torch.arange(S).view(1, 1, 1, S).expand(1, 1, S, S)
+    t = torch.where(x < S // 2, torch.tensor(0.3), torch.tensor(0.9))
+    textured = colourful_scene(6)
+    stripes = 0.2 + 0.6 * ((torch.arange(S) // 2) % 2).float().view(1, 1, S, 1).expand(1, 3, S, S)
+    half = torch.where(x < S // 2, stripes, torch.full_like(stripes, 0.1))
+    agree, disagree = analyze_fog(torch.cat([haze(textured, t), haze(half, t)]))
+    assert agree.stats()["gradient_agreement"] > 0.5 and agree.haze_type == "non-uniform"
+    assert disagree.stats()["gradient_agreement"] < 0.0 and disagree.stats()["residual_std"] >= 0.07
+    assert disagree.haze_type == "uniform"

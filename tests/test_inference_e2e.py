@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.helpers import ROOT, build_tiny, randomize_, tiny_config, write_release_checkpoints
+from utils.fog import FOG_FEATURE_DIM
 
 SCRIPTS = {
     "stage2": ("inference_stage2.py", "configs/inference/stage2.yaml"),
@@ -137,7 +138,7 @@ def test_extensions_at_inference_dynamic_prompt_fusion_and_text_processor(tmp_pa
     ext = {"model.cldm.params.controlnet_cfg.params.ycbcr_fusion": True,
            "model.cldm.params.text_processor_cfg.target": "model.text_processor.TextConditionProcessor",
            "model.cldm.params.text_processor_cfg.params.dim": 32,
-           "model.cldm.params.text_processor_cfg.params.fog_feat_dim": 15}
+           "model.cldm.params.text_processor_cfg.params.fog_feat_dim": FOG_FEATURE_DIM}
     model = build_tiny(seed=21, cfg=tiny_config(**ext))
     randomize_(model.unet, seed=22, std=0.02)
     randomize_(model.controlnet, seed=23, std=0.02)

@@ -13,18 +13,19 @@ from model.losses import (
     VGGFeatures,
     alignment_schedule,
     cycle_schedule,
-    dcp_estimates,
-    dehaze_with_dcp,
+    dcp_airlight,
     feature_cycle_loss,
     haze_density_weights,
     info_nce,
     pixel_cycle_loss,
-    predict_x0,
-    region_weight,
-    rehaze,
+    region_weight_map,
     semantic_cycle_loss,
     timestep_weight,
 )
+from model.gaussian_diffusion import predict_x0
+from utils.dcp import dcp_dehaze
+from utils.fog import REGIONS, region_labels
+from utils.haze import fit_transmission, recover, rehaze
 
 S = 32
 
@@ -51,12 +52,15 @@ def test_predict_x0_formula():
     abar = torch.tensor([0.25, 0.64])
     expected = torch.tensor([(1.0 - math.sqrt(0.75) * 0.5) / 0.5, (2.0 + 0.6 * 1.0) / 0.8]).view(2, 1, 1, 1)
     assert torch.allclose(predict_x0(z, eps, abar), expected)
+    assert torch.allclose(predict_x0(z[:1], eps[:1], 0.25), expected[:1])
 
     x0 = torch.randn(2, 4, 3, 3)
     noise = torch.randn(2, 4, 3, 3)
     z_t = abar.sqrt().view(2, 1, 1, 1) * x0 + (1 - abar).sqrt().view(2, 1, 1, 1) * noise
     assert torch.allclose(predict_x0(z_t, noise, abar), x0, atol=1e-5)
-    with pytest.raises(ValueError, match="alphas_cumprod_t"):
+    v = abar.sqrt().view(2, 1, 1, 1) * noise - (1 - abar).sqrt().view(2, 1, 1, 1) * x0
+    assert torch.allclose(predict_x0(z_t, v, abar, "v"), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
         predict_x0(z_t, noise, abar[:1])
 
 
@@ -81,15 +85,32 @@ def test_timestep_weight_monotone_in_noise():
         assert (w[1:] <= w[:-1]).all() and w.max() <= 1.0 and w[-1] < 0.1
 
 
-def test_region_weight_marks_edges():
-    img = torch.zeros(1, 3, 6, 8)
-    img[..., 4:] = 0.4
-    w = region_weight(img)
-    expected = torch.ones(1, 1, 6, 8)
-    expected[..., 3:5] = 2.0
-    assert torch.equal(w, expected)
-    assert torch.equal(region_weight(img, boost=0.5), 1 + 0.5 * (expected - 1))
-    assert torch.equal(region_weight(torch.full((1, 3, 4, 4), 0.3)), torch.ones(1, 1, 4, 4))
+def sky_scene(b: int = 1, size: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean, hazy, t, A): top third flat sky of the airlight colour, bottom-left vertical stripes (texture),
+    bottom-right a flat wall; hazy = rehaze(clean, t, A) with a vertical transmission ramp."""
+    airlight = torch.tensor([[0.85, 0.88, 0.92]]).expand(b, 3)
+    clean = torch.full((b, 3, size, size), 0.35)
+    clean[:, :, : size // 3] = airlight[:, :, None, None]
+    stripes = ((torch.arange(size) // 3) % 2).float() * 0.5 + 0.1
+    clean[:, :, size // 3:, : size // 2] = stripes[: size // 2].view(1, 1, 1, -1)
+    t = torch.linspace(0.4, 0.9, size).view(1, 1, size, 1).expand(b, 1, size, size)
+    return clean, rehaze(clean, t, airlight), t, airlight
+
+
+def test_region_labels_and_weights_on_a_known_sky():
+    clean, hazy, _, airlight = sky_scene()
+    labels = region_labels(hazy, clean, airlight)
+    s = clean.shape[-1]
+    assert REGIONS == ("sky", "texture", "smooth")
+    assert (labels[..., : s // 3 - 5, :] == 0).all()  # sky, away from the 9x9 smoothness window at its border
+    assert (labels[..., s // 3 + 5:, 2: s // 2 - 5] == 1).all()  # stripes: textured structure
+    assert (labels[..., s // 3 + 5:, s // 2 + 5:] == 2).all()  # flat wall: smooth non-sky
+    w = region_weight_map(labels, {"sky": 0.3, "texture": 2.0, "smooth": 1.0})
+    assert w.shape == (1, 1, s, s)
+    for region, value in enumerate((0.3, 2.0, 1.0)):
+        assert torch.all(w[labels == region] == value)
+    with pytest.raises(KeyError, match="smooth"):
+        region_weight_map(labels, {"sky": 1.0, "texture": 1.0})
 
 
 def test_pixel_cycle_loss_formula():
@@ -111,20 +132,21 @@ def test_feature_and_semantic_formulas():
     assert torch.allclose(semantic_cycle_loss(q, 2 * q, "cosine"), torch.zeros(1), atol=1e-6)
 
 
-def test_rehaze_and_dcp_inverse():
+def test_haze_model_pair_and_fitted_transmission():
     clean, hazy, t = _images()
-    a = torch.full((2, 3), 0.9)
-    assert torch.allclose(rehaze(clean, t, a), clean * t + 0.9 * (1 - t))
-
-    hazy = hazy.clone().requires_grad_(True)
-    t_dcp, a_dcp = dcp_estimates(hazy)
-    assert t_dcp.shape == (2, 1, S, S) and a_dcp.shape == (2, 3) and t_dcp.min() >= 0.1
-    j = dehaze_with_dcp(hazy)
-    expected = (hazy - a_dcp[:, :, None, None]) / t_dcp + a_dcp[:, :, None, None]
-    assert torch.allclose(j, expected, atol=1e-6)
-    j.sum().backward()
-    assert torch.allclose(hazy.grad, (1 / t_dcp).expand_as(hazy), atol=1e-5)
-    assert torch.allclose(rehaze(j.detach(), t_dcp, a_dcp), hazy.detach(), atol=1e-5)
+    a = torch.tensor([[0.9, 0.85, 0.8], [0.7, 0.75, 0.95]])
+    hazy = rehaze(clean, t, a)
+    assert torch.allclose(hazy, clean * t + a[:, :, None, None] * (1 - t))
+    assert torch.allclose(recover(hazy, t, a), clean, atol=1e-5)
+    assert torch.allclose(recover(hazy, torch.full_like(t, 0.02), a, t_floor=0.1),
+                          (hazy - a[:, :, None, None]) / 0.1 + a[:, :, None, None])
+    fitted = fit_transmission(hazy, clean, a)
+    assert torch.allclose(fitted, t, atol=1e-4)
+    assert torch.allclose(rehaze(clean, fitted, a), hazy, atol=1e-5)
+    assert torch.equal(fit_transmission(a[:, :, None, None].expand_as(clean), a[:, :, None, None].expand_as(clean),
+                                        a), torch.ones_like(t))  # J = A: no information -> t = 1
+    airlight = dcp_airlight(hazy)
+    assert airlight.shape == (2, 3) and not airlight.requires_grad
 
 
 def test_haze_density_weights_formula():
@@ -237,7 +259,8 @@ class TinyPredictor(nn.Module):
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("level", ["pixel", "feature", "semantic"])
 def test_cycle_loss_each_term_gives_gradients(stage, direction, level):
-    clean, hazy, _ = _images(seed=3)
+    clean, hazy, t = _images(seed=3)
+    airlight = torch.full((2, 3), 0.9)
     weights = {"pixel_weight": 0.0, "feature_weight": 0.0, "semantic_weight": 0.0}
     weights[f"{level}_weight"] = 1.0
     vgg = _sign_split_vgg()
@@ -251,15 +274,17 @@ def test_cycle_loss_each_term_gives_gradients(stage, direction, level):
     if stage == 2:
         pred, target, cond = net(hazy), clean, hazy
     else:
-        pred, target, cond = net(hazy), _images(seed=5)[1], clean
+        pred, target, cond = net(clean), hazy, clean
+    t_used, a_used = loss_fn.haze_parameters(clean, hazy, t if stage == 1 else None, airlight if stage == 1 else None)
     if level == "semantic":
         # premise, by construction of the VGG: the pooled vectors are not parallel (distance far above
         # float32 rounding of a cosine, ~1e-7)
-        fwd_pred, fwd_tgt, bwd_pred, bwd_tgt = loss_fn._directions(stage, pred.detach(), target, cond)
+        fwd_pred, fwd_tgt, bwd_pred, bwd_tgt = loss_fn.directions(stage, pred.detach(), clean, hazy, t_used, a_used)
         p, q = (fwd_pred, fwd_tgt) if direction == "forward" else (bwd_pred, bwd_tgt)
         pooled = [vgg(x)["relu5_3"].mean(dim=(2, 3)) for x in (p, q)]
         assert (1 - F.cosine_similarity(*pooled, dim=1)).min() > 1e-4
-    total, logs = loss_fn(stage, pred, target, cond, torch.tensor([0.9, 0.6]), rho=torch.tensor([0.2, 0.8]))
+    known = {"transmission": t, "airlight": airlight} if stage == 1 else {}
+    total, logs = loss_fn(stage, pred, target, cond, torch.tensor([0.9, 0.6]), rho=torch.tensor([0.2, 0.8]), **known)
     assert total.item() > 0
     total.backward()
     assert net.conv.weight.grad.abs().sum() > 0
@@ -272,12 +297,16 @@ def test_cycle_loss_combination_stage2():
     pred = (clean + 0.05 * torch.randn_like(clean)).clamp(0, 1)
     abar = torch.tensor([0.95, 0.3])
     rho = torch.tensor([0.1, 0.9])
-    loss_fn = HierarchicalCycleLoss(None, pixel_weight=2.0, feature_weight=0.0, semantic_weight=0.0)
+    regions = {"sky": 0.5, "texture": 3.0, "smooth": 1.0}
+    loss_fn = HierarchicalCycleLoss(None, pixel_weight=2.0, feature_weight=0.0, semantic_weight=0.0,
+                                    region_weights=regions)
     total, logs = loss_fn(2, pred, clean, hazy, abar, rho=rho)
 
-    t, a = dcp_estimates(hazy)
-    fwd = pixel_cycle_loss(pred, clean, region_weight(clean))
-    bwd = pixel_cycle_loss(rehaze(pred, t, a), hazy, region_weight(hazy))
+    a = dcp_airlight(hazy)
+    t = fit_transmission(hazy, clean, a).clamp_min(0.1)
+    w = region_weight_map(region_labels(hazy, clean, a), regions)
+    fwd = pixel_cycle_loss(pred, clean, w)
+    bwd = pixel_cycle_loss(rehaze(pred, t, a), rehaze(clean, t, a), w)
     lam = 2.0 * (1 - 0.5 * rho)
     expected = (timestep_weight(abar) * lam * (0.7 * fwd + 0.3 * bwd)).mean()
     assert torch.allclose(total, expected, atol=1e-6)
@@ -288,6 +317,23 @@ def test_cycle_loss_combination_stage2():
     assert torch.allclose(masked, (timestep_weight(abar) * lam * (0.7 * fwd + 0.3 * bwd))[0] / 2, atol=1e-6)
     noisy, _ = loss_fn(2, pred, clean, hazy, torch.tensor([1e-4, 1e-4]), rho=rho)
     assert noisy < 1e-3 * total
+
+
+def test_stage1_cycle_uses_the_given_haze_parameters():
+    """Stage 1 with the true (t, A): forward = |D(ŷ) - D(I)| = |ŷ - I| / max(t, 0.1), backward = |ŷ - I|."""
+    clean, hazy, t = _images(seed=6)
+    t = t * torch.linspace(0.1, 1.0, S).view(1, 1, 1, S)  # below the 0.1 floor on the left
+    a = torch.tensor([[0.8, 0.85, 0.9], [0.95, 0.9, 0.85]])
+    hazy = rehaze(clean, t, a)
+    pred = hazy + 0.02 * torch.randn(hazy.shape, generator=torch.Generator().manual_seed(0))
+    loss_fn = HierarchicalCycleLoss(None, feature_weight=0.0, semantic_weight=0.0, region_weights=dict.fromkeys(
+        REGIONS, 1.0))
+    _, logs = loss_fn(1, pred, hazy, clean, torch.ones(2), transmission=t, airlight=a)
+    diff = (pred - hazy).abs()
+    assert torch.allclose(logs["cycle_bwd_pixel"], diff.mean(), atol=1e-6)
+    assert torch.allclose(logs["cycle_fwd_pixel"], (diff / t.clamp_min(0.1)).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="transmission"):
+        loss_fn(1, pred, hazy, clean, torch.ones(2))
 
 
 def test_cycle_loss_config_errors(vgg):
@@ -329,3 +375,60 @@ def test_semantic_cosine_distance_is_never_negative():
         assert (d >= 0).all() and d.max() < 1e-6
     other = torch.rand(64, 512, 2, 2, generator=g)
     assert (semantic_cycle_loss(other, feat, "cosine") > 1e-4).all()
+
+
+def _physical_pairs(kind: str, b: int = 2, size: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean J, hazy I, true t, true A) with a spatially varying t (depth ramp times patchy β).
+
+    ``exact``: I = J t + A (1 - t) exactly; ``ridcp``: RIDCP-style extras the model does not explain (gamma on J,
+    Gaussian noise, clipping and 8-bit quantisation of I), so I != rehaze(J, t, A).
+    """
+    g = torch.Generator().manual_seed(21)
+    clean = F.interpolate(torch.rand(b, 3, 6, 6, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+    clean = (clean + 0.15 * torch.rand(b, 3, size, size, generator=g)).clamp(0, 1)
+    depth = torch.linspace(1.0, 0.0, size).view(1, 1, size, 1)
+    beta = 0.4 + F.interpolate(torch.rand(b, 1, 3, 3, generator=g), size=(size, size), mode="bilinear")
+    t = torch.exp(-2 * beta * (1 - depth)).expand(b, 1, size, size)
+    airlight = 0.7 + 0.25 * torch.rand(b, 3, generator=g)
+    if kind == "exact":
+        return clean, rehaze(clean, t, airlight), t, airlight
+    scene = (clean**1.8 + 0.03 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    hazy = torch.round(rehaze(scene, t, airlight).clamp(0, 1) * 255) / 255
+    return clean, hazy, t, airlight
+
+
+@pytest.mark.parametrize("kind", ["exact", "ridcp"])
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("level", ["pixel", "feature", "semantic"])
+def test_ground_truth_minimises_every_cycle_term(kind, stage, direction, level):
+    """Each stage x level x direction: loss(ground truth) = 0 <= loss(noisy prediction, DCP re-hazing of the clean
+    image, the condition itself). Stage 1 uses the true (t, A) (as carried by HybridTrainingData), stage 2 none.
+
+    The former DCP-based terms failed this on these exact pairs (pixel level, measured with commit e83ac11): stage-1
+    DCP-dehazed ŷ vs the clean condition scored 0.080 at the ground truth vs 0.025 with the condition as prediction;
+    stage-2 DCP re-hazed x̂ vs the hazy input scored 0.028 (not 0) at the ground truth."""
+    clean, hazy, t, airlight = _physical_pairs(kind)
+    weights = dict.fromkeys(("pixel_weight", "feature_weight", "semantic_weight"), 0.0)
+    weights[f"{level}_weight"] = 1.0
+    loss_fn = HierarchicalCycleLoss(_sign_split_vgg(), forward_weight=float(direction == "forward"),
+                                    backward_weight=float(direction == "backward"), **weights)
+    truth, cond = (hazy, clean) if stage == 1 else (clean, hazy)
+    _, t_dcp, a_dcp = dcp_dehaze(hazy)
+    candidates = {
+        "noisy": (truth + 0.05 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1),
+        "dcp_rehazed_clean": rehaze(clean, t_dcp, a_dcp),
+        "condition": cond,
+    }
+    known = {"transmission": t, "airlight": airlight} if stage == 1 else {}
+
+    def loss(pred: torch.Tensor) -> float:
+        return loss_fn(stage, pred, truth, cond, torch.ones(2), **known)[0].item()
+
+    at_truth = loss(truth)
+    assert abs(at_truth) < 1e-6
+    for name, pred in candidates.items():
+        value = loss(pred)
+        assert at_truth <= value, (name, at_truth, value)
+        if level != "semantic":  # pixels and feature maps differ wherever the prediction does
+            assert value > 1e-4, (name, value)

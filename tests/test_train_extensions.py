@@ -11,15 +11,18 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from model.losses import ImageEmbedder, VGGFeatures, rehaze
+from model.losses import ImageEmbedder, VGGFeatures
 from tests.helpers import ROOT, randomize_, tiny_config
 from tests.train_helpers import (launch, make_stage1_data, make_stage2_data, single_thread, tiny_train_config,
                                  vgg_init_, write_sd_weights, write_vgg_weights)
 from utils.common import instantiate_from_config
 from utils.checkpoint import load_state_dict
+from utils.common import load_config
+from utils.fog import region_labels
+from utils.haze import rehaze
 from utils.prompts import PUBLISHED_PROMPTS
 from utils.train_losses import ExtensionSettings, TrainingStep, build_cycle_loss, image_embedder_for
-from utils.trainer import model_config
+from utils.trainer import model_config, split_settings
 
 S = 32  # image side: 4x4 latents with the tiny VAE
 
@@ -30,22 +33,26 @@ def _one_thread():
         yield
 
 
-def _images(b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clean01, hazy01), (b,3,S,S): smooth random colours with a vertical-gradient haze."""
+def _images(b: int, seed: int, sky: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean01, hazy01 (b,3,S,S), t (b,1,S,S), A (b,3)): smooth random colours with a vertical-gradient haze;
+    ``sky``: the top third of the clean image is flat airlight colour (a sky the fog analyser detects)."""
     g = torch.Generator().manual_seed(seed)
     clean = F.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=(S, S), mode="bilinear", align_corners=False)
     clean = (clean + 0.15 * torch.rand(b, 3, S, S, generator=g)).clamp(0, 1)
+    airlight = torch.full((b, 3), 0.85)
+    if sky:
+        clean[:, :, : S // 3] = 0.85
     ramp = torch.linspace(0.2, 0.9, S).view(1, 1, S, 1).expand(b, 1, S, S)
     t = ramp * (0.6 + 0.4 * torch.rand(b, 1, 1, 1, generator=g))
-    return clean, rehaze(clean, t, torch.full((b, 3), 0.85))
+    return clean, rehaze(clean, t, airlight), t, airlight
 
 
-def make_batch(stage: int, b: int = 2, seed: int = 0, is_cond: list[bool] | None = None) -> dict:
-    clean, hazy = _images(b, seed)
+def make_batch(stage: int, b: int = 2, seed: int = 0, is_cond: list[bool] | None = None, sky: bool = False) -> dict:
+    clean, hazy, t, airlight = _images(b, seed, sky)
     mask = torch.tensor(is_cond if is_cond is not None else [True] * b)
     if stage == 1:
         return {"target": hazy * 2 - 1, "condition": clean * mask.view(-1, 1, 1, 1), "is_cond": mask,
-                "prompt": [PUBLISHED_PROMPTS[1]] * b, "hazy_ref": hazy}
+                "prompt": [PUBLISHED_PROMPTS[1]] * b, "hazy_ref": hazy, "transmission": t, "airlight": airlight}
     return {"target": clean * 2 - 1, "condition": hazy, "is_cond": mask, "prompt": ["remove fog"] * b,
             "hazy_ref": hazy}
 
@@ -120,6 +127,14 @@ def test_stage1_cycle_ignores_unconditional_samples():
     assert out["terms"]["cycle"].item() == 0.0
 
 
+def test_stage1_cycle_needs_the_true_haze_parameters():
+    step = make_step(1, cycle_weight=1.0, feature_weight=0.0, semantic_weight=0.0)
+    batch = make_batch(1)
+    del batch["transmission"], batch["airlight"]
+    with pytest.raises(ValueError, match="'transmission' and 'airlight'"):
+        step(batch, 0, gen())
+
+
 def test_cycle_crop_and_schedule():
     step = make_step(2, cycle_weight=2.0, feature_weight=0.0, semantic_weight=0.0, cycle_start_step=10,
                      cycle_ramp_steps=10, cycle_crop=2)
@@ -130,18 +145,23 @@ def test_cycle_crop_and_schedule():
     assert torch.allclose(half * 2, full)  # same generator -> same t/noise/crop; ramp 0.5 vs 1.0
 
 
-def test_alignment_alone_trains_controlnet_text_processor_and_embedder():
-    step = make_step(2, text_align_weight=1.0, text_align_max_step=0, use_text_processor=True,
-                     use_dynamic_prompt=True)
-    batch = make_batch(2, b=3)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_alignment_alone_trains_text_processor_and_embedder(stage):
+    """Stage 1 aligns each prompt with the prediction (ControlNet gradients); stage 2 with the hazy condition it
+    describes (no ControlNet gradient from this term, see TrainingStep.alignment_images)."""
+    step = make_step(stage, text_align_weight=1.0, text_align_max_step=0, use_text_processor=True,
+                     text_processor_start=0, use_dynamic_prompt=True)
+    batch = make_batch(stage, b=3)
     batch["prompt"] = ["light haze", "dense fog over a city", "remove thick smog"]
     out = step(batch, 0, gen(), random.Random(0))
-    assert out["logs"]["align_skipped"].item() == 0.0
+    assert out["logs"]["align_skipped"].item() == 0.0 and out["logs"]["align_pairs"].item() == 3
     out["terms"]["align"].backward()
-    assert controlnet_grad_fraction(step) == 1.0
+    assert controlnet_grad_fraction(step) == (1.0 if stage == 1 else 0.0)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in step.image_embedder.parameters())
     grads = [p.grad for p in step.text_processor.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    if stage == 2:  # the embedder sees the hazy condition: the prediction does not enter the term
+        assert torch.equal(step.alignment_images(batch, None), batch["condition"])
 
 
 def test_alignment_skipped_when_all_prompts_identical():
@@ -151,7 +171,7 @@ def test_alignment_skipped_when_all_prompts_identical():
 
 
 def test_text_processor_gets_gradients_and_changes_after_a_step():
-    step = make_step(2, use_text_processor=True)
+    step = make_step(2, use_text_processor=True, text_processor_start=0)
     proc = step.text_processor
     before = {k: v.clone() for k, v in proc.state_dict().items()}
     opt = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-3)
@@ -165,6 +185,43 @@ def test_text_processor_gets_gradients_and_changes_after_a_step():
         opt.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proc.parameters())
     assert all(not torch.equal(before[k], v) for k, v in proc.state_dict().items())
+
+
+def test_text_processor_is_identity_before_its_start_step():
+    step = make_step(2, use_text_processor=True, text_processor_start=3)
+    randomize_(step.text_processor, 9, std=0.05)  # not the identity any more once it acts
+    batch = make_batch(2)
+    raw = step.ldm.clip(batch["prompt"])
+    early, _, infos = step.condition(batch, 2)
+    assert torch.equal(early["c_txt"], raw) and infos is None
+    late, _, infos = step.condition(batch, 3)
+    assert len(infos) == 2 and (late["c_txt"] - raw).abs().max() > 1e-3
+    assert ExtensionSettings().text_processor_start == 2000
+
+
+def test_design_text_guidance_block_is_accepted_as_written():
+    cfg = load_config(ROOT / "configs" / "train" / "ablation" / "text_guidance.yaml")
+    _, ext = split_settings(cfg)
+    assert (ext.use_dynamic_prompt, ext.dynamic_prompt_start, ext.use_text_processor, ext.text_processor_start,
+            ext.text_align_weight, ext.text_align_max_step) == (True, 2000, True, 2000, 0.3, 3000)
+
+
+@pytest.mark.parametrize("region", ["sky", "texture", "smooth"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_region_term_alone_trains_the_controlnet(stage, region):
+    keys = {f"region_{name}_weight": float(name == region) for name in ("sky", "texture", "smooth")}
+    step = make_step(stage, cycle_weight=1.0, semantic_weight=0.0, cycle_timestep_mode="sqrt_alpha", **keys)
+    batch = make_batch(stage, sky=True)
+    clean, hazy = (batch["condition"], batch["hazy_ref"]) if stage == 1 else ((batch["target"] + 1) / 2,
+                                                                             batch["condition"])
+    airlight = batch["airlight"] if stage == 1 else step.cycle_loss.haze_parameters(clean, hazy, None, None)[1]
+    labels = region_labels(hazy, clean, airlight)
+    assert (labels[:, :, : S // 3 - 5] == 0).all()  # the known sky is detected
+    assert all((labels == r).any() for r in (1, 2))
+    out = step(batch, 0, gen())
+    assert out["terms"]["cycle"].item() > 0
+    out["terms"]["cycle"].backward()
+    assert controlnet_grad_fraction(step) == 1.0
 
 
 def test_dynamic_prompts_start_at_their_step():
@@ -218,7 +275,8 @@ def test_ablation_switch_trains_under_two_processes(ablation_world, switch):
     exp = w["root"] / switch
     cfg = tiny_train_config(ROOT / "configs" / "train" / "ablation" / config, exp, w["sd"], w[stage],
                             train_steps=2, ckpt_every=2, vgg_path=str(w["vgg"]), cycle_start_step=0,
-                            cycle_ramp_steps=0, text_align_max_step=0, dynamic_prompt_start=0, cycle_crop=None)
+                            cycle_ramp_steps=0, text_align_max_step=0, dynamic_prompt_start=0, cycle_crop=None,
+                            text_processor_start=0)
     proc = launch(f"train_stage{stage}.py", cfg, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr
@@ -238,6 +296,7 @@ def test_ablation_switch_trains_under_two_processes(ablation_world, switch):
     if switch in ("dynamic_prompt_align", "stage1_all"):
         ImageEmbedder(dim=32).load_state_dict(load_state_dict(exp / "checkpoints" / "0000002_image_embedder.pt"))
         assert last["train/align_skipped"] == 0.0 and last["train/loss_align"] > 0
+        assert last["train/align_pairs"] == 4  # 2 per process, negatives gathered from both
     if switch in ("cycle", "stage1_all"):
         assert last["train/cycle_fwd_pixel"] > 0 and last["train/cycle_fwd_feature"] > 0
         assert last["train/cycle_bwd_semantic"] > 0

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dataset import StaticPairedData
 from model.losses import VGGFeatures
 from tests.helpers import ROOT, TINY_MODEL, build_tiny, write_release_checkpoints
 from utils.common import load_config
@@ -89,6 +90,20 @@ def make_stage2_data(root: Path, n: int = 4, size: int = 40) -> Path:
     return root
 
 
+class RecordingPairs(StaticPairedData):
+    """StaticPairedData that appends ``<index>`` to ``<record_dir>/<pid>.txt`` for every sample it loads, so a test
+    can count the samples each process of a real run consumed (use with ``train.num_workers: 0``)."""
+
+    def __init__(self, record_dir: str, **params) -> None:
+        super().__init__(**params)
+        self.record_dir = Path(record_dir)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        with (self.record_dir / f"{os.getpid()}.txt").open("a") as handle:
+            handle.write(f"{index}\n")
+        return super().__getitem__(index)
+
+
 def tiny_train_config(config: Path, exp_dir: Path, sd_path: Path, dataset: dict | None = None, **train) -> Path:
     """A repository training config with the tiny model merged in (its switches kept), small CPU settings and the
     given ``dataset.params`` / ``train`` keys; written next to ``exp_dir`` and returned."""
@@ -97,7 +112,7 @@ def tiny_train_config(config: Path, exp_dir: Path, sd_path: Path, dataset: dict 
     cfg.dataset.params = OmegaConf.merge(cfg.dataset.params, {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in (dataset or {}).items()})
     base = {"sd_path": str(sd_path), "exp_dir": str(exp_dir), "batch_size": 4, "num_workers": 0, "log_every": 1,
-            "image_every": None, "sample_steps": 3, "learning_rate": 1e-2}
+            "image_every": None, "sample_steps": 3, "learning_rate": 1e-2, "lr_schedule": None}
     cfg.train = OmegaConf.merge(cfg.train, {**base, **train})
     path = exp_dir.parent / f"{exp_dir.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,13 +126,52 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(script: str, config: Path, processes: int = 2, *extra: str) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes N <script> --config <config>`` (the documented command; a free
-    ``--main_process_port`` keeps concurrent test runs apart)."""
+def launch_command(script: str, config: Path, processes: int = 2, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of ``accelerate launch --multi_gpu --num_processes N <script> --config <config>`` (the
+    documented command; a free ``--main_process_port`` keeps concurrent test runs apart)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
            "--main_process_port", str(free_port()), script, "--config", str(config), *extra]
+    return cmd, env
+
+
+def launch(script: str, config: Path, processes: int = 2, *extra: str) -> subprocess.CompletedProcess:
+    """Run :func:`launch_command` to the end."""
+    cmd, env = launch_command(script, config, processes, *extra)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def start_launch(script: str, config: Path, log: Path, processes: int = 2) -> subprocess.Popen:
+    """Start :func:`launch_command` in the background, its output going to ``log``."""
+    cmd, env = launch_command(script, config, processes)
+    with log.open("w") as handle:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every process below ``pid`` (children, their children, ...), read from Linux ``/proc``."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2:].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        children = [child for child, parent in parents.items() if parent == current]
+        found += children
+        todo += children
+    return found
+
+
+def write_truncated_jpeg(path: Path, seed: int) -> Path:
+    """A 40x40 JPEG cut to half its bytes: its header is intact (``PIL.Image.verify`` passes), its data is not."""
+    Image.fromarray(smooth_image(40, 40, seed)).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
 
 
 def run_python(script: str, config: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -34,6 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.atomic import write_text_atomic  # noqa: E402
+from utils.haze import rehaze  # noqa: E402
 from utils.image_io import (ImageReadError, list_images, load_rgb01, pil_to_tensor01,  # noqa: E402
                             resize01, save_png01)
 
@@ -54,7 +55,7 @@ def depth_ramp(h: int, w: int, d_near: float = DEFAULT_D_NEAR) -> torch.Tensor:
 def haze(clean01: torch.Tensor, beta: float, airlight: float, depth: torch.Tensor) -> torch.Tensor:
     """Atmospheric model I = J t + A (1 - t), t = exp(-beta d). clean01: (B,3,H,W) in [0,1]; depth (B|1,1,H,W)."""
     t = torch.exp(-beta * depth).to(clean01.dtype)
-    return clean01 * t + airlight * (1.0 - t)
+    return rehaze(clean01, t, clean01.new_full((clean01.shape[0], 3), airlight))
 
 
 def _limit_size(img01: torch.Tensor, max_side: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from utils.haze import recover
+
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 _MIN_AIRLIGHT = 1e-6
 
@@ -183,6 +185,4 @@ def dcp_dehaze(
     gray = (img01 * weights[None, :, None, None]).sum(dim=1, keepdim=True)
     r = default_guided_radius(h, w) if radius is None else radius
     t = guided_filter(gray, t_coarse, r, eps).clamp(t0, 1.0)
-    a4 = airlight[:, :, None, None]
-    j01 = ((img01 - a4) / t + a4).clamp(0.0, 1.0)
-    return j01, t, airlight
+    return recover(img01, t, airlight).clamp(0.0, 1.0), t, airlight

@@ -136,6 +136,15 @@ def load_rgb01(path: PathLike, max_pixels: int | None = None) -> torch.Tensor:
         raise ImageReadError(p, f"corrupt, truncated or unsupported image ({exc})") from exc
 
 
+def image_hw(path: PathLike) -> tuple[int, int] | None:
+    """(height, width) from the file header without decoding the pixels; None when the header is unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def save_png01(img01: torch.Tensor, path: PathLike) -> None:
     """Write ``img01`` (3,H,W) in [0,1] as an 8-bit RGB PNG, atomically.
 

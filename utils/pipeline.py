@@ -8,7 +8,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +17,16 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from sampler.spaced import make_spaced_schedule
+from utils.batching import group_batches, inference_batch_size, stack_conditions
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict
-from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
-from utils.image_io import ImageReadError, list_images, load_rgb01, resize01, save_png01
+from utils.common import choose_dtype, instantiate_from_config, load_config
+from utils.distributed import init_processes, process_device
+from utils.image_io import ImageReadError, image_hw, list_images, load_rgb01, resize01, save_png01
 from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 
 log = logging.getLogger("hcdyc")
 EXIT_MISSING_WEIGHTS = 2
 EXIT_BAD_CONFIG = 2
-WEIGHT_KEYS = ("sd_path", "controlnet_path")  # inference.* weight files of every diffusion script
-
-# A script's per-image function: process(img01 (3,H,W) in [0,1], stem, callback=None) -> {file name: (C,H,W) [0,1]};
-# callback(info) receives the sampler's per-step dict ({"step", "index", "t", "x", "x0"}).
-Process = Callable[..., dict[str, torch.Tensor]]
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:
@@ -113,12 +110,26 @@ def from_model_output(out01: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return x.clamp(0, 1)[0]
 
 
+def _flag(inf: DictConfig, key: str, default: bool) -> bool:
+    value = inf.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"inference.{key} must be true or false, got {value!r}")
+    return value
+
+
 class DiffusionRunner:
-    """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config."""
+    """The model, schedule, device/precision and (tiled) encode/decode/denoise functions for one config.
+
+    Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
+    true) stores the UNet/ControlNet conv weights NHWC; ``inference.compile`` (default false) wraps both in
+    ``torch.compile`` (the first step of each new latent size compiles, which takes minutes).
+    """
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
         inf = cfg.inference
-        self.device = choose_device(inf.get("device", "auto"))
+        inference_batch_size(inf)
+        channels_last, compile_denoiser = _flag(inf, "channels_last", True), _flag(inf, "compile", False)
+        self.device = process_device(inf.get("device", "auto"))
         self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
         self.model = instantiate_from_config(cfg.model.cldm)
         self.diffusion = instantiate_from_config(cfg.model.diffusion)
@@ -131,6 +142,10 @@ class DiffusionRunner:
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
+        self.model.set_channels_last(channels_last)
+        if compile_denoiser:
+            self.model.unet.compile()
+            self.model.controlnet.compile()
         self.configure(cfg)
 
     def configure(self, cfg: DictConfig) -> None:
@@ -203,28 +218,52 @@ class DiffusionRunner:
             return self.model.prepare_condition(cond01, [prompt] * cond01.shape[0], fog_feats,
                                                 c_img=self.encode(cond01 * 2 - 1))
 
-    def prepare(self, img01: torch.Tensor, inf: DictConfig) -> tuple[torch.Tensor, Geometry]:
-        """(3,H,W) in [0,1] -> padded model input (1,3,Hp,Wp) on the device, and its geometry.
-
-        ``inference.min_short_side`` (published: 512) and ``inference.pad_multiple`` (64) set the geometry.
-        """
-        geom = plan_geometry(*img01.shape[-2:], min_short=int(inf.get("min_short_side", 512)),
+    def geometry(self, h: int, w: int) -> Geometry:
+        """The resize/pad plan of an (h, w) image: ``inference.min_short_side`` (published: 512) and
+        ``inference.pad_multiple`` (64) set it."""
+        inf = self.cfg.inference
+        return plan_geometry(h, w, min_short=int(inf.get("min_short_side", 512)),
                              multiple=int(inf.get("pad_multiple", 64)), max_pixels=inf.get("max_pixels"))
+
+    def batch_key(self, path: Path) -> tuple[int, int] | None:
+        """Padded size of the image file (from its header): images with equal keys can be sampled together."""
+        hw = image_hw(path)
+        try:
+            return None if hw is None else self.geometry(*hw).padded_hw
+        except ValueError:
+            return None
+
+    def prepare(self, img01: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
+        """(3,H,W) in [0,1] -> padded model input (1,3,Hp,Wp) on the device, and its geometry."""
+        geom = self.geometry(*img01.shape[-2:])
         return to_model_input(img01, geom).to(self.device), geom
 
     def start(self, img01: torch.Tensor, stage: int, seed: int) -> tuple[torch.Tensor, Geometry, dict,
                                                                     torch.Generator, torch.Tensor]:
         """Everything a sampler needs for one image: padded input (1,3,Hp,Wp) in ~[0,1], geometry, condition,
         a generator seeded with ``seed`` and the initial noise x_T (1,4,Hp/8,Wp/8) drawn from it."""
-        inp, geom = self.prepare(img01, self.cfg.inference)
+        inp, geom = self.prepare(img01)
         cond = self.condition(inp, img01, stage)
         gen = self.generator(seed)
         return inp, geom, cond, gen, self.initial_noise((1, 4, inp.shape[-2] // 8, inp.shape[-1] // 8), gen)
 
+    def start_batch(self, images01: list[torch.Tensor], stage: int, seed: int) -> tuple[
+            torch.Tensor, list[Geometry], dict, list[torch.Generator], torch.Tensor]:
+        """:meth:`start` for images of equal padded size, stacked along the batch: inputs (B,3,Hp,Wp), geometries,
+        condition, one generator per image (each seeded with ``seed``, as when sampled alone) and x_T (B,4,h,w)."""
+        starts = [self.start(img01, stage, seed) for img01 in images01]
+        inputs, geoms, conds, gens, noises = zip(*starts)
+        return torch.cat(inputs), list(geoms), stack_conditions(conds), list(gens), torch.cat(noises)
+
     def finish(self, z: torch.Tensor, geom: Geometry) -> torch.Tensor:
-        """Final latent -> (3,H,W) image in [0,1] at the original size."""
+        """Final latent (1,4,h,w) -> (3,H,W) image in [0,1] at the original size."""
         with torch.no_grad():
             return from_model_output(self.decode(z) * 0.5 + 0.5, geom).cpu()
+
+    def finish_batch(self, z: torch.Tensor, geoms: list[Geometry]) -> list[torch.Tensor]:
+        """Final latents (B,4,h,w) -> B images (3,H,W) in [0,1], decoded one at a time (the VAE decoder's memory
+        stays that of one image, and each result equals the unbatched decode)."""
+        return [self.finish(z[b: b + 1], geom) for b, geom in enumerate(geoms)]
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(int(seed))
@@ -233,12 +272,76 @@ class DiffusionRunner:
         return torch.randn(latent_shape, generator=generator, device=self.device)
 
 
-def run_folder(cfg: DictConfig, process: Process,
-               output_names: Callable[[str], list[str]], skip_existing: bool, desc: str) -> int:
-    """Loop over ``inference.image_folder``; ``process(img01 (3,H,W), stem)`` returns ``{file name: (C,H,W) [0,1]}``.
+Batch = list[tuple[torch.Tensor, str]]
+"""Images of one batch: (img01 (3,H,W) in [0,1], file stem) pairs."""
+Process = Callable[..., dict[str, torch.Tensor]]
+"""A script's batch function: process(batch, callback=None) -> {file name: (C,H,W) in [0,1]} for every image of the
+batch; callback(info) receives the sampler's per-step dict ({"step", "index", "t", "x", "x0"})."""
+WEIGHT_KEYS = ("sd_path", "controlnet_path")
+"""inference.* weight files of every diffusion script."""
 
-    Per-image failures are logged by file name and the loop continues. Returns the exit status (1 if any failed).
+
+@dataclass
+class FolderReport:
+    """Names of the input files done, skipped (outputs existed) and failed (with a one-line reason)."""
+
+    done: list[str]
+    skipped: list[str]
+    failed: list[tuple[str, str]]
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _fail(report: FolderReport, name: str, err: BaseException) -> None:
+    report.failed.append((name, _first_line(err)))
+    log.debug("%s", traceback.format_exc())
+    log.error("failed: %s: %s", name, report.failed[-1][1])
+
+
+def _process_batch(paths: list[Path], process: Callable[[Batch], dict[str, torch.Tensor]],
+                   output_names: Callable[[str], list[str]], dst: Path, report: FolderReport) -> None:
+    """Load, process and save one batch. A batch that fails is retried image by image, so only the images that
+    fail alone are reported."""
+    loaded: list[tuple[Path, torch.Tensor]] = []
+    for path in paths:
+        try:
+            loaded.append((path, load_rgb01(path)))
+        except ImageReadError as err:
+            _fail(report, path.name, err)
+    try:
+        outputs = process([(img01, path.stem) for path, img01 in loaded]) if loaded else {}
+    except (ValueError, RuntimeError, OSError) as err:
+        if len(loaded) == 1:
+            _fail(report, loaded[0][0].name, err)
+            return
+        log.info("batch of %d failed (%s); retrying its images one by one", len(loaded), _first_line(err))
+        for path, _ in loaded:
+            _process_batch([path], process, output_names, dst, report)
+        return
+    for path, _ in loaded:
+        try:
+            for name in output_names(path.stem):
+                save_png01(outputs[name], dst / name)
+            report.done.append(path.name)
+        except (ValueError, OSError) as err:
+            _fail(report, path.name, err)
+
+
+def run_folder(cfg: DictConfig, process: Callable[[Batch], dict[str, torch.Tensor]],
+               output_names: Callable[[str], list[str]], skip_existing: bool, desc: str,
+               batch_key: Callable[[Path], Hashable | None] | None = None) -> int:
+    """Loop over ``inference.image_folder``; ``process([(img01 (3,H,W), stem), ...])`` returns
+    ``{file name: (C,H,W) [0,1]}`` for every image of the batch.
+
+    Several processes (``accelerate launch``) split the sorted file list (``ProcessInfo.shard``); each writes only
+    its own images' outputs, atomically. With ``inference.batch_size`` > 1, images whose ``batch_key`` (padded
+    size) is equal are processed together. Per-image failures are logged by file name and the loop continues; the
+    main process prints one summary of all processes. Returns the exit status (1 if any image failed anywhere).
     """
+    info = init_processes()
+    batch_size = inference_batch_size(cfg.inference)
     src, dst = Path(cfg.inference.image_folder), Path(cfg.inference.result_folder)
     if not src.is_dir():
         log.error("inference.image_folder does not exist: %s", src)
@@ -251,40 +354,60 @@ def run_folder(cfg: DictConfig, process: Process,
     if not images:
         log.error("no .png/.jpg/.jpeg images in %s", src)
         return 1
-    done, skipped, failed = [], [], []
-    bar = tqdm(images, desc=desc, unit="img")
-    for path in bar:
-        names = output_names(path.stem)
-        if skip_existing and all((dst / n).is_file() for n in names):
-            skipped.append(path.name)
-            continue
-        bar.set_postfix_str(path.name)
-        try:
-            outputs = process(load_rgb01(path), path.stem)
-            for name, img in outputs.items():
-                save_png01(img, dst / name)
-            done.append(path.name)
-        except (ImageReadError, ValueError, RuntimeError, OSError) as err:
-            failed.append((path.name, str(err).splitlines()[0] if str(err) else type(err).__name__))
-            log.debug("%s", traceback.format_exc())
-            log.error("failed: %s: %s", path.name, failed[-1][1])
-    log.info("summary: %d done, %d skipped, %d failed (results in %s)", len(done), len(skipped), len(failed), dst)
-    for name, reason in failed:
-        log.info("  failed %s: %s", name, reason)
+    report = FolderReport([], [], [])
+    owner: dict[str, str] = {}
+    unique = []
+    for path in images:
+        clash = next((owner[n] for n in output_names(path.stem) if n in owner), None)
+        if clash is None:
+            owner.update({n: path.name for n in output_names(path.stem)})
+            unique.append(path)
+        elif info.is_main:
+            report.failed.append((path.name, f"its outputs would overwrite those of {clash} (same file stem)"))
+    todo = []
+    for path in info.shard(unique):
+        if skip_existing and all((dst / n).is_file() for n in output_names(path.stem)):
+            report.skipped.append(path.name)
+        else:
+            todo.append(path)
+    batches = group_batches(todo, batch_key or (lambda _: None), batch_size if batch_key else 1)
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=not info.is_main) as bar:
+        for paths in batches:
+            bar.set_postfix_str(paths[0].name)
+            _process_batch(paths, process, output_names, dst, report)
+            bar.update(len(paths))
+    reports = info.gather(report)
+    done = sorted(n for r in reports for n in r.done)
+    skipped = sorted(n for r in reports for n in r.skipped)
+    failed = sorted(f for r in reports for f in r.failed)
+    if info.is_main:
+        processes = f" by {info.count} processes" if info.count > 1 else ""
+        log.info("summary: %d done, %d skipped, %d failed%s (results in %s)", len(done), len(skipped), len(failed),
+                 processes, dst)
+        for label, names in (("done", done), ("skipped", skipped)):
+            if names:
+                log.info("  %s: %s", label, ", ".join(names))
+        for name, reason in failed:
+            log.info("  failed %s: %s", name, reason)
     return 1 if failed else 0
 
 
 def run_script(cfg: DictConfig, args: argparse.Namespace, make_process: Callable[..., Process],
                output_names: Callable[[DictConfig], Callable[[str], list[str]]], desc: str) -> int:
-    """A diffusion script's ``run``: check the weight files, load the model once, run its per-image function
+    """A diffusion script's ``run``: check the weight files, load the model once, run its batch function
     ``make_process(cfg, runner, show_steps)`` over the folder. Returns the exit status."""
     check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
     runner = DiffusionRunner(cfg)
-    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing, desc)
+    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing, desc,
+                      runner.batch_key)
 
 
 def main_wrapper(fn: Callable[[DictConfig, argparse.Namespace], int], description: str, default_config: str) -> None:
+    """Parse arguments, load the config, join the ``accelerate launch`` processes (only the main one logs INFO)
+    and exit with ``fn``'s status."""
     setup_logging()
     args = parse_args(description, default_config)
     cfg = load_config(args.config, args.set)
+    if not init_processes().is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     sys.exit(fn(cfg, args))

@@ -6,17 +6,23 @@ Published ("Learning Hazing to Dehazing", CVPR 2025; DiffBIR-style ControlNet tr
     cond = prepare_condition(condition01, prompts)   c_img zeroed for unconditional samples (stage 1, real photos)
     t ~ U{0..T-1},  eps ~ N(0, I),  loss = || eps_theta(z_t, t, cond) - eps ||^2
 
-HCD-YC extensions (issue 6; none are in the paper), computed in the same step, with gradients:
+HCD-YC extensions (issues 6, 10; none are in the paper), computed in the same step, with gradients:
 
-* hierarchical cycle consistency: x̂0 = (z_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t) from the model's own ε̂, decoded by the
+* hierarchical cycle consistency: x̂0 (``model.gaussian_diffusion.predict_x0``, ε or v) from the model's own output,
+  decoded by the
   frozen VAE decoder (activation checkpointing, optional random latent crop ``cycle_crop``) and scored by
-  :class:`model.losses.HierarchicalCycleLoss` (stage 2: x̂ vs clean / re-hazed x̂ vs hazy input; stage 1, on
-  conditional samples only: x̂ vs hazy target / DCP-dehazed x̂ vs clean condition), density-adapted by ρ from
-  :func:`utils.fog.analyze_fog` of the hazy image, warm-up ``cycle_start_step`` and linear ramp ``cycle_ramp_steps``;
-* text processor: the fog feature vector of the hazy image is passed to ``prepare_condition`` as ``fog_feats``;
-* text-image alignment: InfoNCE between EOT-pooled processed text tokens and a trainable
-  :class:`model.losses.ImageEmbedder` of the decoded x̂0, ramped to its weight at ``text_align_max_step``; skipped
-  (and reported through ``logs["align_skipped"]``) when all prompts of the batch are identical;
+  :class:`model.losses.HierarchicalCycleLoss` in both physical directions (forward = dehazing, compared in the clean
+  domain; backward = hazing, compared in the hazy domain), with the true t and A of stage-1 synthetic samples
+  (``batch["transmission"]``, ``batch["airlight"]``; stage 1 on conditional samples only) and a t fitted from the pair
+  in stage 2, per-region weights ``region_*_weight``, density-adapted by ρ from :func:`utils.fog.analyze_fog` of the
+  hazy image, warm-up ``cycle_start_step`` and linear ramp ``cycle_ramp_steps``;
+* text processor: from ``text_processor_start`` on (identity before), the fog feature vector of the hazy image is
+  passed to ``prepare_condition`` as ``fog_feats``;
+* text-image alignment: InfoNCE between EOT-pooled (processed) text tokens and a trainable
+  :class:`model.losses.ImageEmbedder` of the image each prompt describes (:meth:`TrainingStep.alignment_images`), with
+  the negatives of every process (``gather_with_local_grad``), ramped to its weight at ``text_align_max_step``;
+  skipped (``logs["align_skipped"]`` = 1) when all prompts of the global micro-batch are identical;
+  ``logs["align_pairs"]`` = the number of pairs it ran on;
 * dynamic prompts: from ``dynamic_prompt_start`` on, per-sample prompts from :mod:`utils.prompts`.
 
 The hazy image analysed for ρ, fog features and prompts is ``batch["hazy_ref"]``: the condition in stage 2, the
@@ -25,6 +31,7 @@ hazy target in stage 1 (both datasets provide it).
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,15 +47,16 @@ from model.losses import (
     VGGFeatures,
     alignment_schedule,
     cycle_schedule,
+    gather_with_local_grad,
     info_nce,
-    predict_x0,
 )
 from model.text_processor import pooled
 from utils.fog import FogInfo, analyze_fog, fog_features
 from utils.prompts import prompts_from_infos
 
-ALIGN_SKIP_REASON = ("text-image alignment loss skipped: all prompts of the per-process batch are identical, so "
-                     "InfoNCE has no negatives (enable train.use_dynamic_prompt and use a per-process batch > 1)")
+ALIGN_SKIP_REASON = ("text-image alignment loss skipped: all prompts of the micro-batch (all processes) are "
+                     "identical, so InfoNCE has no negatives (enable train.use_dynamic_prompt; it starts at "
+                     "train.dynamic_prompt_start)")
 
 
 @dataclass(frozen=True)
@@ -67,9 +75,13 @@ class ExtensionSettings:
     cycle_timestep_mode: str = "snr"
     cycle_crop: int | None = None
     vgg_path: str | None = None
+    region_sky_weight: float = 0.5
+    region_texture_weight: float = 2.0
+    region_smooth_weight: float = 1.0
     use_dynamic_prompt: bool = False
     dynamic_prompt_start: int = 0
     use_text_processor: bool = False
+    text_processor_start: int = 2000
     text_align_weight: float = 0.0
     text_align_max_step: int = 0
     text_align_temperature: float = 0.07
@@ -83,11 +95,24 @@ class ExtensionSettings:
     def align_enabled(self) -> bool:
         return self.text_align_weight > 0
 
+    @property
+    def region_weights(self) -> dict[str, float]:
+        """``train.region_*_weight`` keyed by :data:`utils.fog.REGIONS`."""
+        return {"sky": self.region_sky_weight, "texture": self.region_texture_weight,
+                "smooth": self.region_smooth_weight}
+
+    @property
+    def has_idle_parameters(self) -> bool:
+        """Whether some trainable parameters get no gradient on some steps (DDP must look for unused ones): the
+        alignment encoder on skipped steps, the text processor before ``text_processor_start``."""
+        return self.align_enabled or (self.use_text_processor and self.text_processor_start > 0)
+
     def validate(self) -> None:
         """Raise ValueError naming the ``train.*`` key of the first bad value."""
         for key in ("cycle_weight", "pixel_weight", "feature_weight", "semantic_weight", "forward_weight",
                     "backward_weight", "text_align_weight", "cycle_start_step", "cycle_ramp_steps",
-                    "dynamic_prompt_start", "text_align_max_step"):
+                    "dynamic_prompt_start", "text_processor_start", "text_align_max_step", "region_sky_weight",
+                    "region_texture_weight", "region_smooth_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.cycle_crop is not None and self.cycle_crop < 1:
@@ -123,7 +148,7 @@ def build_cycle_loss(ext: ExtensionSettings, allow_random_vgg: bool = False) -> 
     return HierarchicalCycleLoss(
         vgg, pixel_weight=ext.pixel_weight, feature_weight=ext.feature_weight, semantic_weight=ext.semantic_weight,
         forward_weight=ext.forward_weight, backward_weight=ext.backward_weight,
-        timestep_mode=ext.cycle_timestep_mode, max_t=ext.cycle_max_t,
+        timestep_mode=ext.cycle_timestep_mode, max_t=ext.cycle_max_t, region_weights=ext.region_weights,
     )
 
 
@@ -147,7 +172,8 @@ class TrainingStep(nn.Module):
     attributes; :meth:`to_device` moves everything.
 
     Batch keys (collated dataset samples): ``target`` (B,3,H,W) in [-1,1], ``condition`` (B,3,H,W) in [0,1],
-    ``is_cond`` (B,) bool, ``prompt`` list of B str, ``hazy_ref`` (B,3,H,W) in [0,1].
+    ``is_cond`` (B,) bool, ``prompt`` list of B str, ``hazy_ref`` (B,3,H,W) in [0,1]; stage 1 with the cycle loss
+    also ``transmission`` (B,1,H,W) and ``airlight`` (B,3) (``dataset.HybridTrainingData``).
     """
 
     def __init__(self, ldm: ControlLDM, diffusion: Diffusion, stage: int, ext: ExtensionSettings,
@@ -159,9 +185,6 @@ class TrainingStep(nn.Module):
             raise ValueError("cycle_weight > 0 needs a cycle_loss (build_cycle_loss)")
         if ext.align_enabled and image_embedder is None:
             raise ValueError("text_align_weight > 0 needs an image_embedder")
-        if (ext.cycle_enabled or ext.align_enabled) and diffusion.parameterization != "eps":
-            raise ValueError("the cycle and alignment losses use the eps-prediction x̂0 formula; "
-                             f"model.diffusion.parameterization is '{diffusion.parameterization}'")
         if ext.use_text_processor != (ldm.text_processor is not None):
             raise ValueError("train.use_text_processor must match whether the model has a text_processor")
         self.controlnet = ldm.controlnet
@@ -187,6 +210,11 @@ class TrainingStep(nn.Module):
         """Whether per-sample fog-analyser prompts replace the dataset prompt at this step."""
         return self.ext.use_dynamic_prompt and step >= self.ext.dynamic_prompt_start
 
+    def uses_text_processor(self, step: int) -> bool:
+        """Whether the text processor refines the text condition at this step (identity before
+        ``text_processor_start``)."""
+        return self.text_processor is not None and step >= self.ext.text_processor_start
+
     def condition(self, batch: Mapping[str, Any], step: int, prompt_rng: random.Random | None = None
                   ) -> tuple[dict[str, Any], list[str], list[FogInfo] | None]:
         """Text/image condition of a batch -> (cond, prompts used, fog analysis of ``hazy_ref`` or None).
@@ -198,15 +226,35 @@ class TrainingStep(nn.Module):
         if self.uses_dynamic_prompts(step):
             prompts = prompts_from_infos(infos, self.stage, prompt_rng)
         cond01 = batch["condition"]
-        fog_feats = fog_features(infos, cond01.device) if self.text_processor is not None else None
-        cond = self.ldm.prepare_condition(cond01, prompts, fog_feats)
+        process = self.uses_text_processor(step)
+        fog_feats = fog_features(infos, cond01.device) if process else None
+        cond = self.ldm.prepare_condition(cond01, prompts, fog_feats, process_text=process)
         mask = batch["is_cond"].to(device=cond["c_img"].device, dtype=cond["c_img"].dtype).view(-1, 1, 1, 1)
         cond["c_img"] = cond["c_img"] * mask
         return cond, prompts, infos
 
     def needs_fog_analysis(self, step: int) -> bool:
         """Whether this step needs the fog analysis (dynamic prompts, text processor or cycle density ρ)."""
-        return self.uses_dynamic_prompts(step) or self.text_processor is not None or self.ext.cycle_enabled
+        return self.uses_dynamic_prompts(step) or self.uses_text_processor(step) or self.ext.cycle_enabled
+
+    def alignment_images(self, batch: Mapping[str, Any], pred01: torch.Tensor | None) -> torch.Tensor:
+        """The image each prompt describes, (B,3,H,W) in [0,1], for the InfoNCE alignment.
+
+        Prompts (dataset or :mod:`utils.prompts`) describe the haze of the analysed hazy image ``hazy_ref``:
+        * stage 1: the haze to generate. The prompt is aligned with the decoded prediction ``pred01`` (x̂0 of the
+          hazy target): the generated haze should be the one the text names, and the loss trains the ControlNet,
+          the text processor and the encoder.
+        * stage 2: the haze of the input ("remove dense, patchy haze ..."); the prediction is meant to be haze-free,
+          so the density and type the prompt names are not visible in it and aligning with it would reward leaving
+          haze in. The prompt is aligned with the hazy condition it describes (``batch["condition"]``): the loss
+          trains the text processor (and the encoder) to make the conditioning text match that image's haze, which
+          the ControlNet then reads through the diffusion loss; it sends no gradient to the ControlNet itself.
+        """
+        if self.stage == 1:
+            if pred01 is None:
+                raise ValueError("stage-1 alignment needs the decoded prediction")
+            return pred01
+        return batch["condition"].float()
 
     # ------------------------------------------------------------------ loss
     def forward(self, batch: Mapping[str, Any], step: int, generator: torch.Generator | None = None,
@@ -231,33 +279,43 @@ class TrainingStep(nn.Module):
         ext = self.ext
         cycle_factor = ext.cycle_weight * cycle_schedule(step, ext.cycle_start_step, ext.cycle_ramp_steps)
         align_factor = ext.text_align_weight * alignment_schedule(step, ext.text_align_max_step)
-        align_skipped = align_factor > 0 and len(set(prompts)) < 2
         if align_factor > 0:
+            codes = torch.tensor([zlib.crc32(p.encode()) for p in prompts], device=z0.device, dtype=torch.int64)
+            all_codes, _ = gather_with_local_grad(codes)
+            align_skipped = bool((all_codes == all_codes[0]).all())
             logs["align_skipped"] = z0.new_full((), float(align_skipped))
+            logs["align_pairs"] = z0.new_full((), 0.0 if align_skipped else float(all_codes.numel()))
             logs["loss_align"] = z0.new_zeros(())
-        if align_skipped:
-            align_factor = 0.0
-        if cycle_factor > 0 or align_factor > 0:
+            if align_skipped:
+                align_factor = 0.0
+        if cycle_factor > 0 or (align_factor > 0 and self.stage == 1):
             a_t = self.diffusion.alphas_cumprod[t]
-            x0_hat = predict_x0(out["x_noisy"].float(), out["model_out"].float(), a_t)
+            x0_hat = self.diffusion.predict_x0(out["x_noisy"].float(), t, out["model_out"].float())
             top, left, h, w = latent_window(*x0_hat.shape[-2:], self.ext.cycle_crop, generator)
             f = self.ldm.vae.downscale
             px = (slice(None), slice(None), slice(top * f, (top + h) * f), slice(left * f, (left + w) * f))
             pred01 = (self.ldm.vae_decode(x0_hat[:, :, top:top + h, left:left + w]).float() + 1.0) / 2.0
-            if cycle_factor > 0:
-                rho = torch.tensor([info.density for info in infos], device=z0.device)
-                mask = batch["is_cond"] if self.stage == 1 else None
-                cycle, cycle_logs = self.cycle_loss(
-                    self.stage, pred01, ((target_pm1.float() + 1.0) / 2.0)[px], batch["condition"].float()[px],
-                    a_t, rho=rho, timesteps=t, sample_mask=mask)
-                terms["cycle"] = cycle_factor * cycle
-                logs.update(cycle_logs)
-            if align_factor > 0:
-                tokens = self.ldm.clip.tokenize(prompts).to(z0.device)
-                text_emb = pooled(cond["c_txt"].float(), tokens)
-                align = info_nce(text_emb, self.image_embedder(pred01), self.ext.text_align_temperature)
-                terms["align"] = align_factor * align
-                logs["loss_align"] = align.detach()
+        if cycle_factor > 0:
+            rho = torch.tensor([info.density for info in infos], device=z0.device)
+            known = {}
+            if self.stage == 1:  # the loss names the missing keys when a dataset does not provide them
+                t_true, a_true = batch.get("transmission"), batch.get("airlight")
+                known = {"transmission": None if t_true is None else t_true.float()[px],
+                         "airlight": None if a_true is None else a_true.float()}
+            cycle, cycle_logs = self.cycle_loss(
+                self.stage, pred01, ((target_pm1.float() + 1.0) / 2.0)[px], batch["condition"].float()[px],
+                a_t, rho=rho, timesteps=t, sample_mask=batch["is_cond"] if self.stage == 1 else None, **known)
+            terms["cycle"] = cycle_factor * cycle
+            logs.update(cycle_logs)
+        if align_factor > 0:
+            tokens = self.ldm.clip.tokenize(prompts).to(z0.device)
+            text_emb = pooled(cond["c_txt"].float(), tokens)
+            img_emb = self.image_embedder(self.alignment_images(batch, pred01 if self.stage == 1 else None))
+            all_text, offset = gather_with_local_grad(text_emb)
+            all_img, _ = gather_with_local_grad(img_emb)
+            align = info_nce(text_emb, img_emb, self.ext.text_align_temperature, all_text, all_img, offset)
+            terms["align"] = align_factor * align
+            logs["loss_align"] = align.detach()
         loss = sum(terms.values())
         logs["loss"] = loss.detach()
         return {"loss": loss, "terms": terms, "logs": logs}

@@ -1,16 +1,20 @@
 """Shared training loop of HazeGen (stage 1) and DiffDehaze (stage 2), built on accelerate.
 
-Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW, constant lr),
-the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet, the loss is the eps MSE of
-:class:`utils.train_losses.TrainingStep`; checkpoints ``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet
-state dicts in the release ``stage*.pt`` format.
+Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW; stage 2 at lr 3e-5,
+then 1e-5 after 50k steps), the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet,
+the loss is the eps MSE of :class:`utils.train_losses.TrainingStep`; checkpoints
+``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet state dicts in the release ``stage*.pt`` format.
 
-Added here: exact resume (full accelerate state + data position written to a temp dir and renamed, last N kept),
-mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard logging, a tqdm bar on
+Added here: exact resume (the training state on disk, the exp_dir lock and the metrics bookkeeping are in
+:mod:`utils.train_state`), mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard logging, a tqdm bar on
 the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC extension losses.
 
-Batch sizes: ``train.batch_size`` is the global batch of one optimizer step; each process loads micro-batches of
-``batch_size / (num_processes * gradient_accumulation_steps)`` samples. The sample order depends only on
+Batch sizes (:class:`BatchPlan`): ``train.batch_size`` is the global batch of one optimizer step, as in the published
+scripts (their ``Accelerator(split_batches=True)`` splits the DataLoader batch of 16 over the processes); each process
+loads micro-batches of ``batch_size / (num_processes * gradient_accumulation_steps)`` samples. The mutually exclusive
+``train.per_process_batch_size`` names the micro-batch of each process instead (global = that x processes x
+accumulation). The learning rate is piecewise constant (``train.lr_schedule``), a function of the step count only,
+so a resumed run continues exactly across a switch. The sample order depends only on
 ``train.seed``, the epoch and the global batch index (:class:`GlobalBatchSampler`), and every random draw of a
 step comes from a generator seeded by (seed, step, micro-step, process), so a resumed run continues exactly.
 """
@@ -19,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +38,7 @@ from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config, seed_everything
+from utils.distributed import launched_world_size, use_cpu_backend_if_needed
 from utils.fog import FOG_FEATURE_DIM
 from utils.train_losses import (
     ALIGN_SKIP_REASON,
@@ -45,18 +48,27 @@ from utils.train_losses import (
     image_embedder_for,
     trainable_parameters,
 )
+from utils.train_state import (
+    EMA,
+    EMA_FILE,
+    LOG_WINDOW_FILE,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    STATE_NAME_DIGITS,
+    ExpDirLock,
+    LogWindow,
+    Progress,
+    TrainError,
+    drop_metrics_after,
+    find_resume_state,
+    install_state_hooks,
+    is_main_rank,
+    save_training_state,
+)
 
 log = logging.getLogger("hcdyc.train")
 
-STATE_NAME_DIGITS = 7
-PROGRESS_FILE = "progress.json"
-EMA_FILE = "ema.safetensors"
-TMP_PREFIX = ".tmp-"
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
-
-
-class TrainError(RuntimeError):
-    """A start-up problem (config, weights, data, resume state) reported as one clear message."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +78,10 @@ class TrainSettings:
     sd_path: str
     exp_dir: str
     resume: str | None = None
-    learning_rate: float = 1e-5
-    batch_size: int = 16
+    learning_rate: float | None = 1e-5
+    lr_schedule: list[list[float]] | None = None
+    batch_size: int | None = 16
+    per_process_batch_size: int | None = None
     num_workers: int = 4
     train_steps: int = 5000
     log_every: int = 50
@@ -86,10 +100,19 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the ``train.*`` key of the first bad value."""
-        for key in ("learning_rate", "batch_size", "train_steps", "log_every", "ckpt_every", "sample_steps",
-                    "keep_last", "gradient_accumulation_steps"):
+        for key in ("train_steps", "log_every", "ckpt_every", "sample_steps", "keep_last",
+                    "gradient_accumulation_steps"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        for one, other in (("batch_size", "per_process_batch_size"), ("learning_rate", "lr_schedule")):
+            if (getattr(self, one) is None) == (getattr(self, other) is None):
+                raise ValueError(f"set exactly one of train.{one} and train.{other} (the other null), got "
+                                 f"{getattr(self, one)} and {getattr(self, other)}")
+        for key in ("learning_rate", "batch_size", "per_process_batch_size"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        if self.lr_schedule is not None:
+            validate_lr_schedule(self.lr_schedule)
         if self.num_workers < 0 or self.num_preview < 1:
             raise ValueError("train.num_workers must be >= 0 and train.num_preview >= 1")
         if self.image_every is not None and self.image_every < 1:
@@ -100,6 +123,31 @@ class TrainSettings:
             raise ValueError(f"train.ema_decay must be in (0,1) or null, got {self.ema_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step taken after ``step`` completed steps: ``learning_rate``, or the rate of
+        the last ``lr_schedule`` entry whose start is <= step (so [[0, a], [N, b]] trains steps 1..N at a)."""
+        if self.lr_schedule is None:
+            return float(self.learning_rate)
+        return float(next(lr for start, lr in reversed(self.lr_schedule) if step >= start))
+
+
+def validate_lr_schedule(schedule: Any) -> None:
+    """``train.lr_schedule``: [[0, lr0], [s1, lr1], ...] with integer starts beginning at 0, strictly increasing,
+    and rates > 0; ValueError naming the key otherwise."""
+    form = "train.lr_schedule must be a list of [start_step, learning_rate] pairs, the first starting at 0"
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError(f"{form}, got {schedule}")
+    starts = []
+    for entry in schedule:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"{form}, got entry {entry}")
+        start, lr = entry
+        if isinstance(start, bool) or not isinstance(start, int) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"{form} (integer steps, rates > 0), got entry {entry}")
+        starts.append(start)
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"{form}, with strictly increasing steps, got starts {starts}")
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -187,40 +235,57 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return (self.batches_per_epoch - self.start_batch) * self.accum
 
 
-def micro_batch_size(batch_size: int, num_processes: int, accumulation: int) -> int:
-    """Samples per process and micro-step for a global ``batch_size``; TrainError if it does not divide."""
-    if batch_size % (num_processes * accumulation):
-        raise TrainError(f"train.batch_size {batch_size} is not divisible by processes x gradient accumulation "
-                         f"({num_processes} x {accumulation})")
-    return batch_size // (num_processes * accumulation)
+@dataclass(frozen=True)
+class BatchPlan:
+    """The samples of one optimizer step: global batch = per_process x processes x accumulation.
+
+    per_process: the DataLoader batch of each process (one micro-step); key: the ``train.*`` key it came from.
+    """
+
+    per_process: int
+    processes: int
+    accumulation: int
+    key: str
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_process * self.processes * self.accumulation
+
+    def describe(self) -> str:
+        """The start-up log line, e.g. 'global batch 16 = per-process batch 8 x 2 processes x accumulation 1'."""
+        return (f"global batch {self.global_batch} = per-process batch {self.per_process} x {self.processes} "
+                f"processes x accumulation {self.accumulation} (from train.{self.key})")
+
+    def as_dict(self) -> dict[str, int]:
+        """The ``run`` section of ``<exp_dir>/config.yaml``."""
+        return {"num_processes": self.processes, "global_batch_size": self.global_batch,
+                "per_process_batch_size": self.per_process, "gradient_accumulation_steps": self.accumulation}
 
 
-@dataclass
-class Progress:
-    """Optimizer steps done and data position (epoch, global batches of that epoch consumed)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-    def save(self, path: Path, **extra: Any) -> None:
-        path.write_text(json.dumps({**dataclasses.asdict(self), **extra}, indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> "Progress":
-        data = json.loads(path.read_text())
-        return cls(step=int(data["step"]), epoch=int(data["epoch"]), batch_in_epoch=int(data["batch_in_epoch"]))
+def plan_batches(loop: TrainSettings, num_processes: int, accumulation: int) -> BatchPlan:
+    """BatchPlan from ``train.batch_size`` (global; TrainError if processes x accumulation does not divide it) or
+    ``train.per_process_batch_size``."""
+    if loop.per_process_batch_size is not None:
+        return BatchPlan(loop.per_process_batch_size, num_processes, accumulation, "per_process_batch_size")
+    if loop.batch_size % (num_processes * accumulation):
+        raise TrainError(f"train.batch_size {loop.batch_size} (the global batch) is not divisible by processes x "
+                         f"gradient accumulation ({num_processes} x {accumulation}); change it or set "
+                         "train.per_process_batch_size instead")
+    return BatchPlan(loop.batch_size // (num_processes * accumulation), num_processes, accumulation, "batch_size")
 
 
-def build_dataset(cfg: DictConfig, seed: int) -> Dataset:
+def build_dataset(cfg: DictConfig, seed: int, check_images: bool = True) -> Dataset:
     """The configured dataset; ``dataset.params.seed`` defaults to ``train.seed`` (deterministic samples).
 
-    Bad data (missing/empty folders, missing depth maps, unpaired hazy files, unreadable images) raises TrainError
-    naming the first offending path.
+    Bad data (missing/empty folders, missing depth maps, unpaired hazy files, images that do not decode completely)
+    raises TrainError naming the first offending path. ``check_images=False`` skips decoding every image (the other
+    processes of a run, whose main process decodes them).
     """
     ds_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     params = dict(ds_cfg.get("params") or {})
     params.setdefault("seed", seed)
+    if not check_images:
+        params["verify"] = False
     try:
         return instantiate_from_config({"target": ds_cfg["target"], "params": params})
     except DataError as err:
@@ -257,125 +322,24 @@ def build_model(cfg: DictConfig, loop: TrainSettings, ext: ExtensionSettings) ->
     return ldm, diffusion
 
 
-class EMA:
-    """Exponential moving average of the released weights: shadow <- d * shadow + (1 - d) * current (floats)."""
+# --------------------------------------------------------------------------------------------------- processes
+def agree_on_error(accelerator, error: str | None) -> None:
+    """Raise TrainError on every process when any process reports ``error`` (the lowest rank's message first).
 
-    def __init__(self, tensors: dict[str, torch.Tensor], decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
-                       for k, v in tensors.items()}
-
-    @torch.no_grad()
-    def update(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, value in tensors.items():
-            if value.is_floating_point():
-                self.shadow[key].lerp_(value.detach().float(), 1.0 - self.decay)
-            else:
-                self.shadow[key].copy_(value)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        if set(sd) != set(self.shadow):
-            raise TrainError("EMA state does not match the model (different extensions enabled?)")
-        for key, value in sd.items():
-            self.shadow[key].copy_(value)
-
-
-# ----------------------------------------------------------------------------------------------------------- state
-def state_root(exp_dir: str | Path) -> Path:
-    return Path(exp_dir) / "state"
-
-
-def complete_states(root: Path) -> list[Path]:
-    """Finished state dirs ``<root>/<step:07d>`` (with progress.json), oldest first; temp dirs are ignored."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and len(p.name) == STATE_NAME_DIGITS
-             and (p / PROGRESS_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name))
-
-
-def find_resume_state(loop: TrainSettings) -> Path | None:
-    """The state dir to resume from: ``train.resume`` = null (fresh start), "latest" or a state dir path."""
-    states = complete_states(state_root(loop.exp_dir))
-    if loop.resume is None:
-        if states:
-            raise TrainError(f"{loop.exp_dir} already holds training states ({states[-1]}); set train.resume=latest "
-                             "to continue that run or choose a new train.exp_dir")
-        return None
-    if loop.resume == "latest":
-        return states[-1] if states else None
-    path = Path(loop.resume)
-    if not (path / PROGRESS_FILE).is_file():
-        raise TrainError(f"train.resume: {path} is not a complete training state (no {PROGRESS_FILE}); pick a "
-                         f"<exp_dir>/state/<step> folder or 'latest'")
-    return path
-
-
-def save_training_state(accelerator, progress: Progress, ema: EMA | None, loop: TrainSettings,
-                        global_batch: int) -> Path:
-    """Full accelerate state + progress (+ EMA) into ``state/.tmp-<step>``, renamed to ``state/<step>`` when done.
-
-    A run killed while saving leaves only the temp dir, which resume ignores; the last ``keep_last`` states stay.
+    A start-up problem found by one process (the main process's lock and image checks) thus stops all of them at
+    the same point, instead of leaving the others waiting in a collective.
     """
-    root = state_root(loop.exp_dir)
-    name = f"{progress.step:0{STATE_NAME_DIGITS}d}"
-    tmp, final = root / f"{TMP_PREFIX}{name}", root / name
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        if ema is not None:
-            from safetensors.torch import save_file
+    from accelerate.utils import gather_object
 
-            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
-        progress.save(tmp / PROGRESS_FILE, num_processes=accelerator.num_processes, global_batch=global_batch)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_states(root)[:-loop.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def install_state_hooks(accelerator) -> None:
-    """Save/load the trainable weights unwrapped (no ``module.`` prefix) so states move between process counts."""
-    from safetensors.torch import load_file
-
-    def save_hook(models, weights, output_dir):
-        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            sd = load_file(str(path), device="cpu")
-            accelerator.unwrap_model(model).load_state_dict(sd, strict=True)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    errors = [message for message in gather_object([error]) if message]
+    if errors:
+        raise TrainError(errors[0])
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
 def step_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed derived from (seed, keys): independent streams per step / micro-step / process."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def use_cpu_backend_if_needed() -> None:
-    """``accelerate launch --multi_gpu`` without CUDA: select accelerate's CPU (gloo) backend.
-
-    Without this, each process would silently train on its own. Must run before the Accelerator is created.
-    """
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -385,8 +349,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def preview_grid(step_module: TrainingStep, batch: dict[str, Any], step: int, num: int, sample_steps: int,
-                 seed: int) -> torch.Tensor:
-    """Image grid (3, 4*H', n*W') in [0,1]: rows = samples (spaced sampling), target, condition, decoded c_img."""
+                 seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Image grid (3, 4*H', n*W') in [0,1] (rows = samples (spaced sampling), target, condition, decoded c_img) and
+    the prompts the samples were conditioned on."""
     from torchvision.utils import make_grid
 
     from sampler.spaced import make_spaced_schedule, sample_spaced
@@ -394,14 +359,14 @@ def preview_grid(step_module: TrainingStep, batch: dict[str, Any], step: int, nu
     ldm, diffusion = step_module.ldm, step_module.diffusion
     part = {k: v[:num] for k, v in batch.items()}
     device = part["target"].device
-    cond, _, _ = step_module.condition(part, step, random.Random(seed))
+    cond, prompts, _ = step_module.condition(part, step, random.Random(seed))
     gen = torch.Generator(device=device).manual_seed(seed)
     schedule = make_spaced_schedule(diffusion.alphas_cumprod_np, sample_steps)
     x_t = torch.randn(cond["c_img"].shape, generator=gen, device=device)
     z = sample_spaced(ldm, x_t, schedule, cond, parameterization=diffusion.parameterization, generator=gen)
     rows = [ldm.vae_decode(z).float() * 0.5 + 0.5, part["target"].float() * 0.5 + 0.5, part["condition"].float(),
             ldm.vae_decode(cond["c_img"]).float() * 0.5 + 0.5]
-    return make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=rows[0].shape[0], padding=2)
+    return make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=rows[0].shape[0], padding=2), list(prompts)
 
 
 def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> dict[str, Any]:
@@ -414,19 +379,25 @@ def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> di
 
 # ------------------------------------------------------------------------------------------------------------ loop
 def run_training(cfg: DictConfig, stage: int) -> int:
-    """Train one stage from a full config (model / dataset / train). Returns the process exit status
-    (2 with one logged message for start-up problems)."""
+    """Train one stage from a full config (model / dataset / train). Returns the process exit status: 2 for start-up
+    problems, logged as one line by the main process only (every process of the run stops at the same point)."""
+    lock = ExpDirLock()
     try:
-        return Trainer(cfg, stage).run()
+        return Trainer(cfg, stage, lock).run()
     except TrainError as err:
-        log.error("%s", err)
+        if is_main_rank():
+            log.error("%s", err)
         return 2
+    finally:
+        lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class Trainer:
     """One training run: start-up checks and set-up in ``__init__``, the optimizer-step loop in :meth:`run`."""
 
-    def __init__(self, cfg: DictConfig, stage: int):
+    def __init__(self, cfg: DictConfig, stage: int, lock: ExpDirLock):
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.utils import ProjectConfiguration
 
@@ -442,38 +413,52 @@ class Trainer:
         if not Path(loop.sd_path).is_file():
             raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
         self.exp_dir = Path(loop.exp_dir)
-        self.resume_dir = find_resume_state(loop)
-        self.dataset = build_dataset(cfg, loop.seed)
+        self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
 
         self.accelerator = acc = Accelerator(
             mixed_precision=loop.mixed_precision,
             gradient_accumulation_steps=loop.gradient_accumulation_steps,
             log_with=loop.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.exp_dir), logging_dir=str(self.exp_dir / "logs")),
-            # the alignment image encoder gets no gradient on steps where that loss is skipped
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.align_enabled)],
+            # the alignment encoder (skipped steps) and the text processor (before its start) can get no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.has_idle_parameters)],
         )
         logging.getLogger().setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world_size()
         if world != acc.num_processes:
             raise TrainError(f"launched {world} processes but accelerate runs {acc.num_processes}; on CPU set "
                              "ACCELERATE_USE_CPU=1 (done automatically when CUDA is unavailable)")
         self.accum = acc.gradient_accumulation_steps
-        self.micro = micro_batch_size(loop.batch_size, acc.num_processes, self.accum)
+        self.plan = plan_batches(loop, acc.num_processes, self.accum)
+        error = None
+        try:
+            if acc.is_main_process:
+                lock.acquire(self.exp_dir)
+            self.dataset = build_dataset(cfg, loop.seed, check_images=acc.is_main_process)
+        except TrainError as err:
+            error = str(err)
+        agree_on_error(acc, error)
 
         seed_everything(loop.seed)
         self.ldm, diffusion = build_model(cfg, loop, ext)
         self.step_module = TrainingStep(self.ldm, diffusion, stage, ext, cycle_loss, image_embedder_for(self.ldm, ext))
         self.step_module.to_device(acc.device)
-        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.learning_rate)
+        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.lr_at(0))
         self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
         install_state_hooks(acc)
         self.ema = EMA(self.ldm.controlnet_state_dict(), loop.ema_decay) if loop.ema_decay else None
         self.progress = Progress()
+        self.window = LogWindow()
         if self.resume_dir is not None:
             self._resume(self.resume_dir)
 
     def _resume(self, state_dir: Path) -> None:
+        """Restore weights, optimizer, RNG states, progress, EMA and this process's log window; drop the metrics
+        rows a killed run wrote after the state."""
+        saved = json.loads((state_dir / PROGRESS_FILE).read_text())
+        if saved.get("global_batch") not in (None, self.plan.global_batch):
+            raise TrainError(f"{state_dir} was saved with a global batch of {saved['global_batch']}, this run has "
+                             f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         self.accelerator.load_state(str(state_dir))
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
         if self.ema is not None:
@@ -482,6 +467,16 @@ class Trainer:
             from safetensors.torch import load_file
 
             self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+        window_file = state_dir / LOG_WINDOW_FILE.format(rank=self.accelerator.process_index)
+        if window_file.is_file() and saved.get("num_processes") == self.accelerator.num_processes:
+            self.window = LogWindow.load(window_file, self.accelerator.device)
+        elif self.progress.step % self.loop.log_every and self.accelerator.is_main_process:
+            log.warning("%s holds no log window for %d processes: the first logged means after step %d cover only "
+                        "the steps after it", state_dir, self.accelerator.num_processes, self.progress.step)
+        if self.accelerator.is_main_process:
+            dropped = drop_metrics_after(self.exp_dir / METRICS_FILE, self.progress.step)
+            if dropped:
+                log.info("dropped %d %s rows logged after step %d", dropped, METRICS_FILE, self.progress.step)
         log.info("resumed from %s at step %d", state_dir, self.progress.step)
 
     def _loader(self) -> tuple[Iterator[dict[str, Any]], GlobalBatchSampler]:
@@ -489,15 +484,18 @@ class Trainer:
         acc, p = self.accelerator, self.progress
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(p.epoch)
-        sampler = GlobalBatchSampler(len(self.dataset), self.micro, acc.num_processes, acc.process_index, self.accum,
-                                     self.loop.seed, p.epoch, p.batch_in_epoch)
+        sampler = GlobalBatchSampler(len(self.dataset), self.plan.per_process, acc.num_processes, acc.process_index,
+                                     self.accum, self.loop.seed, p.epoch, p.batch_in_epoch)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
                             pin_memory=acc.device.type == "cuda")
         return iter(loader), sampler
 
     def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Accumulate ``accum`` micro-batches and step the optimizer -> (last micro-batch, logs per micro-batch)."""
+        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step
+        -> (last micro-batch, logs per micro-batch)."""
         acc, loop = self.accelerator, self.loop
+        for group in self.optimizer.param_groups:
+            group["lr"] = loop.lr_at(self.progress.step)
         logs = []
         for a in range(self.accum):
             batch = to_device(next(data_iter), acc.device)
@@ -519,15 +517,17 @@ class Trainer:
         acc, loop, p = self.accelerator, self.loop, self.progress
         if acc.is_main_process:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
-            resolved = OmegaConf.merge(self.cfg, {"model": {"cldm": model_config(self.cfg, self.ext)}})
+            resolved = OmegaConf.merge(self.cfg, {"model": {"cldm": model_config(self.cfg, self.ext)},
+                                                  "run": self.plan.as_dict()})
             OmegaConf.save(resolved, self.exp_dir / "config.yaml")
-            log.info("stage %d: %d processes, micro-batch %d, accumulation %d, global batch %d, %d samples",
-                     self.stage, acc.num_processes, self.micro, self.accum, loop.batch_size, len(self.dataset))
+            log.info("stage %d: %s; %d samples", self.stage, self.plan.describe(), len(self.dataset))
         if loop.log_with:
-            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage))
+            # after a resume, TensorBoard hides the events a killed run wrote after the resumed step
+            purge = {"tensorboard": {"purge_step": p.step + 1}} if p.step else {}
+            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage), init_kwargs=purge)
         bar = tqdm(total=loop.train_steps, initial=p.step, desc=f"stage {self.stage}",
                    disable=not acc.is_main_process, dynamic_ncols=True)
-        window = LogWindow()
+        window = self.window
         warned_align, data_iter = False, None
         self.model.train()
         while p.step < loop.train_steps:
@@ -547,27 +547,32 @@ class Trainer:
                 log.warning("%s", ALIGN_SKIP_REASON)
                 warned_align = True
             if p.step % loop.log_every == 0 or p.step == loop.train_steps:
-                window.flush(acc, p.step, self.exp_dir / "metrics.jsonl", bool(loop.log_with))
+                window.flush(acc, p.step, self.exp_dir / METRICS_FILE, bool(loop.log_with),
+                             {"train/lr": loop.lr_at(p.step - 1)})
             if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
                 self._preview(batch)
             if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
                 self._save_checkpoint()
-                save_training_state(acc, p, self.ema, loop, loop.batch_size)
+                save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
+                                    window)
         bar.close()
         acc.end_training()
         return 0
 
     def _preview(self, batch: dict[str, Any]) -> None:
-        """Sample grid of the main process's last micro-batch to TensorBoard (other trackers: scalars only)."""
+        """Sample grid of the main process's last micro-batch and its prompts (text) to TensorBoard (other trackers:
+        scalars only)."""
         acc = self.accelerator
         if acc.is_main_process:
             self.step_module.eval()
-            grid = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
+            grid, prompts = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
                                 self.loop.sample_steps, step_seed(self.loop.seed, self.progress.step, 2**31))
             self.step_module.train()
             for tracker in acc.trackers:
                 if tracker.name == "tensorboard":
                     tracker.log_images({"preview": grid[None].numpy()}, step=self.progress.step, dataformats="NCHW")
+                    tracker.log({"preview_prompts": "\n\n".join(f"{i}: {text}" for i, text in enumerate(prompts))},
+                                step=self.progress.step)
         acc.wait_for_everyone()
 
     def _save_checkpoint(self) -> None:
@@ -581,38 +586,6 @@ class Trainer:
             save_state_dict_atomic(self.ema.state_dict(), ckpt_dir / f"{name}_ema.pt")
         if self.step_module.image_embedder is not None:
             save_state_dict_atomic(self.step_module.image_embedder.state_dict(), ckpt_dir / f"{name}_image_embedder.pt")
-
-
-class LogWindow:
-    """Running sums of the per-micro-batch logs since the last flush.
-
-    The logged keys depend only on the config and the step, so every process reduces the same list.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, logs: list[dict[str, torch.Tensor]]) -> None:
-        for entry in logs:
-            for key, value in entry.items():
-                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, accelerator, step: int, metrics_path: Path, to_trackers: bool) -> None:
-        """Log the means (averaged over processes) to the trackers and ``metrics.jsonl``; reset."""
-        keys = sorted(self.sums)
-        if keys:
-            local = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).float() / self.counts[k]
-                                 for k in keys])
-            mean = accelerator.reduce(local, reduction="mean")
-            values = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
-            if to_trackers:
-                accelerator.log(values, step=step)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps({"step": step, **values}) + "\n")
-        self.sums, self.counts = {}, {}
 
 
 def main(stage: int, default_config: str) -> None:
@@ -630,7 +603,8 @@ def main(stage: int, default_config: str) -> None:
     try:
         cfg = load_config(args.config, args.set)
     except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
+        if is_main_rank():
+            log.error("%s", err)
         sys.exit(2)
     sys.exit(run_training(cfg, stage))
 
