@@ -5,7 +5,7 @@
 
 The model is loaded once, before the server starts (a missing weight file exits with status 2 and names it, as the
 scripts do). The page offers the modes of ``configs/app/modes.yaml`` (AccSamp, DiffDehaze, DCP, HazeGen, and the
-sampler presets whose config keys exist); every run calls the same per-image function as the mode's script, so the
+sampler presets whose config keys exist); every run calls the same batch function as the mode's script, so the
 downloaded PNG for a seed is byte for byte the script's output file for that seed and settings. Runs are queued one
 at a time per model; Cancel stops a run at its next sampling step. Serves on 127.0.0.1 only, with no share link and
 Gradio's analytics off.

@@ -1,6 +1,6 @@
 """Modes of the local dehazing page (app.py): which inference script runs with which settings.
 
-A mode names a script whose ``make_process(cfg, runner, show_steps)`` is the per-image function the script itself
+A mode names a script whose ``make_process(cfg, runner, show_steps)`` is the batch function the script itself
 runs over a folder, so the page's output for a seed is the script's output file for that seed. The modes and how
 their settings derive from the app's config are data (``configs/app/modes.yaml``, documented there); this module
 resolves them, checks their files, and keeps one loaded model per distinct weights.
