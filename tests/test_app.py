@@ -126,7 +126,8 @@ def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer, sm
     with pytest.raises(app.RunCancelled, match="step 5 of 10"):
         dehazer.run(str(photo), "AccSamp", {"steps": 10}, "s1", cancel_after_two)
     # the flag is per run: the next run of the session is not cancelled
-    assert Path(dehazer.run(str(photo), "AccSamp", {"steps": 2, "tau": 0.5}, "s1", lambda k, n: None)["result"]).is_file()
+    again = dehazer.run(str(photo), "AccSamp", {"steps": 2, "tau": 0.5}, "s1", lambda k, n: None)
+    assert Path(again["result"]).is_file()
 
 
 def test_backend_dcp_mode_needs_no_model_and_reports_bad_files(dehazer, small_photo, tmp_path):
