@@ -14,8 +14,18 @@ from omegaconf import DictConfig
 from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
-from utils.dcp import estimate_transmission
-from utils.pipeline import Batch, DiffusionRunner, Process, from_model_output, main_wrapper, run_script
+from utils.dcp import DCPTransmission
+from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
+from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, from_model_output, log, main_wrapper,
+                            run_script)
+
+
+def max_memory_gb(cfg: DictConfig) -> float | None:
+    """``inference.max_memory_gb``: a positive number of GB, or None (no check); ValueError otherwise."""
+    limit_gb = cfg.inference.get("max_memory_gb")
+    if limit_gb is not None and not (isinstance(limit_gb, (int, float)) and limit_gb > 0):
+        raise ValueError(f"inference.max_memory_gb must be a positive number of GB or null, got {limit_gb!r}")
+    return limit_gb
 
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
@@ -32,24 +42,32 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     inf = cfg.inference
+    limit_gb = max_memory_gb(cfg)
+    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
+    transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
     intermediates = bool(inf.get("save_intermediates", False))
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
+        if model_size is not None:
+            hw = (x_T.shape[-2] * 8, x_T.shape[-1] * 8)
+            tiles = tiles_from_config(cfg) if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
+            check_fits(model_size, hw, "accsamp", tiles, float(limit_gb), batch=len(batch))
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
-            align_fn=align, transmission_fn=estimate_transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
+            align_fn=align, transmission_fn=transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
             parameterization=runner.parameterization,
             generator=gens, callback=callback, disable=not show_steps)
         out = {}
+        transmission_maps = extras["transmission"][..., :, :] if intermediates else None
         for b, ((_, stem), img) in enumerate(zip(batch, runner.finish_batch(z, geoms))):
             out[f"{stem}.png"] = img
             if intermediates:
-                estimate, trans = extras["estimate"][b: b + 1], extras["transmission"][b: b + 1]
+                estimate, trans = extras["estimate"][b: b + 1], transmission_maps[b: b + 1]
                 out[f"{stem}_estimate.png"] = from_model_output(estimate * 0.5 + 0.5, geoms[b]).cpu()
                 out[f"{stem}_transmission.png"] = from_model_output(trans, geoms[b]).expand(3, -1, -1).cpu()
         return out
@@ -58,6 +76,11 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    try:
+        max_memory_gb(cfg)
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
     return run_script(cfg, args, make_process, output_names, "AccSamp")
 
 

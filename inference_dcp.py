@@ -17,7 +17,7 @@ from utils.dcp import dcp_dehaze
 from utils.distributed import process_device
 from utils.pipeline import Batch, Process, main_wrapper, run_folder
 
-DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min")
+DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
 
 
 WEIGHT_KEYS: tuple[str, ...] = ()  # no weight files; app.py builds no diffusion model for this script

@@ -53,10 +53,11 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
 
     x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in [0,1] (the padded input, H = 8h);
     decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
-    align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W);
+    align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W) tensor
+    or a map evaluated per region on indexing (:class:`utils.dcp.DCPTransmission`, for large images);
     decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance);
     generator: one, or one per batch element (``sampler.spaced.randn``).
-    Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": (B,1,H,W)}``.
+    Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": what transmission_fn gave}``.
     """
     n = len(schedule)
     k_est, k_restart = accsamp_steps(n, tau, omega)
@@ -70,9 +71,9 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
     with torch.no_grad():
         sample_spaced(model_fn, x_T, schedule, cond, parameterization=parameterization, start_step=0,
                       end_step=k_est + 1, callback=keep_last, generator=generator, disable=disable)
-        x0_est = last["x0"]
-        decoded = decode_fn(x0_est)[..., : hazy01.shape[-2], : hazy01.shape[-1]]
-        estimate = align_fn(hazy01 * 2 - 1, decoded.float()).clamp(-1, 1)
+        decoded = decode_fn(last.pop("x0"))[..., : hazy01.shape[-2], : hazy01.shape[-1]]
+        estimate = align_fn(hazy01 * 2 - 1, decoded.float()).clamp_(-1, 1)
+        del decoded  # full-resolution buffers are released as soon as they are used (large images)
         trans = transmission_fn(hazy01)
         z_est = encode_fn(estimate)
     i_restart = n - 1 - k_restart

@@ -80,6 +80,53 @@ def test_airlight_picks_brightest_sum_among_top_dark() -> None:
     assert torch.allclose(estimate_airlight(img, dark, top=1e-9), torch.tensor([[0.6, 0.6, 0.6]]))
 
 
+def _tied_scene() -> tuple[torch.Tensor, torch.Tensor]:
+    """600 pixels share the top dark-channel value 0.5 (40x50 image, top 0.1 % = 2 pixels): the 2-pixel cut falls
+    inside the tie. One tied pixel (row 20, col 25) is brighter than the others (R+G+B 2.4 vs 1.8)."""
+    img = torch.zeros(1, 3, 40, 50)
+    dark = torch.zeros(1, 1, 40, 50)
+    dark[..., 10:30, 10:40] = 0.5
+    img[..., 10:30, 10:40] = 0.6
+    img[0, :, 20, 25] = torch.tensor([0.9, 0.8, 0.7])
+    return img, dark
+
+
+def test_airlight_tie_rule_takes_every_pixel_at_the_cut() -> None:
+    img, dark = _tied_scene()
+    brightest = torch.tensor([[0.9, 0.8, 0.7]])
+    assert torch.equal(estimate_airlight(img, dark), brightest)
+    # the tie order cannot matter: the same scene flipped / transposed gives the same colour
+    for flip in ((-1,), (-2,), (-2, -1)):
+        assert torch.equal(estimate_airlight(img.flip(flip), dark.flip(flip)), brightest)
+    assert torch.equal(estimate_airlight(img.transpose(-2, -1), dark.transpose(-2, -1)), brightest)
+    assert torch.equal(estimate_transmission(img), transmission(img, brightest))
+
+
+def test_airlight_equal_brightness_first_in_row_major_order() -> None:
+    img = torch.zeros(1, 3, 40, 50)
+    dark = torch.zeros(1, 1, 40, 50)
+    dark[..., 5, :] = 0.4                               # 50 tied candidates for 2 places
+    img[0, :, 5, 30] = torch.tensor([0.5, 0.9, 0.5])    # equal R+G+B, different colours
+    img[0, :, 5, 7] = torch.tensor([0.9, 0.5, 0.5])     # first in row-major order
+    assert torch.equal(estimate_airlight(img, dark), torch.tensor([[0.9, 0.5, 0.5]]))
+    assert torch.equal(estimate_airlight(img.flip(-1), dark.flip(-1)), torch.tensor([[0.5, 0.9, 0.5]]))
+
+
+def test_airlight_published_topk_rule_stays_reachable() -> None:
+    img, dark = _tied_scene()
+    n = 2
+    idx = dark.reshape(1, -1).topk(n, dim=1).indices[0]
+    cand = img.reshape(3, -1)[:, idx]
+    expected = cand[:, cand.sum(dim=0).argmax()][None]
+    assert torch.equal(estimate_airlight(img, dark, ties="topk"), expected)
+    # without ties at the cut both rules agree
+    hazy, _ = _synthetic_hazy()
+    d = dark_channel(hazy)
+    assert torch.equal(estimate_airlight(hazy, d, ties="topk"), estimate_airlight(hazy, d))
+    with pytest.raises(ValueError, match="ties"):
+        estimate_airlight(img, dark, ties="first")
+
+
 def _direct_guided_filter(guide: np.ndarray, src: np.ndarray, r: int, eps: float) -> np.ndarray:
     h, w = guide.shape
 

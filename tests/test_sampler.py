@@ -12,7 +12,7 @@ from sampler.guidance import GRADIENT_GAIN, WeightedMSSSIMGuidance
 from sampler.spaced import (guided_model_output, make_spaced_schedule, posterior_step, predict_x0,
                             sample_spaced, space_timesteps)
 from utils.align import align_op
-from utils.dcp import estimate_transmission
+from utils.dcp import DCPTransmission, estimate_transmission
 from utils.ssim import ms_ssim
 from utils.tiling import tiled_vjp
 
@@ -253,6 +253,26 @@ def test_guidance_update_formula_and_descent():
     small = WeightedMSSSIMGuidance(scale=0.002)
     small.set_target(target, torch.ones(1, 1, SIZE, SIZE))
     assert score(small(x0, 300, 1.0, upsample_decode)) > score(x0)
+
+
+def test_tiled_guidance_update_equals_untiled_on_many_tiles():
+    # 208x240 image, 32-px gradient tiles (7x8 tiles with 160-px halos) and the transmission read per tile:
+    # the pixel update equals the untiled autograd one up to float32 summation order (tolerance as in test_ssim)
+    gen = torch.Generator().manual_seed(6)
+    hazy01 = F.interpolate(torch.rand(1, 3, 13, 15, generator=gen), size=(208, 240), mode="bilinear")
+    target = (hazy01 * 2 - 1).flip(-1)
+    decoded = target.roll(5, dims=-1) + 0.1 * torch.randn(1, 3, 208, 240, generator=gen)
+    untiled = WeightedMSSSIMGuidance(tile_size=32)
+    untiled.set_target(target, estimate_transmission(hazy01))
+    expected = untiled.pixel_update(decoded)
+    lazy = DCPTransmission(hazy01)
+    assert torch.equal(lazy[..., :, :], estimate_transmission(hazy01))
+    assert torch.equal(lazy[..., 37:90, 100:240], estimate_transmission(hazy01)[..., 37:90, 100:240])
+    tiled = WeightedMSSSIMGuidance(tile_size=32)
+    tiled.set_target(target, lazy)
+    got = tiled.pixel_update_tiled(decoded.clone())
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert torch.equal(untiled.pixel_update(decoded), expected)  # the published path is untouched by the tiled one
 
 
 def test_guidance_inactive_and_weight_scaling():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.ssim import MS_SSIM_WEIGHTS, gaussian_window, ms_ssim, ssim
+from utils.ssim import MS_SSIM_WEIGHTS, gaussian_window, ms_ssim, ms_ssim_grad_tiled, ssim
 
 
 def _hand_gaussian_2d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -122,3 +122,40 @@ def test_shrunk_window_uses_image_size() -> None:
 def test_mismatched_inputs_raise() -> None:
     with pytest.raises(ValueError):
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+
+
+def _smooth_pair(h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    y = torch.nn.functional.interpolate(torch.rand(1, 2, h // 8, w // 8, generator=gen, dtype=dtype), size=(h, w),
+                                        mode="bilinear", align_corners=False)
+    return (y + 0.2 * torch.randn(1, 2, h, w, generator=gen, dtype=dtype)).clamp(0, 1), y
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ms_ssim_grad_tiled_equals_autograd_over_many_tiles(normalize: bool) -> None:
+    # 200x245 with 64-px cores: 4x4 tiles of up to (64+160)^2 px crops; the last row / column cores (8 / 53 px): the
+    # first lies past the last window position and owns none. float64, so the only difference left is the
+    # summation order of the per-scale means and of the overlapping halo gradients: relative error ~1e-15; 1e-10
+    # leaves room for any conv backend while still failing for a single misplaced window (~1e-3).
+    x, y = _smooth_pair(200, 245, torch.float64)
+    leaf = x.clone().requires_grad_(True)
+    value = ms_ssim(leaf, y, normalize=normalize)
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    tiled_value, tiled_grad = ms_ssim_grad_tiled(x, y, tile=64, normalize=normalize)
+    torch.testing.assert_close(tiled_value, value.detach(), rtol=1e-12, atol=0)
+    assert (tiled_grad - grad).abs().max() <= 1e-10 * grad.abs().max()
+    assert grad.abs().max() > 0
+
+
+def test_ms_ssim_grad_tiled_float32_and_small_image_fallback() -> None:
+    # float32: per-element rounding (~6e-8) accumulated over <= 5 scales of 121-tap windows and different
+    # summation orders stays far below 1e-4 of the largest gradient
+    x, y = _smooth_pair(192, 200, torch.float32)
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ms_ssim(leaf, y).sum(), leaf)
+    _, tiled = ms_ssim_grad_tiled(x, y, tile=64)
+    assert (tiled - grad).abs().max() <= 1e-4 * grad.abs().max()
+    small_x, small_y = x[..., :100, :100], y[..., :100, :100]  # below 11*16 px: plain autograd
+    leaf = small_x.clone().requires_grad_(True)
+    (small_grad,) = torch.autograd.grad(ms_ssim(leaf, small_y).sum(), leaf)
+    assert torch.equal(ms_ssim_grad_tiled(small_x, small_y, tile=16)[1], small_grad)

@@ -48,11 +48,21 @@ def dark_channel(img01: torch.Tensor, patch: int = 15) -> torch.Tensor:
     return min_filter(img01.amin(dim=1, keepdim=True), patch)
 
 
-def estimate_airlight(img01: torch.Tensor, dark: torch.Tensor, top: float = 0.001) -> torch.Tensor:
-    """Atmospheric light per image (He et al.).
+AIRLIGHT_TIES = ("all", "topk")
 
-    Among the brightest ``top`` fraction (at least one pixel) of the dark channel ``dark``
-    (B,1,H,W), pick the pixel with the largest R+G+B and return its colour: (B,3) in [0,1].
+
+def estimate_airlight(img01: torch.Tensor, dark: torch.Tensor, top: float = 0.001, ties: str = "all") -> torch.Tensor:
+    """Atmospheric light per image (He et al.): (B,3) in [0,1].
+
+    img01: (B,3,H,W) in [0,1]; dark: its dark channel (B,1,H,W). Let n = max(1, int(H·W·top)) and c the n-th
+    largest dark-channel value. The candidates are the brightest dark-channel pixels, and the airlight is the
+    colour of the candidate with the largest R+G+B. On 8-bit images many pixels share the value c, so which of
+    them are "the top n" is a matter of tie order; ``ties`` fixes it:
+
+    - ``"all"`` (default): every pixel with dark >= c is a candidate; among equal largest R+G+B the first pixel
+      in row-major order wins. The result depends only on the values, so CPU, CUDA and torch versions agree.
+    - ``"topk"``: exactly the n pixels ``torch.topk`` returns and the first maximum among them, as the published
+      AccSamp code does; with ties at c the choice depends on the device and the torch version.
     """
     _check_img(img01)
     b, _, h, w = img01.shape
@@ -60,12 +70,23 @@ def estimate_airlight(img01: torch.Tensor, dark: torch.Tensor, top: float = 0.00
         raise ValueError(f"dark must be {(b, 1, h, w)}, got {tuple(dark.shape)}")
     if not 0.0 < top <= 1.0:
         raise ValueError(f"top must be in (0, 1], got {top}")
+    if ties not in AIRLIGHT_TIES:
+        raise ValueError(f"ties must be one of {AIRLIGHT_TIES}, got '{ties}'")
     n = max(1, int(h * w * top))
-    idx = dark.reshape(b, h * w).topk(n, dim=1).indices
+    dark_flat = dark.reshape(b, h * w)
     flat = img01.reshape(b, 3, h * w)
-    cand = flat.gather(2, idx.unsqueeze(1).expand(b, 3, n))
-    best = cand.sum(dim=1).argmax(dim=1)
-    return cand[torch.arange(b, device=img01.device), :, best]
+    if ties == "topk":
+        idx = dark_flat.topk(n, dim=1).indices
+        cand = flat.gather(2, idx.unsqueeze(1).expand(b, 3, n))
+        best = cand.sum(dim=1).argmax(dim=1)
+        return cand[torch.arange(b, device=img01.device), :, best]
+    cut = dark_flat.topk(n, dim=1).values[:, -1:]
+    brightness = flat[:, 0] + flat[:, 1] + flat[:, 2]  # fixed addition order: identical on every device
+    score = torch.where(dark_flat >= cut, brightness, torch.full_like(brightness, float("-inf")))
+    first = torch.arange(h * w, device=img01.device).expand(b, -1)
+    at_max = score == score.amax(dim=1, keepdim=True)
+    best = torch.where(at_max, first, torch.full_like(first, h * w)).amin(dim=1)
+    return flat[torch.arange(b, device=img01.device), :, best]
 
 
 def transmission(
@@ -89,12 +110,43 @@ def transmission(
 
 
 def estimate_transmission(img01: torch.Tensor, patch: int = 15, omega: float = 0.95, top: float = 0.001,
-                          t_min: float = 0.05) -> torch.Tensor:
-    """Coarse DCP transmission with its own airlight estimate (the AccSamp guidance weight, published settings).
+                          t_min: float = 0.05, ties: str = "all") -> torch.Tensor:
+    """Coarse DCP transmission with its own airlight estimate (the AccSamp guidance weight, published settings;
+    ``ties`` as in :func:`estimate_airlight`).
 
     img01: (B,3,H,W) in [0,1] -> (B,1,H,W) in [t_min, 1].
     """
-    return transmission(img01, estimate_airlight(img01, dark_channel(img01, patch), top), omega, patch, t_min)
+    return transmission(img01, estimate_airlight(img01, dark_channel(img01, patch), top, ties), omega, patch, t_min)
+
+
+class DCPTransmission:
+    """The coarse DCP transmission of :func:`estimate_transmission`, computed for the region it is indexed with.
+
+    The airlight is estimated once from the whole image; ``t[..., rows, cols]`` (slices, step 1) evaluates the
+    transmission on that region plus a ``patch // 2`` halo, which gives exactly the values of the full map (the
+    minimum filter sees the same pixels). Keeps no full-size map: large images hold only the input.
+    img01: (B,3,H,W) in [0,1]; indexing returns (B,1,h,w) in [t_min, 1].
+    """
+
+    def __init__(self, img01: torch.Tensor, patch: int = 15, omega: float = 0.95, top: float = 0.001,
+                 t_min: float = 0.05, ties: str = "all"):
+        _check_img(img01)
+        self.img01, self.patch, self.omega, self.t_min = img01, patch, omega, t_min
+        self.airlight = estimate_airlight(img01, dark_channel(img01, patch), top, ties)
+        self.shape = torch.Size((img01.shape[0], 1, *img01.shape[-2:]))
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        if not isinstance(index, tuple) or len(index) != 3 or index[0] is not Ellipsis:
+            raise IndexError("index a DCPTransmission as t[..., rows, cols] with two slices")
+        h, w = self.shape[-2:]
+        (y0, y1, sy), (x0, x1, sx) = index[1].indices(h), index[2].indices(w)
+        if sy != 1 or sx != 1:
+            raise IndexError("DCPTransmission slices must have step 1")
+        r = self.patch // 2
+        cy, cx = max(0, y0 - r), max(0, x0 - r)
+        crop = self.img01[..., cy: min(h, y1 + r), cx: min(w, x1 + r)]
+        t = transmission(crop, self.airlight, self.omega, self.patch, self.t_min)
+        return t[..., y0 - cy: y1 - cy, x0 - cx: x1 - cx]
 
 
 def _box_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
@@ -168,18 +220,19 @@ def dcp_dehaze(
     eps: float = 1e-3,
     t0: float = 0.1,
     t_min: float = 0.05,
+    ties: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Classical DCP dehazing (He et al.) with guided-filter refinement.
 
     Coarse t from ``transmission`` is refined by a guided filter (guide = BT.601 grey of I,
     radius ``radius`` or ``default_guided_radius``, ``eps``), clamped to [t0, 1], and the
-    scene is recovered as J = (I - A) / t + A, clamped to [0,1].
+    scene is recovered as J = (I - A) / t + A, clamped to [0,1]. ``ties``: see :func:`estimate_airlight`.
     img01: (B,3,H,W) in [0,1]. Returns (J01 (B,3,H,W) in [0,1], t (B,1,H,W) in [t0,1], A (B,3)).
     """
     _check_img(img01)
     h, w = img01.shape[-2:]
     dark = dark_channel(img01, patch)
-    airlight = estimate_airlight(img01, dark, top)
+    airlight = estimate_airlight(img01, dark, top, ties)
     t_coarse = transmission(img01, airlight, omega=omega, patch=patch, t_min=t_min)
     weights = torch.tensor(_GRAY_WEIGHTS, dtype=img01.dtype, device=img01.device)
     gray = (img01 * weights[None, :, None, None]).sum(dim=1, keepdim=True)

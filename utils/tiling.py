@@ -102,7 +102,7 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
         if out is None:
             out = torch.zeros((x.shape[0], pred.shape[1], *plan.out_hw), device=x.device)
         out[..., oy, ox] += pred * plan.weight
-    return out / plan.total
+    return out.div_(plan.total)
 
 
 def tiled_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_out: torch.Tensor, tile: int,
@@ -110,7 +110,8 @@ def tiled_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_
     """Vector-Jacobian product (∂ tiled_apply(fn, x) / ∂x)ᵀ · grad_out, computed one tile at a time.
 
     Each tile is re-run with gradients, backpropagated with its share (blend weight / weight sum) of ``grad_out`` and
-    freed, so memory stays that of one tile whatever the image size. Returns a tensor shaped like ``x``.
+    freed, so memory stays that of one tile whatever the image size (no full-size copy of ``grad_out`` is made).
+    Returns a tensor shaped like ``x``.
     """
     h, w = x.shape[-2:]
     if h <= tile and w <= tile:
@@ -120,10 +121,10 @@ def tiled_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_
         return grad
     plan = _TilePlan(h, w, tile, stride, scale, x.device)
     grad_x = torch.zeros_like(x, dtype=torch.float32)
-    share = grad_out.float() / plan.total
     for (iy, ix), (oy, ox) in plan.windows:
+        share = grad_out[..., oy, ox].float() / plan.total[..., oy, ox] * plan.weight
         with torch.enable_grad():
             leaf = x[..., iy, ix].detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(fn(leaf).float(), leaf, grad_outputs=share[..., oy, ox] * plan.weight)
+            (grad,) = torch.autograd.grad(fn(leaf).float(), leaf, grad_outputs=share)
         grad_x[..., iy, ix] += grad
     return grad_x.to(x.dtype)

@@ -1,0 +1,201 @@
+"""Large images end to end: peak memory and seconds of stage 2, AccSamp and HazeGen at 1K-8K (reduced model).
+
+Each (script, size) case runs the real inference script's ``run`` on one synthetic image in a FRESH subprocess, with
+the reduced random model (``configs/tiny/model.yaml``) written in the release checkpoint formats, tiling forced on
+(``inference.tiled: True``) and ``inference.max_pixels`` lifted for 8K. Peak memory: on CPU the subprocess's
+``ru_maxrss`` (resident set high-water mark, runtime and weights included); on CUDA ``max_memory_allocated``.
+
+Sizes: 1K = 1024², 2K = 2048², 4K = 2160×3840, 8K = 4320×7680 (padded to multiples of 64 by the scripts).
+After the table it prints the AccSamp 4K/1K peak ratio and the computed budget of the FULL-SIZE model in fp16 on a
+24 GB GPU (``utils.memory.estimate_peak_gb``: which sizes fit and with which tile settings).
+
+Usage: python benchmarks/bench_large.py [--device cpu|cuda] [--sizes 1K 2K 4K 8K] [--cases stage2 accsamp hazegen]
+           [--steps 10] [--threads N] [--timeout-s S] [--gpu-gb 24]
+       python benchmarks/bench_large.py --device cuda --calibrate   # tile coefficients of utils.memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from utils.common import load_config  # noqa: E402
+from utils.memory import budget_table  # noqa: E402
+
+SIZES = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (2160, 3840), "8K": (4320, 7680)}
+CASES = {"stage2": ("inference_stage2", "configs/inference/stage2.yaml"),
+         "accsamp": ("inference_accsamp", "configs/inference/stage2_accsamp.yaml"),
+         "hazegen": ("inference_stage1", "configs/inference/stage1.yaml")}
+TINY = ROOT / "configs" / "tiny" / "model.yaml"
+
+
+def write_inputs(work: Path, sizes: list[str]) -> None:
+    """Reduced random model in the release formats (sd.ckpt, controlnet.pt) and one smooth image per size."""
+    from tests.helpers import build_tiny, randomize_, write_release_checkpoints
+
+    model = build_tiny(seed=11)
+    randomize_(model.unet, seed=12, std=0.02)
+    randomize_(model.controlnet, seed=13, std=0.02)
+    write_release_checkpoints(model, work / "weights")
+    rng = np.random.default_rng(0)
+    for name in sizes:
+        h, w = SIZES[name]
+        folder = work / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 255, (h // 64, w // 64, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((w, h), Image.BICUBIC).save(folder / f"{name}.png")
+
+
+def case_config(case: str, size: str, work: Path, args: argparse.Namespace):
+    cfg = OmegaConf.load(ROOT / CASES[case][1])
+    cfg.model = OmegaConf.load(TINY).model
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([
+        f"inference.sd_path={work / 'weights' / 'sd.ckpt'}",
+        f"inference.controlnet_path={work / 'weights' / 'controlnet.pt'}",
+        f"inference.image_folder={work / 'images' / size}", f"inference.result_folder={work / 'out' / case / size}",
+        f"inference.steps={args.steps}", f"inference.device={args.device}", "inference.tiled=True",
+        "inference.max_pixels=100000000"]))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one case in this process; print seconds and peak memory as one JSON line."""
+    import importlib
+
+    device = torch.device(args.device)
+    cfg = case_config(args.worker, args.size, Path(args.work), args)
+    module = importlib.import_module(CASES[args.worker][0])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    status = module.run(cfg, argparse.Namespace(skip_existing=False, show_steps=False))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    print(json.dumps({"status": status, "seconds": seconds, "peak_mb": peak_mb}))
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    """Measure the tile working-set coefficients of utils.memory with the FULL-SIZE model (CUDA, random weights)."""
+    from utils.common import instantiate_from_config
+    from utils.ssim import ms_ssim
+
+    device = torch.device(args.device)
+    cfg = load_config(ROOT / "configs" / "inference" / "stage2_accsamp.yaml")
+    model = instantiate_from_config(cfg.model.cldm).eval().to(device)
+    model.cast_denoiser(torch.float16)
+    vae_ch = int(cfg.model.cldm.params.vae_cfg.params.ddconfig.ch)
+    unet_ch = int(cfg.model.cldm.params.unet_cfg.params.model_channels)
+
+    def working_set(fn) -> float:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+
+    z = torch.randn(1, 4, 64, 64, device=device)
+
+    def vjp() -> None:
+        leaf = z.clone().requires_grad_(True)
+        torch.autograd.grad(model.vae_decode(leaf), leaf, grad_outputs=torch.ones(1, 3, 512, 512, device=device))
+
+    cond = {"c_txt": torch.randn(1, 77, 1024, device=device), "c_img": torch.randn(1, 4, 64, 64, device=device)}
+    t = torch.full((1,), 500, device=device, dtype=torch.long)
+    crop = torch.rand(1, 3, 672, 672, device=device)
+
+    def msssim() -> None:
+        leaf = crop.clone().requires_grad_(True)
+        torch.autograd.grad(ms_ssim(leaf, crop.flip(-1), normalize=True).sum(), leaf)
+
+    with torch.no_grad():
+        dec = working_set(lambda: model.vae_decode(z))
+        den = working_set(lambda: model(z, t, cond))
+    print(json.dumps({"VAE_DECODE_COEF": dec / (vae_ch * 512 ** 2), "VAE_VJP_COEF": working_set(vjp) / (vae_ch * 512 ** 2),
+                      "DENOISER_COEF": den / (unet_ch * 64 ** 2 * 2), "MSSSIM_COEF": working_set(msssim) / 672 ** 2}))
+
+
+def spawn(case: str, size: str, work: Path, args: argparse.Namespace) -> dict | str:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--size", size, "--work", str(work),
+           "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return f"timeout after {args.timeout_s:g} s"
+    if proc.returncode != 0:
+        return f"rc {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result if result["status"] == 0 else f"script exit {result['status']}: " + proc.stderr[-300:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=10, help="sampling steps (AccSamp: τ, ω of the config)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="per case")
+    parser.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory for the full-size budget")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure the utils.memory tile coefficients with the full-size model (CUDA) and exit")
+    parser.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+    if args.calibrate:
+        calibrate(args)
+        return
+    device = torch.device(args.device)
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    mem = "CUDA max_memory_allocated" if device.type == "cuda" else "CPU ru_maxrss of a fresh subprocess"
+    print(f"device={device}{gpu} torch={torch.__version__} threads={torch.get_num_threads()} steps={args.steps} "
+          f"model=configs/tiny/model.yaml (random, release formats) tiled=True peak={mem}", flush=True)
+    header = f"{'case':>8} {'size':>4} {'H×W':>10} {'seconds':>9} {'peak MB':>9}"
+    print(header)
+    print("-" * len(header))
+    peaks: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_large_") as tmp:
+        work = Path(tmp)
+        write_inputs(work, args.sizes)
+        for case in args.cases:
+            for size in args.sizes:
+                h, w = SIZES[size]
+                res = spawn(case, size, work, args)
+                label = f"{case:>8} {size:>4} {f'{h}×{w}':>10}"
+                if isinstance(res, str):
+                    print(f"{label}  failed: {res}", flush=True)
+                    continue
+                peaks[(case, size)] = res["peak_mb"]
+                print(f"{label} {res['seconds']:>9.1f} {res['peak_mb']:>9.0f}", flush=True)
+    for case in args.cases:
+        if (case, "1K") in peaks and (case, "4K") in peaks:
+            print(f"{case}: 4K / 1K peak = {peaks[(case, '4K')] / peaks[(case, '1K')]:.2f}")
+    print()
+    full = load_config(ROOT / "configs" / "inference" / "stage2_accsamp.yaml")
+    print(budget_table(full, args.gpu_gb, {name: SIZES[name] for name in SIZES}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Peak-memory estimate of tiled inference, the check against ``inference.max_memory_gb`` and the GPU budget table.
+
+Model of the peak (bytes), for a padded image of P = H·W pixels run in tiles:
+
+    weights + P · per_pixel[script] + max(tile working sets)
+
+- weights: the parameters and buffers as they are held (denoiser in its dtype, VAE and text encoder fp32);
+- per_pixel: the full-resolution tensors the script holds at its worst moment (counted from the code: input,
+  decoded x0 or output, AccSamp estimate, the guidance's [0,1] target and gradient, blend-weight sums);
+- tile working sets: one VAE tile decoded without and (AccSamp) with gradients, one denoiser tile, one MS-SSIM
+  gradient tile; each is ``coefficient · channels · tile pixels``. The coefficients are counted from the
+  architectures (tensors autograd keeps per output pixel of the SD decoder's ResBlocks: ~4600 floats per pixel at
+  128 base channels; SDPA attention without a materialised attention matrix); ``benchmarks/bench_large.py
+  --calibrate`` measures them with the full-size model on CUDA.
+
+The estimate is meant to catch configurations that cannot fit before any sampling, not to predict to the MB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from omegaconf import DictConfig
+
+BYTES_PER_PIXEL = {"stage2": 48, "hazegen": 48, "accsamp": 64}
+# bytes per (output pixel · base channel) of one VAE decoder tile, without / with the backward pass (fp32)
+VAE_DECODE_COEF, VAE_VJP_COEF = 40.0, 160.0
+# bytes per (latent pixel · base channel · element byte) of one ControlNet + UNet tile step
+DENOISER_COEF = 150.0
+# bytes per pixel of one MS-SSIM gradient tile including its 160-px halo (3 channels, fp32, autograd)
+MSSSIM_COEF = 500.0
+MSSSIM_HALO = 160
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """The tile sizes that set the working memory (pixels for the VAE and MS-SSIM, latent pixels for the denoiser)."""
+
+    vae_tile: int = 512
+    latent_tile: int = 64
+    guidance_tile: int = 512
+
+    def overrides(self) -> str:
+        """The ``--set`` arguments that select these settings."""
+        return (f"inference.vae_tile_size={self.vae_tile} inference.vae_tile_stride={self.vae_tile * 7 // 8} "
+                f"inference.latent_tile_size={self.latent_tile} inference.latent_tile_stride={self.latent_tile // 2} "
+                f"guidance.params.tile_size={self.guidance_tile}")
+
+
+CANDIDATES = [TileSettings(v, lt, g) for v, lt, g in
+              [(512, 64, 512), (384, 64, 384), (256, 64, 256), (256, 48, 256), (192, 32, 192), (128, 32, 128)]]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the estimate needs to know about the model: bytes of the weights and the base channel widths."""
+
+    weight_bytes: int
+    vae_channels: int
+    unet_channels: int
+    denoiser_element_bytes: int
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, denoiser_dtype: torch.dtype) -> "ModelSize":
+        """Count the parameters of the config's model on the meta device (nothing is allocated)."""
+        from utils.common import instantiate_from_config
+
+        with torch.device("meta"):
+            model = instantiate_from_config(cfg.model.cldm)
+        return cls.from_model(model, cfg, denoiser_dtype)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, cfg: DictConfig, denoiser_dtype: torch.dtype) -> "ModelSize":
+        size = torch.finfo(denoiser_dtype).bits // 8
+        total = 0
+        for name, module in model.named_children():
+            per = size if name in ("unet", "controlnet") else 4
+            total += sum(t.numel() for t in [*module.parameters(), *module.buffers()]) * per
+        params = cfg.model.cldm.params
+        return cls(total, int(params.vae_cfg.params.ddconfig.ch), int(params.unet_cfg.params.model_channels), size)
+
+
+def estimate_peak_gb(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSettings,
+                     batch: int = 1) -> float:
+    """Estimated peak memory (GB) of ``script`` (stage2 | accsamp | hazegen) on ``batch`` padded H×W images, tiled
+    (tiles hold one image's crop at a time in this estimate's model; the full-resolution part scales with the batch)."""
+    pixels = hw[0] * hw[1] * batch
+    vae_px = min(tiles.vae_tile, hw[0]) * min(tiles.vae_tile, hw[1])
+    lat = min(tiles.latent_tile, hw[0] // 8) * min(tiles.latent_tile, hw[1] // 8)
+    working = [VAE_DECODE_COEF * model.vae_channels * vae_px,
+               DENOISER_COEF * model.unet_channels * lat * model.denoiser_element_bytes]
+    if script == "accsamp":
+        working.append(VAE_VJP_COEF * model.vae_channels * vae_px)
+        side = [min(tiles.guidance_tile + MSSSIM_HALO, s) for s in hw]
+        working.append(MSSSIM_COEF * side[0] * side[1])
+    return (model.weight_bytes + pixels * BYTES_PER_PIXEL[script] + max(working)) / 1e9
+
+
+def fitting_settings(model: ModelSize, hw: tuple[int, int], script: str, limit_gb: float,
+                     batch: int = 1) -> TileSettings | None:
+    """The first (largest-tile) candidate settings whose estimate fits ``limit_gb``; None if none does."""
+    for tiles in CANDIDATES:
+        if estimate_peak_gb(model, hw, script, tiles, batch) <= limit_gb:
+            return tiles
+    return None
+
+
+def check_fits(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSettings, limit_gb: float,
+               batch: int = 1) -> None:
+    """Raise ValueError naming settings that would fit when the estimate exceeds ``inference.max_memory_gb``."""
+    need = estimate_peak_gb(model, hw, script, tiles, batch)
+    if need <= limit_gb:
+        return
+    better = fitting_settings(model, hw, script, limit_gb, batch)
+    if better is not None:
+        fits = estimate_peak_gb(model, hw, script, better, batch)
+        hint = f"settings that fit (~{fits:.1f} GB): --set {better.overrides()}"
+    else:
+        smallest = CANDIDATES[-1]
+        per_px = BYTES_PER_PIXEL[script] * batch / 1e9
+        room = limit_gb - estimate_peak_gb(model, (0, 0), script, smallest)
+        side = int((max(room, 0.0) / per_px) ** 0.5) // 64 * 64
+        hint = (f"no tile setting fits; with --set {smallest.overrides()} images up to about {side}x{side} "
+                f"(inference.max_pixels={side * side}) fit")
+    images = f"a {hw[1]}x{hw[0]} (padded) image" if batch == 1 else f"{batch} {hw[1]}x{hw[0]} (padded) images"
+    raise ValueError(f"{script} on {images} needs ~{need:.1f} GB, above "
+                     f"inference.max_memory_gb={limit_gb:g}; {hint}")
+
+
+def budget_table(cfg: DictConfig, gpu_gb: float, sizes: dict[str, tuple[int, int]]) -> str:
+    """Text table: the full-size model of ``cfg`` in fp16 at each size, the default tiles' estimate and, where
+    those do not fit in ``gpu_gb``, the largest candidate tiles that do."""
+    model = ModelSize.from_config(cfg, torch.float16)
+    lines = [f"computed budget, full-size model ({model.weight_bytes / 1e9:.2f} GB of weights, denoiser fp16), "
+             f"{gpu_gb:g} GB GPU (utils.memory estimate):",
+             f"{'script':>8} {'size':>4} {'H×W':>10} {'default GB':>10}  fits with"]
+    default = TileSettings()
+    for script in ("stage2", "accsamp", "hazegen"):
+        for name, (h, w) in sizes.items():
+            hw = (-(-h // 64) * 64, -(-w // 64) * 64)
+            need = estimate_peak_gb(model, hw, script, default)
+            tiles = fitting_settings(model, hw, script, gpu_gb)
+            fit = "defaults" if need <= gpu_gb else (tiles.overrides() if tiles else "does not fit")
+            lines.append(f"{script:>8} {name:>4} {f'{h}×{w}':>10} {need:>10.1f}  {fit}")
+    return "\n".join(lines)
+
+
+def tiles_from_config(cfg: DictConfig) -> TileSettings:
+    """The TileSettings of a config (inference and guidance sections)."""
+    inf = cfg.inference
+    guidance = (cfg.get("guidance") or {}).get("params") or {}
+    return replace(TileSettings(), vae_tile=int(inf.get("vae_tile_size", 512)),
+                   latent_tile=int(inf.get("latent_tile_size", 64)),
+                   guidance_tile=int(guidance.get("tile_size", 512)))
