@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -15,32 +16,49 @@ from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import DCPTransmission
 from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
-from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, check_weights, from_model_output, log,
-                            main_wrapper, run_folder)
+from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, from_model_output, log, main_wrapper,
+                            run_script)
 
 
-def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    inf = cfg.inference
-    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
-    every, pullback = int(inf.get("guidance_every", 1)), str(inf.get("guidance_pullback", "autograd"))
-    check_speed_options(every, pullback)
-    limit_gb = inf.get("max_memory_gb")
+def max_memory_gb(cfg: DictConfig) -> float | None:
+    """``inference.max_memory_gb``: a positive number of GB, or None (no check); ValueError otherwise."""
+    limit_gb = cfg.inference.get("max_memory_gb")
     if limit_gb is not None and not (isinstance(limit_gb, (int, float)) and limit_gb > 0):
-        log.error("inference.max_memory_gb must be a positive number of GB or null, got %r", limit_gb)
-        return EXIT_BAD_CONFIG
-    runner = DiffusionRunner(cfg)
-    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
-    guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
-    align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
-    transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
-    intermediates = bool(inf.get("save_intermediates", False))
+        raise ValueError(f"inference.max_memory_gb must be a positive number of GB or null, got {limit_gb!r}")
+    return limit_gb
+
+
+def speed_options(cfg: DictConfig) -> tuple[int, str]:
+    """(``inference.guidance_every``, ``inference.guidance_pullback``), validated (ValueError otherwise)."""
+    every, pullback = int(cfg.inference.get("guidance_every", 1)), str(cfg.inference.get("guidance_pullback", "autograd"))
+    check_speed_options(every, pullback)
+    return every, pullback
+
+
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces: the result, plus estimate and transmission with save_intermediates."""
+    intermediates = bool(cfg.inference.get("save_intermediates", False))
 
     def names(stem: str) -> list[str]:
         extra = [f"{stem}_estimate.png", f"{stem}_transmission.png"] if intermediates else []
         return [f"{stem}.png", *extra]
 
+    return names
+
+
+def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
+    inf = cfg.inference
+    limit_gb = max_memory_gb(cfg)
+    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
+    guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
+    align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
+    transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
+    intermediates = bool(inf.get("save_intermediates", False))
+    every, pullback = speed_options(cfg)
+
     @torch.no_grad()
-    def process(batch: Batch) -> dict[str, torch.Tensor]:
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         if model_size is not None:
             hw = (x_T.shape[-2] * 8, x_T.shape[-1] * 8)
@@ -50,7 +68,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
-            parameterization=runner.parameterization, generator=gens, disable=not args.show_steps,
+            parameterization=runner.parameterization, generator=gens, callback=callback, disable=not show_steps,
             sampler=runner.sample, guidance_every=every, pullback=pullback)
         out = {}
         transmission_maps = extras["transmission"][..., :, :] if intermediates else None
@@ -62,7 +80,17 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
                 out[f"{stem}_transmission.png"] = from_model_output(trans, geoms[b]).expand(3, -1, -1).cpu()
         return out
 
-    return run_folder(cfg, process, names, args.skip_existing, "AccSamp", runner.batch_key)
+    return process
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    try:
+        max_memory_gb(cfg)
+        speed_options(cfg)
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
+    return run_script(cfg, args, make_process, output_names, "AccSamp")
 
 
 if __name__ == "__main__":

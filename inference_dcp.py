@@ -8,31 +8,45 @@ Unreadable images are skipped and reported; the exit status is 1 if any image fa
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils.dcp import dcp_dehaze
 from utils.distributed import process_device
-from utils.pipeline import Batch, main_wrapper, run_folder
+from utils.pipeline import Batch, Process, main_wrapper, run_folder
 
 DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
 
 
-def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    inf = cfg.inference
+WEIGHT_KEYS: tuple[str, ...] = ()  # no weight files; app.py builds no diffusion model for this script
+
+
+def dcp_params(cfg: DictConfig) -> dict:
+    """The ``dcp`` section as keyword arguments of utils.dcp.dcp_dehaze; unknown keys are refused."""
     params = OmegaConf.to_container(cfg.get("dcp", {}) or {}, resolve=True)
     unknown = sorted(set(params) - set(DCP_KEYS))
     if unknown:
         raise KeyError(f"unknown dcp keys {unknown}; allowed: {list(DCP_KEYS)}")
-    device = process_device(inf.get("device", "auto"))
-    with_t = bool(inf.get("save_transmission", False))
+    return params
 
-    def names(stem: str) -> list[str]:
-        return [f"{stem}.png"] + ([f"{stem}_transmission.png"] if with_t else [])
+
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces: the result, plus the transmission with save_transmission."""
+    with_t = bool(cfg.inference.get("save_transmission", False))
+    return lambda stem: [f"{stem}.png"] + ([f"{stem}_transmission.png"] if with_t else [])
+
+
+def make_process(cfg: DictConfig, runner: None = None, show_steps: bool = False) -> Process:
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``; DCP has no model
+    (``runner`` is unused) and no steps (``callback`` and ``show_steps`` are unused)."""
+    params = dcp_params(cfg)
+    device = process_device(cfg.inference.get("device", "auto"))
+    with_t = bool(cfg.inference.get("save_transmission", False))
 
     @torch.no_grad()
-    def process(batch: Batch) -> dict[str, torch.Tensor]:
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for img01, stem in batch:
             j01, t, _ = dcp_dehaze(img01[None].to(device), **params)
@@ -41,7 +55,11 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
                 out[f"{stem}_transmission.png"] = t[0].expand(3, -1, -1).cpu()
         return out
 
-    return run_folder(cfg, process, names, args.skip_existing, "DCP")
+    return process
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    return run_folder(cfg, make_process(cfg), output_names(cfg), args.skip_existing, "DCP")
 
 
 if __name__ == "__main__":

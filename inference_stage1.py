@@ -18,13 +18,14 @@ import argparse
 import sys
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 
 from utils.batching import stack_conditions
 from utils.image_io import list_images, load_rgb01
-from utils.pipeline import EXIT_BAD_CONFIG, Batch, DiffusionRunner, check_weights, log, main_wrapper, run_folder
+from utils.pipeline import EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, log, main_wrapper, run_script
 
 
 def fog_references(cfg: DictConfig) -> list[Path]:
@@ -41,15 +42,18 @@ def fog_references(cfg: DictConfig) -> list[Path]:
     return references
 
 
-def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces: ``<stem>_<k>.png`` for k < inference.num_samples."""
+    num_samples = int(cfg.inference.get("num_samples", 1))
+    return lambda stem: [f"{stem}_{k}.png" for k in range(num_samples)]
+
+
+def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``.
+    Exits with status 2 when dynamic prompts / the text processor lack their fog reference photos."""
     inf = cfg.inference
     num_samples = int(inf.get("num_samples", 1))
-    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
     references = fog_references(cfg)
-    runner = DiffusionRunner(cfg)
-
-    def names(stem: str) -> list[str]:
-        return [f"{stem}_{k}.png" for k in range(num_samples)]
 
     def conditions(clean: torch.Tensor, img01: torch.Tensor, stem: str, k: int) -> tuple[dict, dict]:
         """(cond, uncond) for the clean input (1,3,Hp,Wp) in [0,1]: its text embedding and condition latent; uncond
@@ -64,7 +68,7 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
         return cond, uncond
 
     @torch.no_grad()
-    def process(batch: Batch) -> dict[str, torch.Tensor]:
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         prepared = [runner.prepare(img01) for img01, _ in batch]
         geoms = [geom for _, geom in prepared]
         latent_shape = (1, 4, prepared[0][0].shape[-2] // 8, prepared[0][0].shape[-1] // 8)
@@ -77,13 +81,18 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
             x_T = torch.cat([runner.initial_noise(latent_shape, gen) for gen in gens])
             z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule,
                               stack_conditions([c for c, _ in conds]), uncond=stack_conditions([u for _, u in conds]),
-                              cfg_scale=float(inf.w), parameterization=runner.parameterization, generator=gens,
-                              disable=not args.show_steps)
+                              cfg_scale=float(inf.w), parameterization=runner.parameterization, callback=callback,
+                              generator=gens, disable=not show_steps)
             for (_, stem), img in zip(batch, runner.finish_batch(z, geoms)):
                 outputs[f"{stem}_{k}.png"] = img
         return outputs
 
-    return run_folder(cfg, process, names, args.skip_existing, "HazeGen", runner.batch_key)
+    return process
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> int:
+    fog_references(cfg)
+    return run_script(cfg, args, make_process, output_names, "HazeGen")
 
 
 if __name__ == "__main__":

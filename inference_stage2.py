@@ -6,26 +6,36 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 
-from utils.pipeline import Batch, DiffusionRunner, check_weights, main_wrapper, run_folder
+from utils.pipeline import Batch, DiffusionRunner, Process, main_wrapper, run_script
+
+
+def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
+    """File names one input ``<stem>`` produces."""
+    return lambda stem: [f"{stem}.png"]
+
+
+def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
+    """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
+    inf = cfg.inference
+
+    @torch.no_grad()
+    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
+        _, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
+        z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
+                          parameterization=runner.parameterization, callback=callback, generator=gens,
+                          disable=not show_steps)
+        return {f"{stem}.png": img for (_, stem), img in zip(batch, runner.finish_batch(z, geoms))}
+
+    return process
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    inf = cfg.inference
-    check_weights({"sd_path": inf.sd_path, "controlnet_path": inf.controlnet_path})
-    runner = DiffusionRunner(cfg)
-
-    @torch.no_grad()
-    def process(batch: Batch) -> dict[str, torch.Tensor]:
-        _, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
-        z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
-                          parameterization=runner.parameterization, generator=gens, disable=not args.show_steps)
-        return {f"{stem}.png": img for (_, stem), img in zip(batch, runner.finish_batch(z, geoms))}
-
-    return run_folder(cfg, process, lambda stem: [f"{stem}.png"], args.skip_existing, "DiffDehaze", runner.batch_key)
+    return run_script(cfg, args, make_process, output_names, "DiffDehaze")
 
 
 if __name__ == "__main__":

@@ -111,16 +111,19 @@ def conversion_note(path: PathLike) -> str:
     return ", ".join(notes)
 
 
-def load_rgb01(path: PathLike) -> torch.Tensor:
+def load_rgb01(path: PathLike, max_pixels: int | None = None) -> torch.Tensor:
     """Read an image file -> (3,H,W) float32 in [0,1].
 
-    Raises ImageReadError(path, reason) for missing, non-image, truncated or unsupported files.
+    Raises ImageReadError(path, reason) for missing, non-image, truncated or unsupported files, and
+    for images of more than ``max_pixels`` pixels (checked from the header, before decoding).
     16-bit greyscale PNGs keep full precision; Pillow decodes 16-bit RGB(A) PNGs to 8 bits
     per channel (high byte), so those are correctly scaled but quantised to 1/255.
     """
     p = Path(path)
     try:
         with Image.open(p) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageReadError(p, f"{img.width}x{img.height} image is above the limit of {max_pixels} pixels")
             img.load()
             return pil_to_tensor01(img)
     except FileNotFoundError as exc:

@@ -130,9 +130,7 @@ class DiffusionRunner:
     """
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
-        self.cfg = cfg
         inf = cfg.inference
-        self.sample = make_sampler(str(inf.get("sampler", "spaced")), float(inf.get("eta", 0.0)))
         inference_batch_size(inf)
         channels_last, compile_denoiser = _flag(inf, "channels_last", True), _flag(inf, "compile", False)
         self.device = process_device(inf.get("device", "auto"))
@@ -152,6 +150,14 @@ class DiffusionRunner:
         if compile_denoiser:
             self.model.unet.compile()
             self.model.controlnet.compile()
+        self.configure(cfg)
+
+    def configure(self, cfg: DictConfig) -> None:
+        """Adopt the per-run settings of ``cfg`` (steps, tiling, prompt ...) for the loaded model; app.py calls this
+        between runs with another mode's or slider's settings (same model section and weights)."""
+        self.cfg = cfg
+        inf = cfg.inference
+        self.sample = make_sampler(str(inf.get("sampler", "spaced")), float(inf.get("eta", 0.0)))
         self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.get("steps", 50))
         self.parameterization = self.diffusion.parameterization
         self.tiled = inf.get("tiled", "auto")
@@ -273,6 +279,11 @@ class DiffusionRunner:
 
 Batch = list[tuple[torch.Tensor, str]]
 """Images of one batch: (img01 (3,H,W) in [0,1], file stem) pairs."""
+Process = Callable[..., dict[str, torch.Tensor]]
+"""A script's batch function: process(batch, callback=None) -> {file name: (C,H,W) in [0,1]} for every image of the
+batch; callback(info) receives the sampler's per-step dict ({"step", "index", "t", "x", "x0"})."""
+WEIGHT_KEYS = ("sd_path", "controlnet_path")
+"""inference.* weight files of every diffusion script."""
 
 
 @dataclass
@@ -384,6 +395,16 @@ def run_folder(cfg: DictConfig, process: Callable[[Batch], dict[str, torch.Tenso
         for name, reason in failed:
             log.info("  failed %s: %s", name, reason)
     return 1 if failed else 0
+
+
+def run_script(cfg: DictConfig, args: argparse.Namespace, make_process: Callable[..., Process],
+               output_names: Callable[[DictConfig], Callable[[str], list[str]]], desc: str) -> int:
+    """A diffusion script's ``run``: check the weight files, load the model once, run its batch function
+    ``make_process(cfg, runner, show_steps)`` over the folder. Returns the exit status."""
+    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    runner = DiffusionRunner(cfg)
+    return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing, desc,
+                      runner.batch_key)
 
 
 def main_wrapper(fn: Callable[[DictConfig, argparse.Namespace], int], description: str, default_config: str) -> None:
