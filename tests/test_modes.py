@@ -39,6 +39,7 @@ def test_required_key_hides_a_mode_until_the_key_exists(tmp_path, weights):
              "set": {"inference.sampler": "ddim", "inference.steps": 25}, "sliders": {"steps": "inference.steps"}}
     path = _modes_file(tmp_path, [entry])
     app_cfg = tiny_config("configs/inference/stage2.yaml", **weights)
+    app_cfg.inference.pop("sampler", None)  # a config from before the key existed
     assert load_modes(path, app_cfg, ROOT) == []
     app_cfg.inference.sampler = "spaced"  # what a config that knows the key carries
     (mode,) = load_modes(path, app_cfg, ROOT)
