@@ -17,7 +17,7 @@ Each run is one inference config (``inference_accsamp.py`` when the config has `
 Every run writes its images to ``<out>/<name>/`` and runs in its own subprocess, so its peak memory is its own:
 CUDA ``max_memory_allocated`` (weights included) or the CPU process's ``ru_maxrss``. Seconds per image time the
 script's per-image work (condition, sampling, final decode; not model loading or PNG writing), measured by wrapping
-the ``process`` function the script hands to ``run_folder``. Agreement with the reference is PSNR / SSIM (and
+the batch function of the script (``make_process``) that ``run_folder`` calls. Agreement with the reference is PSNR / SSIM (and
 CIEDE2000) of each run's outputs against the reference run's outputs (``evaluate.evaluate_folders``); the
 no-reference metrics are any of evaluate.py's (default: its offline set FADE, NIQE, BRISQUE; pyiqa's learned
 metrics with ``--metric-weights``, never downloading; an unavailable metric shows "-"). Agreement with the published output is not quality: the
@@ -48,6 +48,7 @@ from evaluate import (DEFAULT_NO_REF, LABELS, NO_REFERENCE, evaluate_folders, pa
 from utils import iqa  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.common import load_config  # noqa: E402
+from utils.pipeline import WEIGHT_KEYS, DiffusionRunner, check_weights, run_folder  # noqa: E402
 
 LOG = logging.getLogger("compare_samplers")
 DEFAULT_RUNS = (
@@ -85,27 +86,25 @@ def worker(config: str, overrides: list[str]) -> dict:
     """Run one config's inference script in this process; seconds per image and peak memory."""
     cfg = load_config(config, overrides)
     module = importlib.import_module(script_for(cfg))
-    real_run_folder = module.run_folder
     seconds: list[float] = []
     cuda = torch.cuda.is_available() and str(cfg.inference.get("device", "auto")) in ("auto", "cuda")
+    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    runner = DiffusionRunner(cfg)
+    process = module.make_process(cfg, runner)
 
-    def timed_run_folder(cfg_, process, *args, **kwargs):
-        def timed_process(batch):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = process(batch)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds.extend([(time.perf_counter() - start) / len(batch)] * len(batch))
-            return out
+    def timed_process(batch, callback=None):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = process(batch, callback)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.extend([(time.perf_counter() - start) / len(batch)] * len(batch))
+        return out
 
-        return real_run_folder(cfg_, timed_process, *args, **kwargs)
-
-    module.run_folder = timed_run_folder
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    status = module.run(cfg, argparse.Namespace(skip_existing=False, show_steps=False))
+    status = run_folder(cfg, timed_process, module.output_names(cfg), False, script_for(cfg), runner.batch_key)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     inf = cfg.inference
