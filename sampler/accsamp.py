@@ -71,7 +71,8 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
                    pullback: str = "autograd") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run AccSamp.
 
-    x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in [0,1] (the padded input, H = 8h);
+    x_T: (B,4,h,w) initial noise; hazy01: (B,3,H,W) in ~[0,1] (the padded input, H = 8h; the published
+    upscale's bicubic overshoot is kept);
     decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
     align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W) tensor
     or a map evaluated per region on indexing (:class:`utils.dcp.DCPTransmission`, for large images);
