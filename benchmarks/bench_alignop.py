@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.timing import sync  # noqa: E402
 from utils.align import align_op, align_op_reference, patch_grid  # noqa: E402
 
 SIZES = {"512": (512, 512), "2K": (2048, 2048), "4K": (2160, 3840), "8K": (4320, 7680)}
@@ -43,11 +44,6 @@ def reference_bytes(h: int, w: int, batch: int, channels: int, patch: int = 37, 
     return REFERENCE_OVERHEAD * len(ys) * len(xs) * ph * pw * batch * channels * 4
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_case(method: str, h: int, w: int, batch: int, device: torch.device, repeats: int) -> dict:
     """Time and measure one method at one size in this process; returns a result dict."""
     fn = METHODS[method]
@@ -55,7 +51,7 @@ def run_case(method: str, h: int, w: int, batch: int, device: torch.device, repe
     x_pm1 = (torch.rand(batch, 3, h, w, generator=gen) * 2 - 1).to(device)
     ref_pm1 = (torch.rand(batch, 3, h, w, generator=gen) * 2 - 1).to(device)
     fn(x_pm1[..., :64, :64].contiguous(), ref_pm1[..., :64, :64].contiguous())
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -63,7 +59,7 @@ def run_case(method: str, h: int, w: int, batch: int, device: torch.device, repe
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     fn(x_pm1, ref_pm1)
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - start
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -73,7 +69,7 @@ def run_case(method: str, h: int, w: int, batch: int, device: torch.device, repe
     for _ in range(repeats):
         start = time.perf_counter()
         fn(x_pm1, ref_pm1)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     steady = statistics.median(times) if times else float("nan")
     return {"first_s": first, "steady_s": steady, "peak_mb": peak / 2**20}

@@ -18,14 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import sync  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
 
 FUSION = "model.cldm.params.controlnet_cfg.params.ycbcr_fusion"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_inputs(model, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict, float]:
@@ -38,7 +34,7 @@ def make_inputs(model, size: int, device: torch.device) -> tuple[torch.Tensor, t
         if model.controlnet.ycbcr is not None:
             start = time.perf_counter()
             cond["c_ycbcr"] = model.controlnet.ycbcr.encode(cond01)
-            _sync(device)
+            sync(device)
             branch = time.perf_counter() - start
     return x, torch.tensor([500], device=device), cond, branch
 
@@ -58,10 +54,10 @@ def time_steps(models: dict, inputs: dict, device: torch.device, repeats: int) -
             model(*inputs[name][:3])
         for _ in range(repeats):
             for name, model in models.items():
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 model(*inputs[name][:3])
-                _sync(device)
+                sync(device)
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
 

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.timing import sync, timed  # noqa: E402
 from sampler.accsamp import accsamp_steps, sample_accsamp  # noqa: E402
 from sampler.guidance import WeightedMSSSIMGuidance  # noqa: E402
 from sampler.pullback import LinearDecoderPullback  # noqa: E402
@@ -95,11 +96,6 @@ def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
         Row(f"AccSamp + {f_pull} pull-back", "spaced", 50, accsamp=True, pullback=f_pull),
         Row("AccSamp fast preset", f_sampler, f_steps, accsamp=True, every=f_every, pullback=f_pull),
     ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rss_mb() -> float:
@@ -160,7 +156,7 @@ class Bench:
             start = time.perf_counter()
             out = self.guidance(x0, int(self.schedule.timesteps[i]), float(self.schedule.posterior_mean_coef1[i]),
                                 self.model.vae_decode, vjp)
-            _sync(self.device)
+            sync(self.device)
             timer.append(time.perf_counter() - start)
             return out
 
@@ -229,18 +225,10 @@ def count_calls(row: Row, cfg) -> tuple[int, int]:
     return calls[0], guidance.count
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _times(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         fn()
-    return [_timed(fn, device) for _ in range(repeats)]
+    return [timed(fn, device) for _ in range(repeats)]
 
 
 def _best_time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -304,7 +292,7 @@ def worker(args: argparse.Namespace) -> None:
     dtype = choose_dtype(args.precision, device)
     cfg = load_config(args.config)
     bench = Bench(cfg, args.size, device, dtype)
-    _sync(device)
+    sync(device)
     weights_mb = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

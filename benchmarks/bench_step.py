@@ -34,7 +34,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import timed  # noqa: E402
 from model.attention import set_attention_backend  # noqa: E402
 from model.cldm import ControlLDM  # noqa: E402
 from model.unet import CrossAttention  # noqa: E402
@@ -54,19 +54,6 @@ TINY = ROOT / "configs" / "tiny" / "model.yaml"
 VARIANTS = {"baseline": ("math", False), "sdpa": ("sdpa", False), "channels_last": ("math", True),
             "project": ("sdpa", True)}
 STEPS_PER_IMAGE = 50
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def build(config: str, device: torch.device, dtype: torch.dtype) -> ControlLDM:
