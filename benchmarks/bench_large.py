@@ -61,7 +61,7 @@ def write_inputs(work: Path, sizes: list[str]) -> None:
 
 
 def case_config(case: str, size: str, work: Path, args: argparse.Namespace):
-    cfg = OmegaConf.load(ROOT / CASES[case][1])
+    cfg = load_config(ROOT / CASES[case][1])
     cfg.model = OmegaConf.load(TINY).model
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([
         f"inference.sd_path={work / 'weights' / 'sd.ckpt'}",
