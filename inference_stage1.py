@@ -1,9 +1,9 @@
 """HazeGen (stage 1): turn every clean image of a folder into ``num_samples`` realistic hazy variants.
 
 Blended sampling (published): prompt "hazy, foggy, misty, obscure, smoggy."; the unconditional branch uses the same
-text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85.
-With YCbCr fusion the unconditional branch also gets the YCbCr features of an all-zero image, as the unconditional
-(real-photo) training samples do.
+text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85. That
+branch is the model's one rule (``ControlLDM.image_condition``), also applied to the unconditional (real-photo)
+training samples: with YCbCr fusion it gets the YCbCr features of an all-zero image.
 Outputs are ``<stem>_<k>.png`` (k = 0..num_samples−1), the names the stage-2 paired dataset reads.
 
 HCD-YC dynamic prompts / text processor: training analyses the hazy *target*, which inference does not have, so
@@ -25,12 +25,13 @@ from omegaconf import DictConfig
 
 from utils.batching import stack_conditions
 from utils.image_io import list_images, load_rgb01
+from utils.model_builder import text_processor_on
 from utils.pipeline import EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, log, main_wrapper, run_script
 
 
 def fog_references(cfg: DictConfig) -> list[Path]:
     """Hazy reference photos for fog analysis; empty when neither dynamic prompts nor a text processor is on."""
-    needs = cfg.inference.get("dynamic_prompt", False) or cfg.model.cldm.params.get("text_processor_cfg")
+    needs = cfg.inference.get("dynamic_prompt", False) or text_processor_on(cfg.model)
     if not needs:
         return []
     folder = cfg.inference.get("fog_reference_folder")
@@ -57,15 +58,12 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
     def conditions(clean: torch.Tensor, img01: torch.Tensor, stem: str, k: int) -> tuple[dict, dict]:
         """(cond, uncond) for the clean input (1,3,Hp,Wp) in [0,1]: its text embedding and condition latent; uncond
-        has an all-zero condition latent (and the YCbCr features of an all-zero image). With fog references,
-        variant k analyses its reference photo instead of ``img01``."""
+        is the model's unconditional branch (``ControlLDM.unconditional``: the same text, no condition image). With
+        fog references, variant k analyses its reference photo instead of ``img01``."""
         if references:
             img01 = load_rgb01(references[(zlib.crc32(stem.encode()) + k) % len(references)])
         cond = runner.condition(clean, img01, stage=1)
-        uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
-        if "c_ycbcr" in cond:
-            uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(clean))
-        return cond, uncond
+        return cond, runner.model.unconditional(cond, clean)
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
