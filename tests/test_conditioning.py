@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import torch
 
-from tests.helpers import build_tiny, randomize_, tiny_config
+from tests.helpers import ROOT, build_tiny, randomize_, tiny_config
 from utils.conditioning import fog_aware_condition
 from utils.fog import FOG_FEATURE_DIM, analyze_fog, fog_features
 from utils.prompts import prompts_from_infos
@@ -62,3 +64,12 @@ def test_fog_aware_condition_is_analysis_prompts_and_processor():
     assert torch.equal(out.cond["c_txt"], expected["c_txt"]) and torch.equal(out.cond["c_img"], expected["c_img"])
     assert plain.infos is None and plain.prompts == ["x", "y"]
     assert torch.equal(plain.cond["c_txt"], model.clip(["x", "y"]))
+
+
+def test_model_package_does_not_import_the_fog_analyser():
+    """model/ borrows filters and region masks from utils.filters / utils.regions, never the analyser itself."""
+    code = ("import pkgutil, importlib, sys, model\n"
+            "for m in pkgutil.iter_modules(model.__path__): importlib.import_module('model.' + m.name)\n"
+            "print(sorted(n for n in sys.modules if n in ('utils.fog', 'utils.prompts', 'utils.conditioning')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.fog import FOG_FEATURE_DIM, FOG_FEATURE_NAMES, analyze_fog, density_level, fog_features, sobel
+from utils.filters import sobel
+from utils.fog import FOG_FEATURE_DIM, FOG_FEATURE_NAMES, analyze_fog, density_level, fog_features
 from utils.prompts import PUBLISHED_PROMPTS, build_prompt, dynamic_prompts, prompts_from_infos
 
 S = 96

@@ -100,7 +100,7 @@ class ExtensionSettings:
 
     @property
     def region_weights(self) -> dict[str, float]:
-        """``train.region_*_weight`` keyed by :data:`utils.fog.REGIONS`."""
+        """``train.region_*_weight`` keyed by :data:`utils.regions.REGIONS`."""
         return {"sky": self.region_sky_weight, "texture": self.region_texture_weight,
                 "smooth": self.region_smooth_weight}
 
