@@ -56,7 +56,7 @@ from sampler.guidance import WeightedMSSSIMGuidance  # noqa: E402
 from sampler.pullback import LinearDecoderPullback  # noqa: E402
 from sampler.registry import SAMPLERS, make_sampler  # noqa: E402
 from sampler.spaced import make_spaced_schedule  # noqa: E402
-from utils.align import align_op  # noqa: E402
+from sampler.align import align_op  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
 from utils.dcp import estimate_transmission  # noqa: E402
 

@@ -17,7 +17,7 @@ from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.pullback import LinearDecoderPullback
 from sampler.registry import make_sampler
 from sampler.spaced import make_spaced_schedule, sample_spaced
-from utils.align import align_op
+from sampler.align import align_op
 from utils.dcp import estimate_transmission
 
 SOLVERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
