@@ -100,7 +100,7 @@ def fixed_batch_loss(config: Path, stage: int, checkpoint: Path | None) -> float
         z0 = ldm.vae_encode(batch["target"], sample=False)
         t = torch.arange(16) * 40 + 20
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
-        return diffusion.p_losses(ldm, z0, t, cond, noise).item()
+        return diffusion.training_outputs(ldm, z0, t, cond, noise)["loss"].item()
 
 
 def metrics(exp: Path) -> dict[int, dict]:

@@ -231,10 +231,6 @@ class TrainingStep(nn.Module):
                                    process_text=self.uses_text_processor(step), analyse=self.ext.cycle_enabled,
                                    prompt_rng=prompt_rng, is_cond=batch["is_cond"])
 
-    def needs_fog_analysis(self, step: int) -> bool:
-        """Whether this step needs the fog analysis (dynamic prompts, text processor or cycle density ρ)."""
-        return self.uses_dynamic_prompts(step) or self.uses_text_processor(step) or self.ext.cycle_enabled
-
     def alignment_images(self, batch: Mapping[str, Any], pred01: torch.Tensor | None) -> torch.Tensor:
         """The image each prompt describes, (B,3,H,W) in [0,1], for the InfoNCE alignment.
 
