@@ -9,18 +9,14 @@ import torch
 
 from tests.helpers import ROOT, build_tiny, randomize_, tiny_config
 from utils.conditioning import fog_aware_condition
-from utils.fog import FOG_FEATURE_DIM, analyze_fog, fog_features
+from utils.fog import analyze_fog, fog_features
 from utils.prompts import prompts_from_infos
 
 FUSION = {"model.cldm.params.controlnet_cfg.params.ycbcr_fusion": True}
 
 
 def _fused_model():
-    model = build_tiny(seed=1, cfg=tiny_config(**FUSION, **{"model.cldm.params.text_processor_cfg.target":
-                                                         "model.text_processor.TextConditionProcessor",
-                                                         "model.cldm.params.text_processor_cfg.params.dim": 32,
-                                                         "model.cldm.params.text_processor_cfg.params.fog_feat_dim":
-                                                         FOG_FEATURE_DIM}))
+    model = build_tiny(seed=1, cfg=tiny_config(**FUSION, **{"model.cldm.params.text_processor": True}))
     randomize_(model.controlnet, seed=2, std=0.05)
     randomize_(model.text_processor, seed=3, std=0.05)
     return model.eval()
