@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -145,47 +145,21 @@ class InferenceSettings:
         if num_timesteps is None:
             num_timesteps = OmegaConf.select(cfg, "model.diffusion.params.timesteps", default=None)
         if num_timesteps is not None and settings.steps > num_timesteps:
-            raise InferenceSettingsError(f"inference.steps={settings.steps} is more than the model's "
-                                         f"{num_timesteps} diffusion timesteps")
+            raise InferenceSettingsError(f"inference.steps must be at most the model's {num_timesteps} diffusion "
+                                         f"timesteps, got steps={settings.steps}")
         return settings
 
     def validate(self) -> None:
-        """Raise InferenceSettingsError naming the ``inference.*`` key of the first bad value."""
-        for key in PATH_KEYS + ("prompt",):
-            _check(key, getattr(self, key), getattr(self, key) is None or isinstance(getattr(self, key), str),
-                   "a string or null")
-        for key in ("dynamic_prompt", "save_intermediates", "save_transmission", "align_cover_border",
-                    "channels_last", "compile"):
-            _check(key, getattr(self, key), isinstance(getattr(self, key), bool), "true or false")
-        for key in ("steps", "num_samples", "min_short_side", "tile_threshold", "latent_tile_size",
-                    "latent_tile_stride", "batch_size", "guidance_every"):
-            _check(key, getattr(self, key), _is_int(getattr(self, key)) and getattr(self, key) >= 1,
-                   "an integer >= 1")
-        for key in ("pad_multiple", "vae_tile_size", "vae_tile_stride"):
-            _check(key, getattr(self, key), _is_int(getattr(self, key)) and getattr(self, key) >= 8
-                   and getattr(self, key) % 8 == 0, "a positive multiple of 8 (the VAE's scale)")
-        _check("seed", self.seed, _is_int(self.seed), "an integer")
-        _check("max_pixels", self.max_pixels, self.max_pixels is None or (_is_int(self.max_pixels)
-                                                                          and self.max_pixels >= 1),
-               "an integer >= 1 or null")
-        _check("max_memory_gb", self.max_memory_gb, self.max_memory_gb is None or (_is_number(self.max_memory_gb)
-                                                                                    and self.max_memory_gb > 0),
-               "a positive number of GB or null")
-        _check("eta", self.eta, _is_number(self.eta) and 0 <= self.eta <= 1, "a number in [0, 1]")
-        _check("w", self.w, _is_number(self.w) and self.w >= 0, "a number >= 0")
-        _check("tau", self.tau, _is_number(self.tau) and 0 < self.tau < 1, "a number with 0 < tau < 1")
-        _check("omega", self.omega, _is_number(self.omega) and 0 < self.omega <= 1, "a number with 0 < omega <= 1")
-        _check("sampler", self.sampler, self.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
-        _check("guidance_pullback", self.guidance_pullback, self.guidance_pullback in PULLBACKS,
-               f"one of {', '.join(PULLBACKS)}")
-        _check("airlight_ties", self.airlight_ties, self.airlight_ties in AIRLIGHT_TIES,
-               f"one of {', '.join(AIRLIGHT_TIES)}")
-        _check("precision", self.precision, self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
-        _check("device", self.device, _is_device(self.device), "auto or a torch device name (cpu, cuda, cuda:0, mps)")
-        _check("tiled", self.tiled, isinstance(self.tiled, bool) or self.tiled == "auto", "true, false or auto")
+        """Raise InferenceSettingsError naming the ``inference.*`` key of the first bad value (rules: :data:`RULES`)."""
+        for keys, ok, expected in RULES:
+            for key in keys:
+                if not ok(getattr(self, key)):
+                    raise InferenceSettingsError(f"inference.{key} must be {expected}, got {key}={getattr(self, key)!r}")
         for kind in ("latent", "vae"):
             size, stride = getattr(self, f"{kind}_tile_size"), getattr(self, f"{kind}_tile_stride")
-            _check(f"{kind}_tile_stride", stride, stride <= size, f"at most inference.{kind}_tile_size={size}")
+            if stride > size:
+                raise InferenceSettingsError(f"inference.{kind}_tile_stride must be at most inference.{kind}_tile_size"
+                                             f"={size}, got {kind}_tile_stride={stride}")
 
     def check_script(self, script: str) -> None:
         """What ``script`` (a key of :data:`SCRIPT_KEYS`) needs beyond valid values: its required keys set and, for
@@ -217,6 +191,29 @@ class InferenceSettings:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(InferenceSettings))
+RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    ((*PATH_KEYS, "prompt"), lambda v: v is None or isinstance(v, str), "a string or null"),
+    (("dynamic_prompt", "save_intermediates", "save_transmission", "align_cover_border", "channels_last", "compile"),
+     lambda v: isinstance(v, bool), "true or false"),
+    (("steps", "num_samples", "min_short_side", "tile_threshold", "latent_tile_size", "latent_tile_stride",
+      "batch_size", "guidance_every"), lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    (("pad_multiple", "vae_tile_size", "vae_tile_stride"), lambda v: _is_int(v) and v >= 8 and v % 8 == 0,
+     "a positive multiple of 8 (the VAE's scale)"),
+    (("seed",), lambda v: _is_int(v), "an integer"),
+    (("max_pixels",), lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+    (("max_memory_gb",), lambda v: v is None or (_is_number(v) and v > 0), "a positive number of GB or null"),
+    (("eta",), lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    (("w",), lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    (("tau",), lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    (("omega",), lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    (("sampler",), lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+    (("guidance_pullback",), lambda v: v in PULLBACKS, f"one of {', '.join(PULLBACKS)}"),
+    (("airlight_ties",), lambda v: v in AIRLIGHT_TIES, f"one of {', '.join(AIRLIGHT_TIES)}"),
+    (("precision",), lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    (("device",), lambda v: _is_device(v), "auto or a torch device name (cpu, cuda, cuda:1, mps)"),
+    (("tiled",), lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
+)
+"""(keys, test, what a valid value is) of every ``inference.*`` key."""
 _FOLDER = frozenset({"image_folder", "result_folder", "device"})
 _DIFFUSION = _FOLDER | {
     *WEIGHT_KEYS, "prompt", "steps", "sampler", "eta", "seed", "precision", "min_short_side", "pad_multiple",
@@ -248,8 +245,3 @@ def _is_device(name: Any) -> bool:
     except (RuntimeError, TypeError):
         return False
     return True
-
-
-def _check(key: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:
-        raise InferenceSettingsError(f"inference.{key}={value!r} is invalid: expected {expected}")
