@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,73 @@ def test_pyiqa_metrics_equal_pyiqa_called_directly_offline(tmp_path: Path) -> No
         assert all(math.isfinite(v) and note == "" for v, note in ours), name
 
 
+def _tiny_clip(seed: int, vision_layers: object, vision_width: int, patch: object) -> torch.nn.Module:
+    """A small random-init CLIP of pyiqa's own class (OpenAI's tokenizer needs the 49408-token vocabulary and
+    77-token context; widths are multiples of 64 because pyiqa's builder infers 64-wide heads)."""
+    from pyiqa.archs.clip_model import CLIP
+
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=32, image_resolution=224, vision_layers=vision_layers, vision_width=vision_width,
+                vision_patch_size=patch, context_length=77, vocab_size=49408, transformer_width=64,
+                transformer_heads=1, transformer_layers=1)
+
+
+def _save(obj: object, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
+
+
+def _clip_archive(model: torch.nn.Module, path: Path) -> Path:
+    """Save a CLIP as OpenAI ships it: a traced TorchScript archive (pyiqa's loader builds the model from the
+    archive's state dict, so a tiny one loads like the real one)."""
+    from pyiqa.archs.clip_imports import clip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():     # tracer and torch.jit deprecation notes
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model.eval(), (torch.rand(1, 3, 224, 224), clip.tokenize(["a photo"])),
+                                 check_trace=False)
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def test_clipiqa_equals_pyiqa_with_the_same_clip_file(tmp_path: Path, caplog) -> None:
+    rn50 = _clip_archive(_tiny_clip(0, (1, 1, 1, 1), 64, None), tmp_path / "w" / "clip" / "RN50.pt")
+    x = torch.rand(2, 3, 160, 192, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING):
+        ours = iqa.build_scorer("clipiqa", tmp_path / "w", torch.device("cpu"), batch_size=2)(list(x), ["a", "b"])
+    assert any("not OpenAI's published RN50.pt" in r.getMessage() for r in caplog.records)
+    direct = pyiqa.create_metric("clipiqa", device="cpu", backbone=str(rn50))(x).reshape(-1)   # pyiqa's path option
+    assert [v for v, _ in ours] == pytest.approx(direct.double().tolist(), rel=1e-6, abs=1e-9)
+    assert all(0.0 < v < 1.0 and note == "" for v, note in ours)
+
+
+def test_liqe_equals_pyiqa_and_ignores_a_stale_prompt_cache(tmp_path: Path, monkeypatch) -> None:
+    from pyiqa.archs import clip_model, liqe_arch
+
+    weights = tmp_path / "w"
+    vit = _clip_archive(_tiny_clip(1, 1, 64, 32), weights / "clip" / "ViT-B-32.pt")
+    liqe_ckpt = {"params": {f"clip_model.{k}": v for k, v in _tiny_clip(2, 1, 64, 32).state_dict().items()}}
+    ckpt = _save(liqe_ckpt, weights / "pyiqa" / "liqe_koniq.pt")
+    stale = _save(torch.randn(5, 32), tmp_path / "user_cache" / "liqe_text_feat.pt")
+    monkeypatch.setattr(liqe_arch, "DEFAULT_CACHE_DIR", str(stale.parent))   # pyiqa's own cache, holding a stale file
+    x = torch.rand(2, 3, 224, 288, generator=torch.Generator().manual_seed(4))
+    ours = iqa.build_scorer("liqe", weights, torch.device("cpu"), batch_size=2)(list(x), ["a", "b"])
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["liqe_text_feat.pt"]
+    # pyiqa called directly: its download step replaced by the same file, a fresh prompt cache, the same checkpoint
+    monkeypatch.setattr(clip_model, "_download", lambda url, root: str(weights / "clip" / Path(url).name))
+    monkeypatch.setattr(liqe_arch, "DEFAULT_CACHE_DIR", str(tmp_path / "fresh_cache"))
+    (tmp_path / "fresh_cache").mkdir()
+    metric = pyiqa.create_metric("liqe", device="cpu", pretrained_model_path=str(ckpt))
+    direct = metric(x).reshape(-1)
+    assert [v for v, _ in ours] == pytest.approx(direct.double().tolist(), rel=1e-6, abs=1e-9)
+    assert all(1.0 <= v <= 5.0 and note == "" for v, note in ours)
+    monkeypatch.setattr(metric.net, "text_features", torch.load(stale, weights_only=True))
+    assert metric(x).reshape(-1).double().tolist() != pytest.approx([v for v, _ in ours], rel=1e-6)
+    assert vit.is_file()
+
+
 def test_missing_weights_one_line_error_and_other_metrics_complete(tmp_path: Path, caplog, capsys) -> None:
     weights = tmp_path / "weights"
     _write_musiq_weights(weights)
@@ -142,8 +210,8 @@ def test_unsafe_or_wrong_weight_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(iqa.MetricUnavailable, match="weights_only=True"):
         iqa.build_scorer("musiq", tmp_path, torch.device("cpu"))
     (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "RN50.pt").write_bytes(b"not OpenAI's archive")   # pyiqa would try to download it again
-    with pytest.raises(iqa.MetricUnavailable, match="SHA-256 differs"):
+    (tmp_path / "clip" / "RN50.pt").write_bytes(b"not OpenAI's archive")
+    with pytest.raises(iqa.MetricUnavailable, match=r"clip/RN50.pt is not a TorchScript archive like OpenAI.s RN50.pt"):
         iqa.build_scorer("clipiqa", tmp_path, torch.device("cpu"))
 
 
