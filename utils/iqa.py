@@ -7,8 +7,8 @@
   with pyiqa's metric names and default settings, built by pyiqa's own code from a weights folder ``DIR`` that
   stands in for its caches (see :func:`_pyiqa_reads`): ``DIR/pyiqa/<file>`` is pyiqa's checkpoint cache (each
   metric loads its default file there, the way pyiqa loads a downloaded one), ``DIR/clip/<file>`` the CLIP file
-  pyiqa's CLIP loader reads; Q-Align comes from the Hugging Face cache. Nothing is downloaded unless the caller
-  allows it: a missing file raises :class:`MetricUnavailable` naming it.
+  pyiqa's CLIP loader reads, ``DIR/huggingface`` (when present) the Hugging Face cache Q-Align is loaded from.
+  Nothing is downloaded unless the caller allows it: a missing file raises :class:`MetricUnavailable` naming it.
 * ``niqe_hcdyc`` (utils/niqe.py) and ``brisque_svr`` (utils/brisque.py): our offline implementations with shipped
   parameters; named apart from pyiqa's ``niqe``/``brisque`` because their numbers differ from those.
 
@@ -79,7 +79,8 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("fade", "FADE ↓", True, "fade-python 1.0.0 (pyfade), shipped natural/foggy models (patch 8)",
                min_side=8),
     MetricSpec("qalign", "Q-Align ↑", False, f"pyiqa {PYIQA_VERSION} `qalign` (mPLUG-Owl2 7B, fp16)",
-               hub_files=(HubFile("q-future/one-align", "config.json"),),
+               hub_files=tuple(HubFile("q-future/one-align", f) for f in ("config.json", "tokenizer.model",
+                                                                          "preprocessor_config.json")),
                memory="7B parameters: the fp16 weights alone take 14 GB, so plan for ~16 GB of GPU memory"),
     MetricSpec("liqe", "LIQE ↑", False, f"pyiqa {PYIQA_VERSION} `liqe` (CLIP ViT-B/32, KonIQ weights)",
                files=("pyiqa/liqe_koniq.pt", "clip/ViT-B-32.pt"), min_side=224),
@@ -108,15 +109,24 @@ PAPER_PRESET = ("fade", "qalign", "liqe", "clipiqa", "maniqa", "musiq", "brisque
 HEAVY = ("qalign",)
 
 
+def hub_cache(weights_dir: Path) -> Optional[Path]:
+    """``weights_dir/huggingface`` (a Hugging Face hub cache: ``models--<org>--<name>/...``) when it exists; None
+    means the user's own Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``)."""
+    folder = weights_dir / "huggingface"
+    return folder if folder.is_dir() else None
+
+
 def missing_files(spec: MetricSpec, weights_dir: Path) -> list[str]:
     """Paths (as strings) of the files ``spec`` needs that are absent from ``weights_dir`` / the HF cache."""
     missing = [str(weights_dir / f) for f in spec.files if not (weights_dir / f).is_file()]
     if spec.hub_files:
         from huggingface_hub import try_to_load_from_cache
 
+        cache = hub_cache(weights_dir)
+        where = f"Hugging Face cache {cache}" if cache else "Hugging Face cache (HF_HOME)"
         for hub in spec.hub_files:
-            if not isinstance(try_to_load_from_cache(hub.repo_id, hub.filename), str):
-                missing.append(f"Hugging Face cache: {hub.repo_id}/{hub.filename}")
+            if not isinstance(try_to_load_from_cache(hub.repo_id, hub.filename, cache_dir=cache), str):
+                missing.append(f"{where}: {hub.repo_id}/{hub.filename}")
     return missing
 
 
@@ -162,7 +172,7 @@ def _swapped(owner: Any, attr: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _pyiqa_reads(weights_dir: Path, allow_download: bool, backbone_in_checkpoint: bool) -> Iterator[None]:
+def _pyiqa_reads(spec: MetricSpec, weights_dir: Path, allow_download: bool) -> Iterator[None]:
     """While building a pyiqa metric, point pyiqa's caches at ``weights_dir`` so that it builds the metric with
     its default settings and its own loading code from local files:
 
@@ -176,37 +186,68 @@ def _pyiqa_reads(weights_dir: Path, allow_download: bool, backbone_in_checkpoint
     * LIQE's prompt-feature cache -> a fresh temporary folder: pyiqa otherwise reads ``liqe_text_feat.pt`` from
       its cache with ``weights_only=False`` whichever checkpoint made it, so one from other weights would
       silently change every score; the features (5 prompts) are recomputed from the loaded checkpoint;
-    * with ``backbone_in_checkpoint``: timm backbones are built without their ImageNet download, since the pyiqa
-      checkpoint replaces every one of their weights (strict load; the test checks equality with pyiqa built on
-      a filled Hugging Face cache).
+    * with ``spec.backbone_in_checkpoint``: timm backbones are built without their ImageNet download, since the
+      pyiqa checkpoint replaces every one of their weights (strict load; the test checks equality with pyiqa
+      built on a filled Hugging Face cache);
+    * with ``spec.hub_files`` (Q-Align): the Hugging Face cache is ``weights_dir/huggingface`` when that exists
+      (:func:`hub_cache`), and offline unless downloads are allowed.
     """
-    import timm
-    from pyiqa.archs import clip_model, liqe_arch
     from pyiqa.utils import download_util
 
-    fetch = clip_model._download
-
-    def local_clip(url: str, root: str) -> str:
-        if allow_download:
-            return fetch(url, str(weights_dir / "clip"))
-        path = weights_dir / "clip" / os.path.basename(url)
-        if not path.is_file():
-            raise FileNotFoundError(f"missing {path}")
-        return str(path)
-
-    create = timm.create_model
-
-    def without_download(*args: Any, **kwargs: Any) -> torch.nn.Module:
-        return create(*args, **{**kwargs, "pretrained": False})
-
     with contextlib.ExitStack() as stack:
-        text_cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="liqe_text_"))
         stack.enter_context(_swapped(download_util, "DEFAULT_CACHE_DIR", str(weights_dir / "pyiqa")))
-        stack.enter_context(_swapped(clip_model, "_download", local_clip))
-        stack.enter_context(_swapped(liqe_arch, "DEFAULT_CACHE_DIR", text_cache))
-        if backbone_in_checkpoint:
+        if any(rel.startswith("clip/") for rel in spec.files):   # imported only here: openai-clip needs setuptools<81
+            from pyiqa.archs import clip_model, liqe_arch
+
+            fetch = clip_model._download
+
+            def local_clip(url: str, root: str) -> str:
+                if allow_download:
+                    return fetch(url, str(weights_dir / "clip"))
+                path = weights_dir / "clip" / os.path.basename(url)
+                if not path.is_file():
+                    raise FileNotFoundError(f"missing {path}")
+                return str(path)
+
+            stack.enter_context(_swapped(clip_model, "_download", local_clip))
+            text_cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="liqe_text_"))
+            stack.enter_context(_swapped(liqe_arch, "DEFAULT_CACHE_DIR", text_cache))
+        if spec.backbone_in_checkpoint:
+            import timm
+
+            create = timm.create_model
+
+            def without_download(*args: Any, **kwargs: Any) -> torch.nn.Module:
+                return create(*args, **{**kwargs, "pretrained": False})
+
             stack.enter_context(_swapped(timm, "create_model", without_download))
+        if spec.hub_files:
+            import huggingface_hub.constants as hub
+
+            cache = hub_cache(weights_dir)
+            if cache is not None:
+                stack.enter_context(_swapped(hub, "HF_HUB_CACHE", str(cache)))
+            if not allow_download:
+                stack.enter_context(_swapped(hub, "HF_HUB_OFFLINE", True))
         yield
+
+
+def _restore_invert_attention_mask() -> None:
+    """pyiqa 0.1.16's Q-Align code (its vendored mPLUG-Owl2 visual abstractor) calls
+    ``PreTrainedModel.invert_attention_mask``, which Transformers 5 removed (pyiqa re-adds ``get_head_mask`` the same
+    way, but not this one): without it Q-Align fails on its first image. Re-add it with Transformers 4's meaning:
+    mask (B,L) or (B,L,L) with 1 = attend -> additive mask (B,1,1,L) / (B,1,L,L), 0 where attended and the dtype's
+    most negative value elsewhere."""
+    from pyiqa.archs.q_align.visual_encoder import MplugOwlVisualAbstractorModel as abstractor
+
+    if hasattr(abstractor, "invert_attention_mask"):
+        return
+
+    def invert_attention_mask(self: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+        extended = (mask[:, None, :, :] if mask.dim() == 3 else mask[:, None, None, :]).to(self.dtype)
+        return (1.0 - extended) * torch.finfo(self.dtype).min
+
+    abstractor.invert_attention_mask = invert_attention_mask
 
 
 class Scorer:
@@ -303,7 +344,8 @@ def _pyiqa_fn(spec: MetricSpec, weights_dir: Path, device: torch.device,
         if missing:
             raise MetricUnavailable(f"{spec.name}: missing {', '.join(missing)}; copy the file(s) from a machine "
                                     "where pyiqa downloaded them and pass --metric-weights DIR (DIR/pyiqa/<file>, "
-                                    "DIR/clip/<file>), or run once with --allow-download")
+                                    "DIR/clip/<file>, DIR/huggingface/<hub cache>), or run once with "
+                                    "--allow-download")
         for rel in spec.files:
             _check_file(weights_dir / rel, rel, spec.name)
     try:
@@ -312,9 +354,11 @@ def _pyiqa_fn(spec: MetricSpec, weights_dir: Path, device: torch.device,
         raise MetricUnavailable(f"{spec.name}: pyiqa is not installed (pip install -r requirements-metrics.txt "
                                 f"&& pip install --no-deps pyiqa=={PYIQA_VERSION})") from err
     try:
-        with _pyiqa_reads(weights_dir, allow_download, spec.backbone_in_checkpoint):
+        if spec.name == "qalign":
+            _restore_invert_attention_mask()
+        with _pyiqa_reads(spec, weights_dir, allow_download):
             metric = pyiqa.create_metric(spec.name, device=device)
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, ImportError, pickle.UnpicklingError) as err:
         raise MetricUnavailable(f"{spec.name}: pyiqa could not build it from {weights_dir} "
                                 f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
                                 ) from err
