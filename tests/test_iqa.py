@@ -239,7 +239,7 @@ def test_timm_metrics_equal_pyiqa_without_the_imagenet_backbone(name: str, timm_
     # crop, the same for both runs, checks the same wiring (weights, preprocessing, head) 20 times faster
     crops = maniqa_arch.uniform_crop
     monkeypatch.setattr(maniqa_arch, "uniform_crop", lambda img, crop_size, crop_num: crops(img, crop_size, 1))
-    _hf_cache(monkeypatch, tmp_path / "empty_hf_cache")      # the project needs no backbone file (offline: else it fails)
+    _hf_cache(monkeypatch, tmp_path / "empty_hf_cache")   # offline: fails if the project reads a backbone file
     ours = iqa.build_scorer(name, weights, torch.device("cpu"), batch_size=1)(list(x), ["a.png"])
     _hf_cache(monkeypatch, cache)                            # pyiqa called directly: backbone from the HF cache
     metric = pyiqa.create_metric(name, device="cpu", pretrained=False)

@@ -124,9 +124,10 @@ def missing_files(spec: MetricSpec, weights_dir: Path) -> list[str]:
 
         cache = hub_cache(weights_dir)
         where = f"Hugging Face cache {cache}" if cache else "Hugging Face cache (HF_HOME)"
-        for hub in spec.hub_files:
-            if not isinstance(try_to_load_from_cache(hub.repo_id, hub.filename, cache_dir=cache), str):
-                missing.append(f"{where}: {hub.repo_id}/{hub.filename}")
+        absent = [f"{hub.repo_id}/{hub.filename}" for hub in spec.hub_files
+                  if not isinstance(try_to_load_from_cache(hub.repo_id, hub.filename, cache_dir=cache), str)]
+        if absent:
+            missing.append(f"{', '.join(absent)} in the {where}")
     return missing
 
 
