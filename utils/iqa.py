@@ -139,6 +139,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _has_torchscript_code(path: Path) -> bool:
+    """Whether the zip archive ``path`` holds TorchScript code (``<name>/code/...``), as torch.jit.save writes."""
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in entry for entry in archive.namelist())
+
+
 def _check_file(path: Path, rel: str, name: str) -> None:
     """Refuse files pyiqa would mishandle before it sees them: a CLIP file that is not a TorchScript archive like
     OpenAI's (pyiqa's loader falls back to ``torch.load`` on the file handle its failed ``torch.jit.load`` has
@@ -146,7 +152,7 @@ def _check_file(path: Path, rel: str, name: str) -> None:
     .pth/.pt checkpoints that hold more than tensors (pyiqa unpickles them without weights_only). A CLIP file other
     than OpenAI's published one is accepted with a warning where its weights are used as they are (CLIPIQA)."""
     if rel.startswith("clip/"):
-        if not zipfile.is_zipfile(path) or not any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
+        if not zipfile.is_zipfile(path) or not _has_torchscript_code(path):
             raise MetricUnavailable(f"{name}: {path} is not a TorchScript archive like OpenAI's {Path(rel).name}")
         if rel in CLIP_SHA256 and _sha256(path) != CLIP_SHA256[rel]:
             LOG.warning("%s: %s is not OpenAI's published %s (SHA-256 differs): its scores will not match "
