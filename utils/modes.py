@@ -67,7 +67,8 @@ def _preset_overrides(path: Path) -> DictConfig:
 
 
 def resolve_mode(entry: dict, app_cfg: DictConfig, root: Path, where: str) -> Mode | None:
-    """Build one mode from a modes-file ``entry``; None (with a log line) when a file or required key is missing.
+    """Build one mode from a modes-file ``entry``; None (with a log line) when a file, a required key or a weight
+    file is missing; ModeError for a malformed entry or invalid ``inference.*`` settings (naming the key).
 
     Order: ``defaults`` fill in what ``app_cfg`` lacks, then ``preset`` and ``set`` replace keys.
     """
