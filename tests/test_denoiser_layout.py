@@ -1,10 +1,13 @@
-"""The denoiser-speed settings change the memory layout, not the values (``ControlLDM.set_channels_last``)."""
+"""The denoiser-speed settings change the memory layout, not the values (``ControlLDM.set_channels_last``,
+``ControlLDM.set_weight_packing``)."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from model.unet import Conv2d
 from tests.helpers import build_tiny, randomize_
 from utils.pipeline import DiffusionRunner
 
@@ -30,8 +33,49 @@ def test_channels_last_step_equals_default_layout_within_sdpa_tolerance():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("key", ["channels_last", "compile"])
+@pytest.mark.parametrize("key", ["channels_last", "pack_weights", "compile"])
 def test_speed_flags_must_be_booleans(key):
     cfg = OmegaConf.create({"inference": {key: "yes"}})
     with pytest.raises(ValueError, match=f"inference.{key} must be true or false"):
         DiffusionRunner(cfg)
+
+
+def test_packed_conv_weights_step_equals_baseline_within_sdpa_tolerance():
+    """fp32 CPU step with oneDNN-packed conv weights (alone and with channels-last) vs every optimisation off."""
+    model = build_tiny(seed=51).eval()
+    randomize_(model.unet, seed=52)
+    randomize_(model.controlnet, seed=53)
+    g = torch.Generator().manual_seed(1)
+    x, cond_img = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    t = torch.tensor([3, 900])
+    conv = model.unet.input_blocks[0][0]
+    with torch.no_grad():
+        cond = model.prepare_condition(cond_img, ["a", "b"])
+        ref = model(x, t, cond)
+        model.set_weight_packing(True)
+        packed = model(x, t, cond)
+        assert conv._packed is not None and conv._packed[0] == tuple(x.shape)
+        model.set_channels_last(True)
+        both = model(x, t, cond)
+        model.set_channels_last(False)
+        model.set_weight_packing(False)
+        assert conv._packed is None
+    assert ref.abs().mean() > 1e-3
+    torch.testing.assert_close(packed, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_conv_follows_weight_updates_and_leaves_autograd_alone():
+    conv = Conv2d(8, 16, 3, padding=1)
+    conv.set_weight_packing(True)
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = conv(x)
+        torch.testing.assert_close(first, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-6)
+        conv.weight.mul_(-2.0)  # in place: the packed copy must be made again
+        torch.testing.assert_close(conv(x), -2.0 * (first - conv.bias[:, None, None]) + conv.bias[:, None, None],
+                                   rtol=1e-5, atol=1e-5)
+        conv.load_state_dict({"weight": torch.ones_like(conv.weight), "bias": torch.zeros_like(conv.bias)})
+        torch.testing.assert_close(conv(x), F.conv2d(x, torch.ones_like(conv.weight), padding=1), rtol=1e-5, atol=1e-5)
+    conv(x).sum().backward()  # with autograd the plain convolution runs and the weights get their gradient
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -125,14 +125,17 @@ class DiffusionRunner:
     ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps.
 
     Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
-    true) stores the UNet/ControlNet conv weights NHWC; ``inference.compile`` (default false) wraps both in
-    ``torch.compile`` (the first step of each new latent size compiles, which takes minutes).
+    true) stores the UNet/ControlNet conv weights NHWC; ``inference.pack_weights`` (default true; fp32 CPU only)
+    lets their convolutions reuse oneDNN-packed weights (one more copy of the conv weights in memory);
+    ``inference.compile`` (default false) wraps both in ``torch.compile`` (the first step of each new latent size
+    compiles, which takes minutes).
     """
 
     def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
         inf = cfg.inference
         inference_batch_size(inf)
         channels_last, compile_denoiser = _flag(inf, "channels_last", True), _flag(inf, "compile", False)
+        pack_weights = _flag(inf, "pack_weights", True)
         self.device = process_device(inf.get("device", "auto"))
         self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
         self.model = instantiate_from_config(cfg.model.cldm)
@@ -146,7 +149,7 @@ class DiffusionRunner:
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
-        self.model.set_channels_last(channels_last)
+        self.model.set_channels_last(channels_last).set_weight_packing(pack_weights)
         if compile_denoiser:
             self.model.unet.compile()
             self.model.controlnet.compile()
