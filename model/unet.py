@@ -41,10 +41,11 @@ class Conv2d(nn.Conv2d):
     _packed: tuple[tuple[int, ...], torch.Tensor, int, torch.Tensor] | None = None  # shape, source, version, packed
 
     def _packable(self, x: torch.Tensor) -> bool:
-        return (self.pack_weights and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        return (self.pack_weights and not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+                and torch.backends.mkldnn.is_available())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._packable(x):
