@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 from omegaconf import DictConfig
 
+from utils.inference_settings import InferenceSettings
+
 BYTES_PER_PIXEL = {"stage2": 48, "hazegen": 48, "accsamp": 64}
 # bytes per (output pixel · base channel) of one VAE decoder tile, without / with the backward pass (fp32)
 VAE_DECODE_COEF, VAE_VJP_COEF = 40.0, 160.0
@@ -147,8 +149,7 @@ def budget_table(cfg: DictConfig, gpu_gb: float, sizes: dict[str, tuple[int, int
 
 def tiles_from_config(cfg: DictConfig) -> TileSettings:
     """The TileSettings of a config (inference and guidance sections)."""
-    inf = cfg.inference
+    inf = InferenceSettings.from_config(cfg)
     guidance = (cfg.get("guidance") or {}).get("params") or {}
-    return replace(TileSettings(), vae_tile=int(inf.get("vae_tile_size", 512)),
-                   latent_tile=int(inf.get("latent_tile_size", 64)),
+    return replace(TileSettings(), vae_tile=inf.vae_tile_size, latent_tile=inf.latent_tile_size,
                    guidance_tile=int(guidance.get("tile_size", 512)))
