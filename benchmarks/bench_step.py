@@ -33,7 +33,7 @@ the step is the most that caching it could save.
 
 Usage: python benchmarks/bench_step.py [--device auto|cpu|cuda] [--precision auto|fp32|fp16|bf16]
            [--sizes 256 512] [--repeats 5] [--warmup 1] [--threads N] [--clock wall|cpu] [--variants ...]
-           [--compile] [--batches 1 4 8]
+           [--compile [--freezing]] [--batches 1 4 8]
            [--config configs/tiny/model.yaml  (a quick smoke run)]
 """
 from __future__ import annotations
@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
                         help="variants to time (the baseline always runs)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the project setting")
+    parser.add_argument("--freezing", action="store_true",
+                        help="compile with inductor's freezing (weights as constants, pre-packed on CPU)")
     parser.add_argument("--config", default=str(CONFIG), help="any config with a model section (tiny: smoke run)")
     parser.add_argument("--batches", nargs="*", type=int, default=[], help="project step at these batch sizes")
     args = parser.parse_args()
@@ -222,6 +224,8 @@ def main() -> None:
         parser.error("need --repeats >= 1, --warmup >= 0 and sizes that are multiples of 64")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup >= 1 (the first compiled call compiles)")
+    if args.freezing and not args.compile:
+        parser.error("--freezing needs --compile")
     args.variants = ["baseline"] + [v for v in dict.fromkeys(args.variants) if v != "baseline"]
     device = choose_device(args.device)
     dtype = choose_dtype(args.precision, device)
@@ -234,6 +238,10 @@ def main() -> None:
     compiled = None
     if args.compile:
         configure(*VARIANTS["project"])
+        if args.freezing:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
         compiled = torch.compile(model)
     print(f"{'size':>5} {'variant':>14} {'median s':>9} {'min s':>9} {'ratio':>7} {'max rel Δ':>11}")
     for size in args.sizes:
