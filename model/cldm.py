@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from model.unet import GroupNorm32
+from model.unet import Conv2d, GroupNorm32
 from utils.checkpoint import CheckpointError, check_shapes
 from utils.common import instantiate_from_config
 
@@ -205,6 +205,15 @@ class ControlLDM(nn.Module):
         layout = torch.channels_last if enabled else torch.contiguous_format
         for module in (self.unet, self.controlnet):
             module.to(memory_format=layout)
+        return self
+
+    def set_weight_packing(self, enabled: bool) -> "ControlLDM":
+        """Let the UNet and ControlNet convolutions reuse oneDNN-packed weights in fp32 CPU inference
+        (``model.unet.Conv2d``); off frees the packed copies. No effect on CUDA or under autograd."""
+        for module in (self.unet, self.controlnet):
+            for sub in module.modules():
+                if isinstance(sub, Conv2d):
+                    sub.set_weight_packing(enabled)
         return self
 
     def cast_denoiser(self, dtype: torch.dtype) -> "ControlLDM":

@@ -139,8 +139,10 @@ class DiffusionRunner:
     ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps.
 
     Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
-    true) stores the UNet/ControlNet conv weights NHWC; ``inference.compile`` (default false) wraps both in
-    ``torch.compile`` (the first step of each new latent size compiles, which takes minutes).
+    true) stores the UNet/ControlNet conv weights NHWC; ``inference.pack_weights`` (default true; fp32 CPU only)
+    lets their convolutions reuse oneDNN-packed weights (one more copy of the conv weights in memory);
+    ``inference.compile`` (default false) wraps both in ``torch.compile`` (the first step of each new latent size
+    compiles, which takes minutes).
     """
 
     def __init__(self, cfg: DictConfig):
@@ -152,7 +154,7 @@ class DiffusionRunner:
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
-        self.model.set_channels_last(inf.channels_last)
+        self.model.set_channels_last(inf.channels_last).set_weight_packing(inf.pack_weights)
         if inf.compile:
             self.model.unet.compile()
             self.model.controlnet.compile()
