@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.timing import sync  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
+from utils.model_builder import cldm_config  # noqa: E402
 
 FUSION = "model.cldm.params.controlnet_cfg.params.ycbcr_fusion"
 
@@ -77,7 +78,7 @@ def main() -> None:
     for fusion in (False, True):
         cfg = load_config(ROOT / "configs/inference/stage2.yaml", [f"{FUSION}={fusion}"])
         torch.manual_seed(0)
-        models[fusion] = instantiate_from_config(cfg.model.cldm).eval().to(device)
+        models[fusion] = instantiate_from_config(cldm_config(cfg.model)).eval().to(device)
         if dtype != torch.float32:
             models[fusion].cast_denoiser(dtype)
     for size in args.sizes:

@@ -56,6 +56,7 @@ from model.attention import set_attention_backend  # noqa: E402
 from model.cldm import ControlLDM  # noqa: E402
 from model.unet import Conv2d, CrossAttention  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
+from utils.model_builder import cldm_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "inference" / "stage2.yaml"
 TINY = ROOT / "configs" / "tiny" / "model.yaml"
@@ -70,7 +71,7 @@ def build(config: str, device: torch.device, dtype: torch.dtype) -> ControlLDM:
 
     The VAE and text encoder, which a step does not use, are the tiny test ones (saves 1.7 GB in fp32)."""
     torch.manual_seed(0)
-    cldm = load_config(config).model.cldm
+    cldm = cldm_config(load_config(config).model)
     tiny = load_config(TINY).model.cldm.params
     cldm.params.vae_cfg, cldm.params.clip_cfg = tiny.vae_cfg, tiny.clip_cfg
     with torch.device(device):
