@@ -15,17 +15,9 @@ from sampler.accsamp import check_speed_options, sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import DCPTransmission
-from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
+from utils.memory import memory_check
 from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, from_model_output, log, main_wrapper,
                             run_script)
-
-
-def max_memory_gb(cfg: DictConfig) -> float | None:
-    """``inference.max_memory_gb``: a positive number of GB, or None (no check); ValueError otherwise."""
-    limit_gb = cfg.inference.get("max_memory_gb")
-    if limit_gb is not None and not (isinstance(limit_gb, (int, float)) and limit_gb > 0):
-        raise ValueError(f"inference.max_memory_gb must be a positive number of GB or null, got {limit_gb!r}")
-    return limit_gb
 
 
 def speed_options(cfg: DictConfig) -> tuple[int, str]:
@@ -49,8 +41,7 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     inf = cfg.inference
-    limit_gb = max_memory_gb(cfg)
-    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
+    check_memory = memory_check(cfg, runner, "accsamp")
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
     transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
@@ -60,10 +51,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
-        if model_size is not None:
-            hw = (x_T.shape[-2] * 8, x_T.shape[-1] * 8)
-            tiles = tiles_from_config(cfg) if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
-            check_fits(model_size, hw, "accsamp", tiles, float(limit_gb), batch=len(batch))
+        check_memory(x_T.shape[-2:], len(batch))
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
             omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
@@ -85,7 +73,6 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
     try:
-        max_memory_gb(cfg)
         speed_options(cfg)
     except ValueError as err:
         log.error("%s", err)

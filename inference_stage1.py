@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from utils.batching import stack_conditions
 from utils.image_io import list_images, load_rgb01
+from utils.memory import memory_check
 from utils.pipeline import EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, log, main_wrapper, run_script
 
 
@@ -54,6 +55,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
     inf = cfg.inference
     num_samples = int(inf.get("num_samples", 1))
     references = fog_references(cfg)
+    check_memory = memory_check(cfg, runner, "hazegen")
 
     def conditions(clean: torch.Tensor, img01: torch.Tensor, stem: str, k: int) -> tuple[dict, dict]:
         """(cond, uncond) for the clean input (1,3,Hp,Wp) in [0,1]: its text embedding and condition latent; uncond
@@ -72,6 +74,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
         prepared = [runner.prepare(img01) for img01, _ in batch]
         geoms = [geom for _, geom in prepared]
         latent_shape = (1, 4, prepared[0][0].shape[-2] // 8, prepared[0][0].shape[-1] // 8)
+        check_memory(latent_shape[-2:], len(batch))
         shared = None if references else [conditions(clean, img01, stem, 0)
                                           for (clean, _), (img01, stem) in zip(prepared, batch)]
         outputs = {}

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
+from utils.memory import memory_check
 from utils.pipeline import Batch, DiffusionRunner, Process, main_wrapper, run_script
 
 
@@ -22,10 +23,12 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     inf = cfg.inference
+    check_memory = memory_check(cfg, runner, "stage2")
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         _, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
+        check_memory(x_T.shape[-2:], len(batch))
         z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
                           parameterization=runner.parameterization, callback=callback, generator=gens,
                           disable=not show_steps)

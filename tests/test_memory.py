@@ -30,6 +30,6 @@ def test_check_names_settings_that_fit():
     with pytest.raises(ValueError) as err:
         check_fits(FULL, EIGHT_K, "accsamp", TileSettings(), limit_gb=8.0)
     msg = str(err.value)
-    assert "inference.max_memory_gb=8" in msg and "7680x4352" in msg and better.overrides() in msg
+    assert "inference.max_memory_gb=8" in msg and "7680x4352" in msg and better.overrides("accsamp") in msg
     with pytest.raises(ValueError, match=r"no tile setting fits; .*inference.max_pixels=\d+"):
         check_fits(FULL, EIGHT_K, "accsamp", TileSettings(), limit_gb=5.0)

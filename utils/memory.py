@@ -18,9 +18,13 @@ The estimate is meant to catch configurations that cannot fit before any samplin
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from utils.pipeline import DiffusionRunner
 
 BYTES_PER_PIXEL = {"stage2": 48, "hazegen": 48, "accsamp": 64}
 # bytes per (output pixel · base channel) of one VAE decoder tile, without / with the backward pass (fp32)
@@ -40,11 +44,13 @@ class TileSettings:
     latent_tile: int = 64
     guidance_tile: int = 512
 
-    def overrides(self) -> str:
-        """The ``--set`` arguments that select these settings."""
-        return (f"inference.vae_tile_size={self.vae_tile} inference.vae_tile_stride={self.vae_tile * 7 // 8} "
-                f"inference.latent_tile_size={self.latent_tile} inference.latent_tile_stride={self.latent_tile // 2} "
-                f"guidance.params.tile_size={self.guidance_tile}")
+    def overrides(self, script: str) -> str:
+        """The ``--set`` arguments that select these settings for ``script`` (tiling forced on, so they apply at
+        any size; the guidance tile only for accsamp)."""
+        guidance = f" guidance.params.tile_size={self.guidance_tile}" if script == "accsamp" else ""
+        return (f"inference.tiled=True inference.vae_tile_size={self.vae_tile} "
+                f"inference.vae_tile_stride={self.vae_tile * 7 // 8} inference.latent_tile_size={self.latent_tile} "
+                f"inference.latent_tile_stride={self.latent_tile // 2}{guidance}")
 
 
 CANDIDATES = [TileSettings(v, lt, g) for v, lt, g in
@@ -114,13 +120,13 @@ def check_fits(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSe
     better = fitting_settings(model, hw, script, limit_gb, batch)
     if better is not None:
         fits = estimate_peak_gb(model, hw, script, better, batch)
-        hint = f"settings that fit (~{fits:.1f} GB): --set {better.overrides()}"
+        hint = f"settings that fit (~{fits:.1f} GB): --set {better.overrides(script)}"
     else:
         smallest = CANDIDATES[-1]
         per_px = BYTES_PER_PIXEL[script] * batch / 1e9
         room = limit_gb - estimate_peak_gb(model, (0, 0), script, smallest)
         side = int((max(room, 0.0) / per_px) ** 0.5) // 64 * 64
-        hint = (f"no tile setting fits; with --set {smallest.overrides()} images up to about {side}x{side} "
+        hint = (f"no tile setting fits; with --set {smallest.overrides(script)} images up to about {side}x{side} "
                 f"(inference.max_pixels={side * side}) fit")
     images = f"a {hw[1]}x{hw[0]} (padded) image" if batch == 1 else f"{batch} {hw[1]}x{hw[0]} (padded) images"
     raise ValueError(f"{script} on {images} needs ~{need:.1f} GB, above "
@@ -140,7 +146,7 @@ def budget_table(cfg: DictConfig, gpu_gb: float, sizes: dict[str, tuple[int, int
             hw = (-(-h // 64) * 64, -(-w // 64) * 64)
             need = estimate_peak_gb(model, hw, script, default)
             tiles = fitting_settings(model, hw, script, gpu_gb)
-            fit = "defaults" if need <= gpu_gb else (tiles.overrides() if tiles else "does not fit")
+            fit = "defaults" if need <= gpu_gb else (tiles.overrides(script) if tiles else "does not fit")
             lines.append(f"{script:>8} {name:>4} {f'{h}×{w}':>10} {need:>10.1f}  {fit}")
     return "\n".join(lines)
 
@@ -152,3 +158,31 @@ def tiles_from_config(cfg: DictConfig) -> TileSettings:
     return replace(TileSettings(), vae_tile=int(inf.get("vae_tile_size", 512)),
                    latent_tile=int(inf.get("latent_tile_size", 64)),
                    guidance_tile=int(guidance.get("tile_size", 512)))
+
+
+def max_memory_gb(cfg: DictConfig) -> float | None:
+    """``inference.max_memory_gb``: a positive number of GB, or None (no check); ValueError otherwise."""
+    limit_gb = cfg.inference.get("max_memory_gb")
+    if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float))
+                                 or limit_gb <= 0):
+        raise ValueError(f"inference.max_memory_gb must be a positive number of GB or null, got {limit_gb!r}")
+    return limit_gb
+
+
+def memory_check(cfg: DictConfig, runner: "DiffusionRunner", script: str) -> Callable[[tuple[int, int], int], None]:
+    """The check a diffusion script (``script``: stage2 | accsamp | hazegen) runs before sampling each batch:
+    ``check(latent_hw, batch)`` raises ValueError naming settings that fit when the estimated peak on ``batch``
+    images of latent size (h, w) exceeds ``inference.max_memory_gb``; a no-op when that is null. Images the
+    runner does not tile are estimated with one tile the size of the image."""
+    limit_gb = max_memory_gb(cfg)
+    if limit_gb is None:
+        return lambda latent_hw, batch: None
+    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype)
+    configured = tiles_from_config(cfg)
+
+    def check(latent_hw: tuple[int, int], batch: int) -> None:
+        hw = (int(latent_hw[0]) * 8, int(latent_hw[1]) * 8)
+        tiles = configured if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
+        check_fits(model_size, hw, script, tiles, float(limit_gb), batch)
+
+    return check

@@ -23,6 +23,7 @@ from utils.checkpoint import WEIGHTS_HELP, load_state_dict
 from utils.common import choose_dtype, instantiate_from_config, load_config
 from utils.distributed import init_processes, process_device
 from utils.image_io import ImageReadError, image_hw, list_images, load_rgb01, resize01, save_png01
+from utils.memory import max_memory_gb
 from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 
 log = logging.getLogger("hcdyc")
@@ -402,6 +403,11 @@ def run_script(cfg: DictConfig, args: argparse.Namespace, make_process: Callable
     """A diffusion script's ``run``: check the weight files, load the model once, run its batch function
     ``make_process(cfg, runner, show_steps)`` over the folder. Returns the exit status."""
     check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    try:
+        max_memory_gb(cfg)
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
     runner = DiffusionRunner(cfg)
     return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing, desc,
                       runner.batch_key)
