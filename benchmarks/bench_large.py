@@ -47,12 +47,9 @@ TINY = ROOT / "configs" / "tiny" / "model.yaml"
 
 def write_inputs(work: Path, sizes: list[str]) -> None:
     """Reduced random model in the release formats (sd.ckpt, controlnet.pt) and one smooth image per size."""
-    from tests.helpers import build_tiny, randomize_, write_release_checkpoints
+    from tests.helpers import write_tiny_release_weights
 
-    model = build_tiny(seed=11)
-    randomize_(model.unet, seed=12, std=0.02)
-    randomize_(model.controlnet, seed=13, std=0.02)
-    write_release_checkpoints(model, work / "weights")
+    write_tiny_release_weights(work / "weights")
     rng = np.random.default_rng(0)
     for name in sizes:
         h, w = SIZES[name]

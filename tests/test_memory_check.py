@@ -4,7 +4,6 @@ those settings goes through under the same limit."""
 from __future__ import annotations
 
 import argparse
-import logging
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 import inference_accsamp
 import inference_stage1
 import inference_stage2
-from tests.helpers import build_tiny, randomize_, tiny_config, write_release_checkpoints
+from tests.helpers import tiny_config, write_tiny_release_weights
 from utils.memory import CANDIDATES, ModelSize, estimate_peak_gb, fitting_settings, tiles_from_config
 from utils.pipeline import EXIT_BAD_CONFIG, DiffusionRunner
 
@@ -30,10 +29,7 @@ ARGS = argparse.Namespace(skip_existing=False, show_steps=False)
 def inputs(tmp_path_factory):
     """(weights folder paths, image folder with one 320×320 photo)."""
     root = tmp_path_factory.mktemp("memcheck")
-    model = build_tiny(seed=11)
-    randomize_(model.unet, seed=12, std=0.02)
-    randomize_(model.controlnet, seed=13, std=0.02)
-    weights = write_release_checkpoints(model, root / "weights")
+    weights = write_tiny_release_weights(root / "weights")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
