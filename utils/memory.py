@@ -32,7 +32,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 if TYPE_CHECKING:
     from utils.pipeline import DiffusionRunner
 
-BYTES_PER_PIXEL = {"stage2": 48, "hazegen": 48, "accsamp": 64}
+# full-resolution bytes per padded pixel: the larger of the count from the code (48 / 64) and the measured growth of
+# peak RSS from 1K to 4K (stage 2: 51.5, AccSamp: 55.4; bench_large.py, reduced model, CPU)
+BYTES_PER_PIXEL = {"stage2": 52, "hazegen": 52, "accsamp": 64}
 # bytes per (output pixel · base channel) of one VAE decoder tile, without / with the backward pass (fp32); counted
 # 24.0 and 184.1 (the encoder's tile, 16.0, is never the largest)
 VAE_DECODE_COEF, VAE_VJP_COEF = 24.0, 185.0
@@ -155,26 +157,34 @@ def check_fits(model: ModelSize, hw: tuple[int, int], script: str, tiles: TileSe
 
 def budget_table(cfg: DictConfig, gpu_gb: float, sizes: dict[str, tuple[int, int]],
                  headroom_gb: float = CUDA_HEADROOM_GB) -> str:
-    """Text table: the full-size model of ``cfg`` in fp16 at each size, the default tiles' estimate and, where
-    those do not fit in ``gpu_gb`` less ``headroom_gb``, the largest candidate tiles that do."""
+    """Text table: the full-size model of ``cfg`` in fp16 at each size, the estimate with the config's settings
+    (``inference.tiled: auto`` leaves images up to ``tile_threshold`` untiled) and, where that does not fit in
+    ``gpu_gb`` less ``headroom_gb``, the largest candidate tiles that do."""
     model = ModelSize.from_config(cfg, torch.float16)
     usable = gpu_gb - headroom_gb
     lines = [f"computed budget, full-size model ({model.weight_bytes / 1e9:.2f} GB of weights, denoiser fp16), "
              f"{gpu_gb:g} GB GPU less {headroom_gb:g} GB for the CUDA context (utils.memory estimate):",
-             f"{'script':>8} {'size':>4} {'H×W':>10} {'default GB':>10}  fits with"]
-    default = TileSettings()
+             f"{'script':>8} {'size':>4} {'H×W':>10} {'config GB':>10}  fits with"]
+    default = tiles_from_config(cfg)
+    inf = cfg.inference
     for script in ("stage2", "accsamp", "hazegen"):
         for name, (h, w) in sizes.items():
             hw = (-(-h // 64) * 64, -(-w // 64) * 64)
-            need = estimate_peak_gb(model, hw, script, default)
+            tiled = inf.tiled is True or (inf.tiled == "auto" and max(hw) > int(inf.tile_threshold))
+            need = estimate_peak_gb(model, hw, script, default if tiled else whole_image(hw))
             tiles = fitting_settings(model, hw, script, usable)
-            fit = "defaults" if need <= usable else (tiles.overrides(script) if tiles else "does not fit")
+            fit = "the config" if need <= usable else (tiles.overrides(script) if tiles else "does not fit")
             lines.append(f"{script:>8} {name:>4} {f'{h}×{w}':>10} {need:>10.1f}  {fit}")
     for script in ("stage2", "accsamp", "hazegen"):
         most = largest_pixels(model, script, default, usable)
-        lines.append(f"{script}: largest image with the default tiles ~{most / 1e6:.0f} MP "
+        lines.append(f"{script}: largest image with the config's tiles ~{most / 1e6:.0f} MP "
                      f"(inference.max_pixels caps it: 16.8 MP by default)")
     return "\n".join(lines)
+
+
+def whole_image(hw: tuple[int, int]) -> TileSettings:
+    """The settings that describe an untiled run: one tile the size of the padded H×W image."""
+    return TileSettings(max(hw), max(hw) // 8, max(hw))
 
 
 def tiles_from_config(cfg: DictConfig) -> TileSettings:
@@ -208,7 +218,7 @@ def memory_check(cfg: DictConfig, runner: "DiffusionRunner", script: str) -> Cal
 
     def check(latent_hw: tuple[int, int], batch: int) -> None:
         hw = (int(latent_hw[0]) * 8, int(latent_hw[1]) * 8)
-        tiles = configured if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
+        tiles = configured if runner.use_tiles(hw) else whole_image(hw)
         check_fits(model_size, hw, script, tiles, float(limit_gb), batch)
 
     return check
