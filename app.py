@@ -32,9 +32,10 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from utils.common import load_config  # noqa: E402
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, save_png01  # noqa: E402
+from utils.inference_settings import InferenceSettings, InferenceSettingsError  # noqa: E402
 from utils.iqa import density_map_png, fade_score  # noqa: E402
-from utils.modes import SLIDERS, Mode, RunnerCache, load_modes  # noqa: E402
-from utils.pipeline import WEIGHT_KEYS, check_weights, log, setup_logging  # noqa: E402
+from utils.modes import SLIDERS, Mode, ModeError, RunnerCache, load_modes  # noqa: E402
+from utils.pipeline import EXIT_BAD_CONFIG, check_weights, log, setup_logging  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SLIDER_LABELS = {"tau": "τ (estimate at step (1−τ)·N)", "omega": "ω (restart at step (1−ω)·N)",
@@ -77,10 +78,11 @@ class Dehazer:
         RunCancelled with a message for the page."""
         mode = self.modes[label]
         cfg = mode.run_config(values)
+        settings = InferenceSettings.from_config(cfg)
         img01 = load_rgb01(image_path, self.max_pixels)
         cancel = self.flag(session)
         cancel.clear()
-        total = int(cfg.inference.get("steps", 0) or 0)
+        total = settings.steps
 
         def on_step(info: dict) -> None:
             if cancel.is_set():
@@ -95,7 +97,7 @@ class Dehazer:
             start = time.perf_counter()
             outputs = mode.script.make_process(cfg, runner)([(img01, stem)], callback=on_step)
             seconds = time.perf_counter() - start
-        seed = cfg.inference.get("seed") if "seed" in mode.sliders else None
+        seed = settings.seed if "seed" in mode.sliders else None
         tag = _slug(label) + (f"_seed{seed}" if seed is not None else "")
         run_dir = Path(tempfile.mkdtemp(prefix=f"{stem}_", dir=self.out_dir))
         files = []
@@ -231,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
-    if "sd_path" in cfg.get("inference", {}):
-        check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
-    modes = load_modes(args.modes, cfg, ROOT)
+    try:
+        settings = InferenceSettings.from_config(cfg)
+        if settings.sd_path is not None:
+            check_weights(settings.weight_paths())
+        modes = load_modes(args.modes, cfg, ROOT)
+    except (InferenceSettingsError, ModeError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
     if not modes:
         log.error("no mode of %s is available with %s", args.modes, args.config)
         return 2
     runners = RunnerCache()
     device = "cpu"
-    if "sd_path" in cfg.get("inference", {}):
+    if settings.sd_path is not None:
         device = str(runners.get(cfg)[0].device)  # the app config's model, loaded before the server starts
     with tempfile.TemporaryDirectory(prefix="hcdyc-app-") as out_dir:
         dehazer = Dehazer(modes, runners, Path(out_dir), args.max_pixels)

@@ -334,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="paper = " + ", ".join(LABELS[m] for m in iqa.PAPER_PRESET) + " (the RTTS table, in its "
                         "column order; includes Q-Align, see its memory above); also prints a markdown row")
     parser.add_argument("--metric-weights", type=Path, default=None, metavar="DIR",
-                        help="folder with pyiqa's parameter files as DIR/pyiqa/<file> and DIR/clip/<file> (default: "
-                        "pyiqa's cache, torch.hub.get_dir()); timm backbones and Q-Align come from the Hugging Face "
-                        "cache (HF_HOME)")
+                        help="folder standing in for pyiqa's caches: DIR/pyiqa/<checkpoint>, DIR/clip/<OpenAI CLIP "
+                        "archive>, DIR/huggingface/ (a Hugging Face hub cache holding q-future/one-align for Q-Align; "
+                        "without it, the user's HF cache); default: pyiqa's cache root, torch.hub.get_dir()")
     parser.add_argument("--allow-download", action="store_true",
                         help="let pyiqa download missing parameter files (default: offline, missing = unavailable)")
     parser.add_argument("--device", default=None, help="torch device for pyiqa metrics (default: cuda if present)")

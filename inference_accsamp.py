@@ -11,25 +11,18 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from sampler.accsamp import check_speed_options, sample_accsamp
+from sampler.accsamp import sample_accsamp
 from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import DCPTransmission
+from utils.inference_settings import InferenceSettings
 from utils.memory import memory_check
-from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, from_model_output, log, main_wrapper,
-                            run_script)
-
-
-def speed_options(cfg: DictConfig) -> tuple[int, str]:
-    """(``inference.guidance_every``, ``inference.guidance_pullback``), validated (ValueError otherwise)."""
-    every, pullback = int(cfg.inference.get("guidance_every", 1)), str(cfg.inference.get("guidance_pullback", "autograd"))
-    check_speed_options(every, pullback)
-    return every, pullback
+from utils.pipeline import Batch, DiffusionRunner, Process, from_model_output, main_wrapper, run_script
 
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
     """File names one input ``<stem>`` produces: the result, plus estimate and transmission with save_intermediates."""
-    intermediates = bool(cfg.inference.get("save_intermediates", False))
+    intermediates = InferenceSettings.from_config(cfg).save_intermediates
 
     def names(stem: str) -> list[str]:
         extra = [f"{stem}_estimate.png", f"{stem}_transmission.png"] if intermediates else []
@@ -40,24 +33,25 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
-    inf = cfg.inference
+    inf = InferenceSettings.from_config(cfg)
     check_memory = memory_check(cfg, runner, "accsamp")
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
-    align = partial(align_op, cover_border=bool(inf.get("align_cover_border", True)))
-    transmission = partial(DCPTransmission, ties=str(inf.get("airlight_ties", "all")))
-    intermediates = bool(inf.get("save_intermediates", False))
-    every, pullback = speed_options(cfg)
+    align = partial(align_op, cover_border=inf.align_cover_border)
+    transmission = partial(DCPTransmission, ties=inf.airlight_ties)
+    intermediates = inf.save_intermediates
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
-        hazy, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
+        start = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
+        x_T, geoms = start.x_T, start.geoms
         check_memory(x_T.shape[-2:], len(batch))
         z, extras = sample_accsamp(
-            runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, hazy, tau=float(inf.tau),
-            omega=float(inf.omega), guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
+            runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, start.cond, start.inputs, tau=inf.tau,
+            omega=inf.omega, guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,
             align_fn=align, transmission_fn=transmission, decode_vjp_fn=runner.guidance_vjp(x_T.shape[-2:]),
-            parameterization=runner.parameterization, generator=gens, callback=callback, disable=not show_steps,
-            sampler=runner.sample, guidance_every=every, pullback=pullback)
+            parameterization=runner.parameterization, generator=start.generators, callback=callback,
+            disable=not show_steps, sampler=runner.sample, guidance_every=inf.guidance_every,
+            pullback=inf.guidance_pullback)
         out = {}
         transmission_maps = extras["transmission"][..., :, :] if intermediates else None
         for b, ((_, stem), img) in enumerate(zip(batch, runner.finish_batch(z, geoms))):
@@ -72,13 +66,9 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
 
 
 def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    try:
-        speed_options(cfg)
-    except ValueError as err:
-        log.error("%s", err)
-        return EXIT_BAD_CONFIG
     return run_script(cfg, args, make_process, output_names, "AccSamp")
 
 
 if __name__ == "__main__":
-    main_wrapper(run, "DiffDehaze inference with AccSamp (tau/omega in YAML)", "configs/inference/stage2_accsamp.yaml")
+    main_wrapper(run, "DiffDehaze inference with AccSamp (tau/omega in YAML)", "configs/inference/stage2_accsamp.yaml",
+                 "inference_accsamp")

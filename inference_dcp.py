@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.dcp import dcp_dehaze
 from utils.distributed import process_device
+from utils.inference_settings import InferenceSettings
 from utils.pipeline import Batch, Process, main_wrapper, run_folder
 
 DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
@@ -34,7 +35,7 @@ def dcp_params(cfg: DictConfig) -> dict:
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
     """File names one input ``<stem>`` produces: the result, plus the transmission with save_transmission."""
-    with_t = bool(cfg.inference.get("save_transmission", False))
+    with_t = InferenceSettings.from_config(cfg).save_transmission
     return lambda stem: [f"{stem}.png"] + ([f"{stem}_transmission.png"] if with_t else [])
 
 
@@ -42,8 +43,8 @@ def make_process(cfg: DictConfig, runner: None = None, show_steps: bool = False)
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``; DCP has no model
     (``runner`` is unused) and no steps (``callback`` and ``show_steps`` are unused)."""
     params = dcp_params(cfg)
-    device = process_device(cfg.inference.get("device", "auto"))
-    with_t = bool(cfg.inference.get("save_transmission", False))
+    inf = InferenceSettings.from_config(cfg)
+    device, with_t = process_device(inf.device), inf.save_transmission
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
@@ -63,4 +64,4 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main_wrapper(run, "Classical Dark Channel Prior dehazing of a folder", "configs/inference/dcp.yaml")
+    main_wrapper(run, "Classical Dark Channel Prior dehazing of a folder", "configs/inference/dcp.yaml", "inference_dcp")

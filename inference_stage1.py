@@ -23,18 +23,19 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from utils.batching import stack_conditions
 from utils.image_io import list_images, load_rgb01
+from utils.inference_settings import InferenceSettings
 from utils.memory import memory_check
-from utils.pipeline import EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, log, main_wrapper, run_script
+from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, SamplingStart, log, main_wrapper,
+                            run_script)
 
 
 def fog_references(cfg: DictConfig) -> list[Path]:
     """Hazy reference photos for fog analysis; empty when neither dynamic prompts nor a text processor is on."""
-    needs = cfg.inference.get("dynamic_prompt", False) or cfg.model.cldm.params.get("text_processor_cfg")
-    if not needs:
+    inf = InferenceSettings.from_config(cfg)
+    if not (inf.dynamic_prompt or cfg.model.cldm.params.get("text_processor_cfg")):
         return []
-    folder = cfg.inference.get("fog_reference_folder")
+    folder = inf.fog_reference_folder
     references = list_images(folder) if folder and Path(folder).is_dir() else []
     if not references:
         log.error("stage-1 dynamic prompts / text processor need inference.fog_reference_folder, a folder of hazy "
@@ -45,48 +46,45 @@ def fog_references(cfg: DictConfig) -> list[Path]:
 
 def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
     """File names one input ``<stem>`` produces: ``<stem>_<k>.png`` for k < inference.num_samples."""
-    num_samples = int(cfg.inference.get("num_samples", 1))
+    num_samples = InferenceSettings.from_config(cfg).num_samples
     return lambda stem: [f"{stem}_{k}.png" for k in range(num_samples)]
 
 
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``.
     Exits with status 2 when dynamic prompts / the text processor lack their fog reference photos."""
-    inf = cfg.inference
-    num_samples = int(inf.get("num_samples", 1))
+    inf = InferenceSettings.from_config(cfg)
     references = fog_references(cfg)
     check_memory = memory_check(cfg, runner, "hazegen")
 
-    def conditions(clean: torch.Tensor, img01: torch.Tensor, stem: str, k: int) -> tuple[dict, dict]:
-        """(cond, uncond) for the clean input (1,3,Hp,Wp) in [0,1]: its text embedding and condition latent; uncond
-        has an all-zero condition latent (and the YCbCr features of an all-zero image). With fog references,
-        variant k analyses its reference photo instead of ``img01``."""
-        if references:
-            img01 = load_rgb01(references[(zlib.crc32(stem.encode()) + k) % len(references)])
-        cond = runner.condition(clean, img01, stage=1)
-        uncond = {**cond, "c_img": torch.zeros_like(cond["c_img"])}
-        if "c_ycbcr" in cond:
-            uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(clean))
-        return cond, uncond
+    def start(batch: Batch, k: int, first: SamplingStart | None) -> SamplingStart:
+        """Variant k of the batch: the condition (with fog references, of variant k's reference photo per image;
+        otherwise that of ``first``, variant 0) and the noise of seed + k."""
+        if first is not None and not references:
+            return runner.reseed(first, inf.seed + k)
+        fog01 = ([load_rgb01(references[(zlib.crc32(stem.encode()) + k) % len(references)]) for _, stem in batch]
+                 if references else None)
+        return runner.start_batch([img01 for img01, _ in batch], stage=1, seed=inf.seed + k, fog01=fog01)
+
+    def unconditional(start: SamplingStart) -> dict:
+        """The condition with an all-zero condition latent (and the YCbCr features of an all-zero image)."""
+        uncond = {**start.cond, "c_img": torch.zeros_like(start.cond["c_img"])}
+        if "c_ycbcr" in start.cond:
+            uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(start.inputs))
+        return uncond
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
-        prepared = [runner.prepare(img01) for img01, _ in batch]
-        geoms = [geom for _, geom in prepared]
-        latent_shape = (1, 4, prepared[0][0].shape[-2] // 8, prepared[0][0].shape[-1] // 8)
-        check_memory(latent_shape[-2:], len(batch))
-        shared = None if references else [conditions(clean, img01, stem, 0)
-                                          for (clean, _), (img01, stem) in zip(prepared, batch)]
-        outputs = {}
-        for k in range(num_samples):
-            conds = shared or [conditions(clean, img01, stem, k) for (clean, _), (img01, stem) in zip(prepared, batch)]
-            gens = [runner.generator(int(inf.seed) + k) for _ in batch]
-            x_T = torch.cat([runner.initial_noise(latent_shape, gen) for gen in gens])
-            z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule,
-                              stack_conditions([c for c, _ in conds]), uncond=stack_conditions([u for _, u in conds]),
-                              cfg_scale=float(inf.w), parameterization=runner.parameterization, callback=callback,
-                              generator=gens, disable=not show_steps)
-            for (_, stem), img in zip(batch, runner.finish_batch(z, geoms)):
+        outputs, first = {}, None
+        for k in range(inf.num_samples):
+            variant = start(batch, k, first)
+            if first is None:
+                check_memory(variant.x_T.shape[-2:], len(batch))
+            first = first or variant
+            z = runner.sample(runner.denoiser(variant.x_T.shape[-2:]), variant.x_T, runner.schedule, variant.cond,
+                              uncond=unconditional(variant), cfg_scale=inf.w, parameterization=runner.parameterization,
+                              callback=callback, generator=variant.generators, disable=not show_steps)
+            for (_, stem), img in zip(batch, runner.finish_batch(z, variant.geoms)):
                 outputs[f"{stem}_{k}.png"] = img
         return outputs
 
@@ -99,4 +97,5 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main_wrapper(run, "HazeGen (stage 1): realistic hazy images from clean ones", "configs/inference/stage1.yaml")
+    main_wrapper(run, "HazeGen (stage 1): realistic hazy images from clean ones", "configs/inference/stage1.yaml",
+                 "inference_stage1")

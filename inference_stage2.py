@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
+from utils.inference_settings import InferenceSettings
 from utils.memory import memory_check
 from utils.pipeline import Batch, DiffusionRunner, Process, main_wrapper, run_script
 
@@ -22,17 +23,17 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
-    inf = cfg.inference
+    seed = InferenceSettings.from_config(cfg).seed
     check_memory = memory_check(cfg, runner, "stage2")
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
-        _, geoms, cond, gens, x_T = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
-        check_memory(x_T.shape[-2:], len(batch))
-        z = runner.sample(runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, cond, cfg_scale=1.0,
-                          parameterization=runner.parameterization, callback=callback, generator=gens,
-                          disable=not show_steps)
-        return {f"{stem}.png": img for (_, stem), img in zip(batch, runner.finish_batch(z, geoms))}
+        start = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=seed)
+        check_memory(start.x_T.shape[-2:], len(batch))
+        z = runner.sample(runner.denoiser(start.x_T.shape[-2:]), start.x_T, runner.schedule, start.cond,
+                          cfg_scale=1.0, parameterization=runner.parameterization, callback=callback,
+                          generator=start.generators, disable=not show_steps)
+        return {f"{stem}.png": img for (_, stem), img in zip(batch, runner.finish_batch(z, start.geoms))}
 
     return process
 
@@ -42,4 +43,5 @@ def run(cfg: DictConfig, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main_wrapper(run, "DiffDehaze (stage 2) inference with the spaced sampler", "configs/inference/stage2.yaml")
+    main_wrapper(run, "DiffDehaze (stage 2) inference with the spaced sampler", "configs/inference/stage2.yaml",
+                 "inference_stage2")

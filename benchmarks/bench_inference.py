@@ -59,6 +59,7 @@ from sampler.spaced import make_spaced_schedule  # noqa: E402
 from utils.align import align_op  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
 from utils.dcp import estimate_transmission  # noqa: E402
+from utils.inference_settings import InferenceSettings  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
 FAST_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp_fast.yaml"
@@ -81,9 +82,8 @@ class Row:
 
 def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
     """The benchmark rows; the fast preset and its levers are read from ``fast_config``."""
-    fast = load_config(fast_config).inference
-    f_sampler, f_steps = str(fast.get("sampler", "spaced")), int(fast.steps)
-    f_every, f_pull = int(fast.get("guidance_every", 1)), str(fast.get("guidance_pullback", "autograd"))
+    fast = InferenceSettings.from_config(load_config(fast_config))
+    f_sampler, f_steps, f_every, f_pull = fast.sampler, fast.steps, fast.guidance_every, fast.guidance_pullback
     return [
         Row("spaced 50 (published)", "spaced", 50),
         Row("dpmpp_2m 10", "dpmpp_2m", 10),
@@ -114,8 +114,9 @@ class Bench:
         diffusion = instantiate_from_config(cfg.model.diffusion)
         self.parameterization = diffusion.parameterization
         self.alphas_cumprod = diffusion.alphas_cumprod_np
-        self.schedule = make_spaced_schedule(self.alphas_cumprod, cfg.inference.get("steps", 50))
-        self.tau, self.omega = float(cfg.inference.tau), float(cfg.inference.omega)
+        inf = InferenceSettings.from_config(cfg)
+        self.schedule = make_spaced_schedule(self.alphas_cumprod, inf.steps)
+        self.tau, self.omega = inf.tau, inf.omega
         self.guidance = instantiate_from_config(cfg.guidance)
         gen = torch.Generator().manual_seed(1)
         self.hazy01 = torch.rand(1, 3, size, size, generator=gen).to(device)
@@ -219,9 +220,9 @@ def count_calls(row: Row, cfg) -> tuple[int, int]:
         pooled = torch.nn.functional.avg_pool2d(img, 8)
         return torch.cat([pooled, pooled[:, :1] ** 2], 1)
 
+    inf = InferenceSettings.from_config(cfg)
     run_row(row, model_fn, torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64), diffusion.alphas_cumprod_np,
-            diffusion.parameterization, float(cfg.inference.tau), float(cfg.inference.omega), guidance, decode_fn,
-            encode_fn, lambda: None)
+            diffusion.parameterization, inf.tau, inf.omega, guidance, decode_fn, encode_fn, lambda: None)
     return calls[0], guidance.count
 
 

@@ -128,7 +128,8 @@ def test_missing_weights_exit_2_and_same_folder_refused(tmp_path, weights, real_
 def test_set_overrides_reach_the_config(tmp_path, weights, real_images):
     cfg = make_config(tmp_path, "accsamp", weights, real_images, tmp_path / "r")
     proc = run_script("accsamp", cfg, "--set", "inference.tau=1.5")
-    assert proc.returncode == 1 and "tau=1.5" in proc.stderr
+    # refused at start-up (exit 2, issue 13), no longer image by image (exit 1)
+    assert proc.returncode == 2 and "tau=1.5" in proc.stderr
 
 
 def test_extensions_at_inference_dynamic_prompt_fusion_and_text_processor(tmp_path, real_images):

@@ -3,9 +3,11 @@ pyiqa metrics equal pyiqa called directly (offline, with parameter files written
 line and do not stop the other metrics, bad inputs are converted and noted."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,209 @@ def test_pyiqa_metrics_equal_pyiqa_called_directly_offline(tmp_path: Path) -> No
         assert all(math.isfinite(v) and note == "" for v, note in ours), name
 
 
+def _tiny_clip(seed: int, vision_layers: object, vision_width: int, patch: object) -> torch.nn.Module:
+    """A small random-init CLIP of pyiqa's own class (OpenAI's tokenizer needs the 49408-token vocabulary and
+    77-token context; widths are multiples of 64 because pyiqa's builder infers 64-wide heads)."""
+    from pyiqa.archs.clip_model import CLIP
+
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=32, image_resolution=224, vision_layers=vision_layers, vision_width=vision_width,
+                vision_patch_size=patch, context_length=77, vocab_size=49408, transformer_width=64,
+                transformer_heads=1, transformer_layers=1)
+
+
+def _save(obj: object, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
+
+
+def _clip_archive(model: torch.nn.Module, path: Path) -> Path:
+    """Save a CLIP as OpenAI ships it: a traced TorchScript archive (pyiqa's loader builds the model from the
+    archive's state dict, so a tiny one loads like the real one)."""
+    from pyiqa.archs.clip_imports import clip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():     # tracer and torch.jit deprecation notes
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model.eval(), (torch.rand(1, 3, 224, 224), clip.tokenize(["a photo"])),
+                                 check_trace=False)
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def test_clipiqa_equals_pyiqa_with_the_same_clip_file(tmp_path: Path, caplog) -> None:
+    rn50 = _clip_archive(_tiny_clip(0, (1, 1, 1, 1), 64, None), tmp_path / "w" / "clip" / "RN50.pt")
+    x = torch.rand(2, 3, 160, 192, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING):
+        ours = iqa.build_scorer("clipiqa", tmp_path / "w", torch.device("cpu"), batch_size=2)(list(x), ["a", "b"])
+    assert any("not OpenAI's published RN50.pt" in r.getMessage() for r in caplog.records)
+    direct = pyiqa.create_metric("clipiqa", device="cpu", backbone=str(rn50))(x).reshape(-1)   # pyiqa's path option
+    assert [v for v, _ in ours] == pytest.approx(direct.double().tolist(), rel=1e-6, abs=1e-9)
+    assert all(0.0 < v < 1.0 and note == "" for v, note in ours)
+
+
+def test_liqe_equals_pyiqa_and_ignores_a_stale_prompt_cache(tmp_path: Path, monkeypatch) -> None:
+    from pyiqa.archs import clip_model, liqe_arch
+
+    weights = tmp_path / "w"
+    vit = _clip_archive(_tiny_clip(1, 1, 64, 32), weights / "clip" / "ViT-B-32.pt")
+    liqe_ckpt = {"params": {f"clip_model.{k}": v for k, v in _tiny_clip(2, 1, 64, 32).state_dict().items()}}
+    ckpt = _save(liqe_ckpt, weights / "pyiqa" / "liqe_koniq.pt")
+    stale = _save(torch.randn(5, 32), tmp_path / "user_cache" / "liqe_text_feat.pt")
+    monkeypatch.setattr(liqe_arch, "DEFAULT_CACHE_DIR", str(stale.parent))   # pyiqa's own cache, holding a stale file
+    x = torch.rand(2, 3, 224, 288, generator=torch.Generator().manual_seed(4))
+    ours = iqa.build_scorer("liqe", weights, torch.device("cpu"), batch_size=2)(list(x), ["a", "b"])
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["liqe_text_feat.pt"]
+    # pyiqa called directly: its download step replaced by the same file, a fresh prompt cache, the same checkpoint
+    monkeypatch.setattr(clip_model, "_download", lambda url, root: str(weights / "clip" / Path(url).name))
+    monkeypatch.setattr(liqe_arch, "DEFAULT_CACHE_DIR", str(tmp_path / "fresh_cache"))
+    (tmp_path / "fresh_cache").mkdir()
+    metric = pyiqa.create_metric("liqe", device="cpu", pretrained_model_path=str(ckpt))
+    direct = metric(x).reshape(-1)
+    assert [v for v, _ in ours] == pytest.approx(direct.double().tolist(), rel=1e-6, abs=1e-9)
+    assert all(1.0 <= v <= 5.0 and note == "" for v, note in ours)
+    monkeypatch.setattr(metric.net, "text_features", torch.load(stale, weights_only=True))
+    assert metric(x).reshape(-1).double().tolist() != pytest.approx([v for v, _ in ours], rel=1e-6)
+    assert vit.is_file()
+
+
+def _fill_hf_cache(cache: Path, model_name: str, seed: int) -> None:
+    """Random-init timm ``model_name`` saved where an offline Hugging Face cache keeps its pretrained file
+    (``models--<org>--<repo>/refs/main`` naming a snapshot that holds ``model.safetensors``)."""
+    import timm
+    from safetensors.torch import save_file
+
+    folder = cache / ("models--" + timm.models.get_pretrained_cfg(model_name).hf_hub_id.replace("/", "--"))
+    commit = "0" * 40
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    torch.manual_seed(seed)
+    state = timm.create_model(model_name, pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / commit / "model.safetensors")
+
+
+def _hf_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def timm_metrics(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(weights DIR, filled Hugging Face cache) for nima and maniqa at full size (their timm backbones are fixed by
+    pyiqa's defaults): random-init backbones in the HF cache, and pyiqa checkpoints in DIR/pyiqa made of the
+    networks pyiqa builds on them with every weight then moved (so a score that equals pyiqa's proves the checkpoint
+    replaced the whole backbone). Written once per session: ~1.3 GB of files."""
+    root = tmp_path_factory.mktemp("timm")
+    cache, weights = root / "hf", root / "w"
+    _fill_hf_cache(cache, "inception_resnet_v2", 5)
+    _fill_hf_cache(cache, "vit_base_patch8_224", 6)
+    with pytest.MonkeyPatch.context() as mp:
+        _hf_cache(mp, cache)
+        for name, wrap in (("nima", True), ("maniqa", False)):
+            net = pyiqa.create_metric(name, device="cpu", pretrained=False).net
+            g = torch.Generator().manual_seed(7)
+            state = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                     for k, v in net.state_dict().items()}
+            # each in the format of pyiqa's default file: NIMA's under "params", MANIQA's a bare state dict
+            _save({"params": state} if wrap else state, weights / iqa.METRICS[name].files[0])
+    return weights, cache
+
+
+@pytest.mark.parametrize("name", ["nima", "maniqa"])
+def test_timm_metrics_equal_pyiqa_without_the_imagenet_backbone(name: str, timm_metrics: tuple[Path, Path],
+                                                                 tmp_path: Path, monkeypatch) -> None:
+    from pyiqa.archs import maniqa_arch
+
+    weights, cache = timm_metrics
+    x = torch.rand(1, 3, 232, 256, generator=torch.Generator().manual_seed(8))
+    # MANIQA scores 20 crops of 224 px through ViT-B/8 (~1.5 TFLOP an image: both runs took 175 CPU-s here); one
+    # crop, the same for both runs, checks the same wiring (weights, preprocessing, head) 20 times faster
+    crops = maniqa_arch.uniform_crop
+    monkeypatch.setattr(maniqa_arch, "uniform_crop", lambda img, crop_size, crop_num: crops(img, crop_size, 1))
+    _hf_cache(monkeypatch, tmp_path / "empty_hf_cache")   # offline: fails if the project reads a backbone file
+    ours = iqa.build_scorer(name, weights, torch.device("cpu"), batch_size=1)(list(x), ["a.png"])
+    _hf_cache(monkeypatch, cache)                            # pyiqa called directly: backbone from the HF cache
+    metric = pyiqa.create_metric(name, device="cpu", pretrained=False)
+    metric.load_weights(str(weights / iqa.METRICS[name].files[0]), weight_keys="params" if name == "nima" else None)
+    direct = metric(x).reshape(-1)
+    assert [v for v, _ in ours] == pytest.approx(direct.double().tolist(), rel=1e-5, abs=1e-7)
+    assert all(math.isfinite(v) and note == "" for v, note in ours)
+
+
+def _tiny_qalign(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random-init Q-Align of pyiqa's own mPLUG-Owl2 classes (1 LLaMA layer of width 64, a 28-px ViT, 4 abstractor
+    queries, a 60-piece SentencePiece vocabulary trained here on the scoring prompt) written into the Hugging Face
+    cache layout pyiqa loads ``q-future/one-align`` from."""
+    import sentencepiece as spm
+    from pyiqa.archs.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from pyiqa.archs.q_align.configuration_mplug_owl2 import MPLUGOwl2Config
+    from pyiqa.archs.q_align.modeling_mplug_owl2 import MPLUGOwl2LlamaForCausalLM
+
+    repo = cache / "models--q-future--one-align"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    text = ["USER: How would you rate the quality of this image?", "ASSISTANT: The quality of the image is",
+            "excellent", "good", "fair", "poor", "bad"] * 20
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=proto, vocab_size=60, model_type="bpe",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (snapshot / "tokenizer.model").write_bytes(proto.getvalue())
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    (snapshot / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 28, "width": 28},
+         "size": {"shortest_edge": 28}, "do_resize": True, "do_center_crop": True, "do_rescale": True,
+         "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3, "do_convert_rgb": True,
+         "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}))
+    config = MPLUGOwl2Config(
+        vocab_size=60, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=128, architectures=["MPLUGOwl2LlamaForCausalLM"],
+        visual_config={"visual_model": {"hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
+                                        "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28,
+                                        "patch_size": 14},
+                       "visual_abstractor": {"num_learnable_queries": 4, "hidden_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "intermediate_size": 64,
+                                             "encoder_hidden_size": 32, "grid_size": 2}})
+    _hf_cache(monkeypatch, cache)            # the model's constructor loads the tokenizer and processor from there
+    torch.manual_seed(9)
+    model = MPLUGOwl2LlamaForCausalLM(config)
+    with torch.no_grad():       # weights of order 1, so that the image moves the five level logits visibly in fp16
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]))
+    model.save_pretrained(str(snapshot))
+
+
+def test_qalign_equals_pyiqa_on_a_tiny_random_model(tmp_path: Path, monkeypatch) -> None:
+    from pyiqa.archs.q_align import visual_encoder
+
+    weights = tmp_path / "w"
+    with pytest.MonkeyPatch.context() as mp:
+        _tiny_qalign(weights / "huggingface", mp)
+    assert iqa.missing_files(iqa.METRICS["qalign"], weights) == []
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(10))
+    ours = iqa.build_scorer("qalign", weights, torch.device("cpu"), batch_size=2)(list(x), ["a.png", "b.png"])
+
+    def additive_mask(self: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:   # Transformers 4's helper
+        keep = mask.unsqueeze(1) if mask.dim() == 3 else mask.unsqueeze(1).unsqueeze(1)
+        return torch.where(keep.bool(), 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+
+    monkeypatch.setattr(visual_encoder.MplugOwlVisualAbstractorModel, "invert_attention_mask", additive_mask)
+    _hf_cache(monkeypatch, weights / "huggingface")
+    metric = pyiqa.create_metric("qalign", device="cpu")
+    direct = [float(metric(x[i:i + 1]).reshape(())) for i in range(2)]   # pyiqa's Q-Align takes one image a call
+    assert [v for v, _ in ours] == pytest.approx(direct, rel=1e-6)
+    assert all(1.0 <= v <= 5.0 and note == "" for v, note in ours)
+    assert ours[0][0] != ours[1][0]                 # the image reaches the score (weights of order 1, see above)
+
+
 def test_missing_weights_one_line_error_and_other_metrics_complete(tmp_path: Path, caplog, capsys) -> None:
     weights = tmp_path / "weights"
     _write_musiq_weights(weights)
@@ -122,16 +327,17 @@ def test_missing_weights_one_line_error_and_other_metrics_complete(tmp_path: Pat
     out = tmp_path / "eval"
     with caplog.at_level(logging.ERROR):
         rc = evaluate.main(["--results", str(res), "--out", str(out), "--quiet", "--metric-weights", str(weights),
-                            "--no-ref-metrics", "fade,musiq,maniqa,liqe"])
+                            "--no-ref-metrics", "fade,musiq,maniqa,liqe,qalign"])
     assert rc == 1
     doc = json.loads((out / "summary.json").read_text())
     row = doc["per_image"][0]
     assert math.isfinite(row["fade"]) and math.isfinite(row["musiq"])
-    assert set(doc["unavailable"]) == {"maniqa", "liqe"}
+    assert set(doc["unavailable"]) == {"maniqa", "liqe", "qalign"}
     assert "ckpt_koniq10k.pt" in doc["unavailable"]["maniqa"] and "--metric-weights DIR" in doc["unavailable"]["maniqa"]
     assert "liqe_koniq.pt" in doc["unavailable"]["liqe"] and "ViT-B-32.pt" in doc["unavailable"]["liqe"]
+    assert "q-future/one-align/config.json" in doc["unavailable"]["qalign"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 2 and all("\n" not in e for e in errors)
+    assert len(errors) == 3 and all("\n" not in e for e in errors)
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -142,8 +348,8 @@ def test_unsafe_or_wrong_weight_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(iqa.MetricUnavailable, match="weights_only=True"):
         iqa.build_scorer("musiq", tmp_path, torch.device("cpu"))
     (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "RN50.pt").write_bytes(b"not OpenAI's archive")   # pyiqa would try to download it again
-    with pytest.raises(iqa.MetricUnavailable, match="SHA-256 differs"):
+    (tmp_path / "clip" / "RN50.pt").write_bytes(b"not OpenAI's archive")
+    with pytest.raises(iqa.MetricUnavailable, match=r"clip/RN50.pt is not a TorchScript archive like OpenAI.s RN50.pt"):
         iqa.build_scorer("clipiqa", tmp_path, torch.device("cpu"))
 
 

@@ -48,7 +48,8 @@ from evaluate import (DEFAULT_NO_REF, LABELS, NO_REFERENCE, evaluate_folders, pa
 from utils import iqa  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.common import load_config  # noqa: E402
-from utils.pipeline import WEIGHT_KEYS, DiffusionRunner, check_weights, run_folder  # noqa: E402
+from utils.inference_settings import InferenceSettings  # noqa: E402
+from utils.pipeline import DiffusionRunner, check_weights, run_folder  # noqa: E402
 
 LOG = logging.getLogger("compare_samplers")
 DEFAULT_RUNS = (
@@ -87,8 +88,9 @@ def worker(config: str, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
     module = importlib.import_module(script_for(cfg))
     seconds: list[float] = []
-    cuda = torch.cuda.is_available() and str(cfg.inference.get("device", "auto")) in ("auto", "cuda")
-    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
+    inf = InferenceSettings.from_config(cfg)
+    cuda = torch.cuda.is_available() and inf.device in ("auto", "cuda")
+    check_weights(inf.weight_paths())
     runner = DiffusionRunner(cfg)
     process = module.make_process(cfg, runner)
 
@@ -107,11 +109,10 @@ def worker(config: str, overrides: list[str]) -> dict:
     status = run_folder(cfg, timed_process, module.output_names(cfg), False, script_for(cfg), runner.batch_key)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    inf = cfg.inference
+    accsamp = script_for(cfg) == "inference_accsamp"
     return {"status": status, "seconds": seconds, "peak_mb": peak_mb, "script": script_for(cfg),
-            "sampler": str(inf.get("sampler", "spaced")), "steps": int(inf.get("steps", 50)),
-            "guidance_every": int(inf.get("guidance_every", 1)),
-            "guidance_pullback": str(inf.get("guidance_pullback", "autograd")) if "tau" in inf else "-"}
+            "sampler": inf.sampler, "steps": inf.steps, "guidance_every": inf.guidance_every,
+            "guidance_pullback": inf.guidance_pullback if accsamp else "-"}
 
 
 def spawn(config: str, overrides: list[str], timeout_s: float) -> dict | str:

@@ -8,17 +8,8 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
-from omegaconf import DictConfig
 
 T = TypeVar("T")
-
-
-def inference_batch_size(inf: DictConfig) -> int:
-    """``inference.batch_size`` (default 1) as a positive int; ValueError naming the key otherwise."""
-    value = inf.get("batch_size", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"inference.batch_size must be a positive integer, got {value!r}")
-    return value
 
 
 def group_batches(items: Sequence[T], key: Callable[[T], Hashable | None], batch_size: int) -> list[list[T]]:

@@ -71,6 +71,8 @@ def choose_device(name: str | None = "auto") -> torch.device:
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
            "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+PRECISIONS = ("auto", *_DTYPES)
+"""Names ``inference.precision`` accepts."""
 
 
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:

@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from utils.inference_settings import InferenceSettings
+
 if TYPE_CHECKING:
     from utils.pipeline import DiffusionRunner
 
@@ -166,11 +168,11 @@ def budget_table(cfg: DictConfig, gpu_gb: float, sizes: dict[str, tuple[int, int
              f"{gpu_gb:g} GB GPU less {headroom_gb:g} GB for the CUDA context (utils.memory estimate):",
              f"{'script':>8} {'size':>4} {'H×W':>10} {'config GB':>10}  fits with"]
     default = tiles_from_config(cfg)
-    inf = cfg.inference
+    inf = InferenceSettings.from_config(cfg)
     for script in ("stage2", "accsamp", "hazegen"):
         for name, (h, w) in sizes.items():
             hw = (-(-h // 64) * 64, -(-w // 64) * 64)
-            tiled = inf.tiled is True or (inf.tiled == "auto" and max(hw) > int(inf.tile_threshold))
+            tiled = inf.tiled is True or (inf.tiled == "auto" and max(hw) > inf.tile_threshold)
             need = estimate_peak_gb(model, hw, script, default if tiled else whole_image(hw))
             tiles = fitting_settings(model, hw, script, usable)
             fit = "the config" if need <= usable else (tiles.overrides(script) if tiles else "does not fit")
@@ -189,20 +191,10 @@ def whole_image(hw: tuple[int, int]) -> TileSettings:
 
 def tiles_from_config(cfg: DictConfig) -> TileSettings:
     """The TileSettings of a config (inference and guidance sections)."""
-    inf = cfg.inference
+    inf = InferenceSettings.from_config(cfg)
     guidance = (cfg.get("guidance") or {}).get("params") or {}
-    return replace(TileSettings(), vae_tile=int(inf.get("vae_tile_size", 512)),
-                   latent_tile=int(inf.get("latent_tile_size", 64)),
+    return replace(TileSettings(), vae_tile=inf.vae_tile_size, latent_tile=inf.latent_tile_size,
                    guidance_tile=int(guidance.get("tile_size", 512)))
-
-
-def max_memory_gb(cfg: DictConfig) -> float | None:
-    """``inference.max_memory_gb``: a positive number of GB, or None (no check); ValueError otherwise."""
-    limit_gb = cfg.inference.get("max_memory_gb")
-    if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float))
-                                 or limit_gb <= 0):
-        raise ValueError(f"inference.max_memory_gb must be a positive number of GB or null, got {limit_gb!r}")
-    return limit_gb
 
 
 def memory_check(cfg: DictConfig, runner: "DiffusionRunner", script: str) -> Callable[[tuple[int, int], int], None]:
@@ -210,7 +202,7 @@ def memory_check(cfg: DictConfig, runner: "DiffusionRunner", script: str) -> Cal
     ``check(latent_hw, batch)`` raises ValueError naming settings that fit when the estimated peak on ``batch``
     images of latent size (h, w) exceeds ``inference.max_memory_gb``; a no-op when that is null. Images the
     runner does not tile are estimated with one tile the size of the image."""
-    limit_gb = max_memory_gb(cfg)
+    limit_gb = InferenceSettings.from_config(cfg).max_memory_gb
     if limit_gb is None:
         return lambda latent_hw, batch: None
     model_size = ModelSize.from_model(runner.model, cfg, runner.dtype)
@@ -219,7 +211,7 @@ def memory_check(cfg: DictConfig, runner: "DiffusionRunner", script: str) -> Cal
     def check(latent_hw: tuple[int, int], batch: int) -> None:
         hw = (int(latent_hw[0]) * 8, int(latent_hw[1]) * 8)
         tiles = configured if runner.use_tiles(hw) else whole_image(hw)
-        check_fits(model_size, hw, script, tiles, float(limit_gb), batch)
+        check_fits(model_size, hw, script, tiles, limit_gb, batch)
 
     return check
 

@@ -17,7 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from utils.common import load_config
-from utils.pipeline import WEIGHT_KEYS, DiffusionRunner, log
+from utils.inference_settings import WEIGHT_KEYS, InferenceSettings, InferenceSettingsError
+from utils.pipeline import DiffusionRunner, log
 
 MODE_KEYS = ("label", "script", "defaults", "preset", "set", "requires", "sliders")
 SLIDERS = ("tau", "omega", "guidance", "steps", "seed")  # the page's controls, in page order
@@ -40,9 +41,10 @@ class Mode:
 
     @property
     def weight_paths(self) -> dict[str, str]:
-        """``inference.*`` weight files this mode loads: utils.pipeline.WEIGHT_KEYS, unless the script declares its
-        own ``WEIGHT_KEYS`` (DCP: none, so no model is loaded for it)."""
-        return {key: str(self.cfg.inference[key]) for key in getattr(self.script, "WEIGHT_KEYS", WEIGHT_KEYS)}
+        """``inference.*`` weight files this mode loads: utils.inference_settings.WEIGHT_KEYS, unless the script
+        declares its own ``WEIGHT_KEYS`` (DCP: none, so no model is loaded for it)."""
+        keys = getattr(self.script, "WEIGHT_KEYS", WEIGHT_KEYS)
+        return InferenceSettings.from_config(self.cfg).weight_paths(keys)
 
     def run_config(self, values: dict[str, Any]) -> DictConfig:
         """This mode's settings with the page's control ``values`` (slider name -> value) written to their keys;
@@ -65,7 +67,8 @@ def _preset_overrides(path: Path) -> DictConfig:
 
 
 def resolve_mode(entry: dict, app_cfg: DictConfig, root: Path, where: str) -> Mode | None:
-    """Build one mode from a modes-file ``entry``; None (with a log line) when a file or required key is missing.
+    """Build one mode from a modes-file ``entry``; None (with a log line) when a file, a required key or a weight
+    file is missing; ModeError for a malformed entry or invalid ``inference.*`` settings (naming the key).
 
     Order: ``defaults`` fill in what ``app_cfg`` lacks, then ``preset`` and ``set`` replace keys.
     """
@@ -91,8 +94,17 @@ def resolve_mode(entry: dict, app_cfg: DictConfig, root: Path, where: str) -> Mo
         cfg = OmegaConf.merge(cfg, _preset_overrides(root / entry["preset"]))
     for key, value in (entry.get("set") or {}).items():
         OmegaConf.update(cfg, key, value, merge=False)
+    try:
+        InferenceSettings.from_config(cfg)
+    except InferenceSettingsError as err:
+        raise ModeError(f"{where} ({label}): {err}") from None
     mode = Mode(label, importlib.import_module(entry["script"]), cfg, dict(entry.get("sliders") or {}))
-    absent = [path for path in mode.weight_paths.values() if not Path(path).is_file()]  # cwd-relative, as scripts
+    try:
+        weight_paths = mode.weight_paths
+    except InferenceSettingsError as err:  # a weight file not named
+        log.warning("mode '%s' left out: %s", label, err)
+        return None
+    absent = [path for path in weight_paths.values() if not Path(path).is_file()]  # cwd-relative, as scripts
     if absent:
         log.warning("mode '%s' left out: weight file %s not found", label, absent[0])
         return None
@@ -121,10 +133,9 @@ class RunnerCache:
 
     @staticmethod
     def key(cfg: DictConfig) -> str:
-        inf = cfg.inference
+        inf = InferenceSettings.from_config(cfg)
         return OmegaConf.to_yaml({"model": cfg.model, "weights": [str(inf.sd_path), str(inf.controlnet_path)],
-                                  "device": str(inf.get("device", "auto")),
-                                  "precision": str(inf.get("precision", "auto"))})
+                                  "device": inf.device, "precision": inf.precision})
 
     def get(self, cfg: DictConfig) -> tuple[DiffusionRunner, threading.Lock]:
         """The runner (loaded on first use) and its lock for ``cfg``'s model; the caller configures it under the

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Hashable
 
@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from sampler.registry import make_sampler
 from sampler.spaced import make_spaced_schedule
-from utils.batching import group_batches, inference_batch_size, stack_conditions
+from utils.batching import group_batches, stack_conditions
 from utils.checkpoint import WEIGHTS_HELP, load_state_dict
 from utils.common import choose_dtype, instantiate_from_config, load_config
 from utils.distributed import init_processes, process_device
 from utils.image_io import ImageReadError, image_hw, list_images, load_rgb01, resize01, save_png01
-from utils.memory import max_memory_gb
+from utils.inference_settings import InferenceSettings, InferenceSettingsError
 from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 
 log = logging.getLogger("hcdyc")
@@ -112,11 +112,22 @@ def from_model_output(out01: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return x.clamp(0, 1)[0]
 
 
-def _flag(inf: DictConfig, key: str, default: bool) -> bool:
-    value = inf.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"inference.{key} must be true or false, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class SamplingStart:
+    """What a sampler needs for B images of one padded size Hp×Wp (:meth:`DiffusionRunner.start_batch`).
+
+    inputs: (B,3,Hp,Wp) padded model inputs in ~[0,1] (the bicubic upscale may overshoot slightly), the AccSamp
+    hazy image; geoms: B :class:`Geometry` plans, to crop/resize the results back; cond: the condition dict of
+    :meth:`model.cldm.ControlLDM.prepare_condition`, tensors stacked along the batch (c_txt (B,77,D), c_img
+    (B,4,Hp/8,Wp/8) scaled latent, ...); generators: B generators, image b's noise comes from generator b alone;
+    x_T: (B,4,Hp/8,Wp/8) standard normal initial latent, row b drawn from generators[b].
+    """
+
+    inputs: torch.Tensor
+    geoms: list[Geometry]
+    cond: dict
+    generators: list[torch.Generator]
+    x_T: torch.Tensor
 
 
 class DiffusionRunner:
@@ -130,25 +141,24 @@ class DiffusionRunner:
     ``torch.compile`` (the first step of each new latent size compiles, which takes minutes).
     """
 
-    def __init__(self, cfg: DictConfig, controlnet_key: str = "controlnet_path"):
-        inf = cfg.inference
-        inference_batch_size(inf)
-        channels_last, compile_denoiser = _flag(inf, "channels_last", True), _flag(inf, "compile", False)
-        self.device = process_device(inf.get("device", "auto"))
-        self.dtype = choose_dtype(inf.get("precision", "auto"), self.device)
+    def __init__(self, cfg: DictConfig):
+        inf = InferenceSettings.from_config(cfg)
+        inf.weight_paths()  # InferenceSettingsError unless both weight files are named
+        self.device = process_device(inf.device)
+        self.dtype = choose_dtype(inf.precision, self.device)
         self.model = instantiate_from_config(cfg.model.cldm)
         self.diffusion = instantiate_from_config(cfg.model.diffusion)
         unused, missing = self.model.load_pretrained_sd(load_state_dict(inf.sd_path))
         if missing:
             raise RuntimeError(f"{inf.sd_path} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:3]}")
-        skipped = self.model.load_controlnet_from_ckpt(load_state_dict(inf[controlnet_key]))
+        skipped = self.model.load_controlnet_from_ckpt(load_state_dict(inf.controlnet_path))
         if skipped:
             log.info("published ControlNet loaded; %d new extension tensors keep their init", len(skipped))
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
-        self.model.set_channels_last(channels_last)
-        if compile_denoiser:
+        self.model.set_channels_last(inf.channels_last)
+        if inf.compile:
             self.model.unet.compile()
             self.model.controlnet.compile()
         self.configure(cfg)
@@ -157,14 +167,14 @@ class DiffusionRunner:
         """Adopt the per-run settings of ``cfg`` (steps, tiling, prompt ...) for the loaded model; app.py calls this
         between runs with another mode's or slider's settings (same model section and weights)."""
         self.cfg = cfg
-        inf = cfg.inference
-        self.sample = make_sampler(str(inf.get("sampler", "spaced")), float(inf.get("eta", 0.0)))
-        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.get("steps", 50))
+        self.settings = inf = InferenceSettings.from_config(cfg, len(self.diffusion.alphas_cumprod_np))
+        self.sample = make_sampler(inf.sampler, inf.eta)
+        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.steps)
         self.parameterization = self.diffusion.parameterization
-        self.tiled = inf.get("tiled", "auto")
-        self.tile_threshold = int(inf.get("tile_threshold", 1536))
-        self.latent_tile = (int(inf.get("latent_tile_size", 64)), int(inf.get("latent_tile_stride", 32)))
-        self.vae_tile = (int(inf.get("vae_tile_size", 512)), int(inf.get("vae_tile_stride", 448)))
+        self.tiled = inf.tiled
+        self.tile_threshold = inf.tile_threshold
+        self.latent_tile = (inf.latent_tile_size, inf.latent_tile_stride)
+        self.vae_tile = (inf.vae_tile_size, inf.vae_tile_stride)
 
     def use_tiles(self, hw: tuple[int, int]) -> bool:
         if self.tiled == "auto":
@@ -205,16 +215,16 @@ class DiffusionRunner:
         for the text processor's modulation.
         """
         infos = None
-        if self.cfg.inference.get("dynamic_prompt", False) or self.model.text_processor is not None:
+        if self.settings.dynamic_prompt or self.model.text_processor is not None:
             from utils.fog import analyze_fog
 
             infos = analyze_fog(img01[None].to(self.device))
-        if self.cfg.inference.get("dynamic_prompt", False):
+        if self.settings.dynamic_prompt:
             from utils.prompts import prompts_from_infos
 
             prompt = prompts_from_infos(infos, stage, None)[0]
         else:
-            prompt = str(self.cfg.inference.prompt)
+            prompt = str(self.settings.prompt)
         fog_feats = None
         if self.model.text_processor is not None:
             from utils.fog import fog_features
@@ -227,9 +237,8 @@ class DiffusionRunner:
     def geometry(self, h: int, w: int) -> Geometry:
         """The resize/pad plan of an (h, w) image: ``inference.min_short_side`` (published: 512) and
         ``inference.pad_multiple`` (64) set it."""
-        inf = self.cfg.inference
-        return plan_geometry(h, w, min_short=int(inf.get("min_short_side", 512)),
-                             multiple=int(inf.get("pad_multiple", 64)), max_pixels=inf.get("max_pixels"))
+        inf = self.settings
+        return plan_geometry(h, w, min_short=inf.min_short_side, multiple=inf.pad_multiple, max_pixels=inf.max_pixels)
 
     def batch_key(self, path: Path) -> tuple[int, int] | None:
         """Padded size of the image file (from its header): images with equal keys can be sampled together."""
@@ -244,22 +253,39 @@ class DiffusionRunner:
         geom = self.geometry(*img01.shape[-2:])
         return to_model_input(img01, geom).to(self.device), geom
 
-    def start(self, img01: torch.Tensor, stage: int, seed: int) -> tuple[torch.Tensor, Geometry, dict,
-                                                                    torch.Generator, torch.Tensor]:
-        """Everything a sampler needs for one image: padded input (1,3,Hp,Wp) in ~[0,1], geometry, condition,
-        a generator seeded with ``seed`` and the initial noise x_T (1,4,Hp/8,Wp/8) drawn from it."""
-        inp, geom = self.prepare(img01)
-        cond = self.condition(inp, img01, stage)
-        gen = self.generator(seed)
-        return inp, geom, cond, gen, self.initial_noise((1, 4, inp.shape[-2] // 8, inp.shape[-1] // 8), gen)
+    def start(self, img01: torch.Tensor, stage: int, seed: int, fog01: torch.Tensor | None = None) -> SamplingStart:
+        """Everything a sampler needs for one image (a :class:`SamplingStart` of batch 1): its padded input,
+        geometry, condition, and the initial noise from a generator seeded with ``seed``.
 
-    def start_batch(self, images01: list[torch.Tensor], stage: int, seed: int) -> tuple[
-            torch.Tensor, list[Geometry], dict, list[torch.Generator], torch.Tensor]:
-        """:meth:`start` for images of equal padded size, stacked along the batch: inputs (B,3,Hp,Wp), geometries,
-        condition, one generator per image (each seeded with ``seed``, as when sampled alone) and x_T (B,4,h,w)."""
-        starts = [self.start(img01, stage, seed) for img01 in images01]
-        inputs, geoms, conds, gens, noises = zip(*starts)
-        return torch.cat(inputs), list(geoms), stack_conditions(conds), list(gens), torch.cat(noises)
+        img01: (3,H,W) in [0,1]; fog01: the image the fog analyser describes for dynamic prompts / the text
+        processor, (3,H',W') in [0,1] (default ``img01``; HazeGen passes a hazy reference photo).
+        """
+        inp, geom = self.prepare(img01)
+        cond = self.condition(inp, img01 if fog01 is None else fog01, stage)
+        return SamplingStart(inp, [geom], cond, *self._seeded_noise(inp, seed))
+
+    def start_batch(self, images01: list[torch.Tensor], stage: int, seed: int,
+                    fog01: list[torch.Tensor] | None = None) -> SamplingStart:
+        """:meth:`start` for B images of equal padded size, stacked along the batch; every image gets its own
+        generator seeded with ``seed``, so it gets the noise it gets when sampled alone. ``fog01``: one fog image per
+        input, or None."""
+        starts = [self.start(img01, stage, seed, None if fog01 is None else fog01[b])
+                  for b, img01 in enumerate(images01)]
+        return SamplingStart(torch.cat([s.inputs for s in starts]), [s.geoms[0] for s in starts],
+                             stack_conditions([s.cond for s in starts]), [s.generators[0] for s in starts],
+                             torch.cat([s.x_T for s in starts]))
+
+    def reseed(self, start: SamplingStart, seed: int) -> SamplingStart:
+        """``start`` with fresh generators, one per image seeded with ``seed``, and the x_T drawn from them
+        (HazeGen's variant k reuses the condition of variant 0 with seed + k)."""
+        gens, x_T = self._seeded_noise(start.inputs, seed)
+        return replace(start, generators=gens, x_T=x_T)
+
+    def _seeded_noise(self, inputs: torch.Tensor, seed: int) -> tuple[list[torch.Generator], torch.Tensor]:
+        """For inputs (B,3,Hp,Wp): B generators seeded with ``seed`` and x_T (B,4,Hp/8,Wp/8), row b from generator b."""
+        gens = [self.generator(seed) for _ in range(inputs.shape[0])]
+        latent_shape = (1, 4, inputs.shape[-2] // 8, inputs.shape[-1] // 8)
+        return gens, torch.cat([self.initial_noise(latent_shape, gen) for gen in gens])
 
     def finish(self, z: torch.Tensor, geom: Geometry) -> torch.Tensor:
         """Final latent (1,4,h,w) -> (3,H,W) image in [0,1] at the original size."""
@@ -283,8 +309,6 @@ Batch = list[tuple[torch.Tensor, str]]
 Process = Callable[..., dict[str, torch.Tensor]]
 """A script's batch function: process(batch, callback=None) -> {file name: (C,H,W) in [0,1]} for every image of the
 batch; callback(info) receives the sampler's per-step dict ({"step", "index", "t", "x", "x0"})."""
-WEIGHT_KEYS = ("sd_path", "controlnet_path")
-"""inference.* weight files of every diffusion script."""
 
 
 @dataclass
@@ -347,8 +371,11 @@ def run_folder(cfg: DictConfig, process: Callable[[Batch], dict[str, torch.Tenso
     main process prints one summary of all processes. Returns the exit status (1 if any image failed anywhere).
     """
     info = init_processes()
-    batch_size = inference_batch_size(cfg.inference)
-    src, dst = Path(cfg.inference.image_folder), Path(cfg.inference.result_folder)
+    inf = InferenceSettings.from_config(cfg)
+    if inf.image_folder is None or inf.result_folder is None:
+        log.error("inference.image_folder and inference.result_folder are required")
+        return 2
+    batch_size, src, dst = inf.batch_size, Path(inf.image_folder), Path(inf.result_folder)
     if not src.is_dir():
         log.error("inference.image_folder does not exist: %s", src)
         return 2
@@ -402,23 +429,30 @@ def run_script(cfg: DictConfig, args: argparse.Namespace, make_process: Callable
                output_names: Callable[[DictConfig], Callable[[str], list[str]]], desc: str) -> int:
     """A diffusion script's ``run``: check the weight files, load the model once, run its batch function
     ``make_process(cfg, runner, show_steps)`` over the folder. Returns the exit status."""
-    check_weights({key: cfg.inference[key] for key in WEIGHT_KEYS})
-    try:
-        max_memory_gb(cfg)
-    except ValueError as err:
-        log.error("%s", err)
-        return EXIT_BAD_CONFIG
+    check_weights(InferenceSettings.from_config(cfg).weight_paths())
     runner = DiffusionRunner(cfg)
     return run_folder(cfg, make_process(cfg, runner, args.show_steps), output_names(cfg), args.skip_existing, desc,
                       runner.batch_key)
 
 
-def main_wrapper(fn: Callable[[DictConfig, argparse.Namespace], int], description: str, default_config: str) -> None:
-    """Parse arguments, load the config, join the ``accelerate launch`` processes (only the main one logs INFO)
-    and exit with ``fn``'s status."""
+def main_wrapper(fn: Callable[[DictConfig, argparse.Namespace], int], description: str, default_config: str,
+                 script: str) -> None:
+    """Parse arguments, load the config, check the ``inference.*`` settings for ``script`` (a key of
+    utils.inference_settings.SCRIPT_KEYS; a bad one exits 2 with one line naming the key, before any weight file
+    is looked for), join the ``accelerate launch`` processes (only the main one logs INFO) and exit with ``fn``'s
+    status."""
     setup_logging()
     args = parse_args(description, default_config)
     cfg = load_config(args.config, args.set)
+    try:
+        InferenceSettings.from_config(cfg).check_script(script)
+    except InferenceSettingsError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_BAD_CONFIG)
     if not init_processes().is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    ignored = InferenceSettings.ignored_keys(cfg, script)
+    if ignored:
+        log.info("%s.py does not use inference.%s (keys of the other scripts); ignored", script,
+                 ", inference.".join(ignored))
     sys.exit(fn(cfg, args))
