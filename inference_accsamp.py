@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from sampler.accsamp import sample_accsamp
-from utils.align import align_op
+from sampler.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import DCPTransmission
 from utils.inference_settings import InferenceSettings

@@ -1,9 +1,9 @@
 """HazeGen (stage 1): turn every clean image of a folder into ``num_samples`` realistic hazy variants.
 
 Blended sampling (published): prompt "hazy, foggy, misty, obscure, smoggy."; the unconditional branch uses the same
-text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85.
-With YCbCr fusion the unconditional branch also gets the YCbCr features of an all-zero image, as the unconditional
-(real-photo) training samples do.
+text with an all-zero condition latent, mixed as ``uncond + w·(cond − uncond)`` with ``inference.w`` = 0.85. That
+branch is the model's one rule (``ControlLDM.image_condition``), also applied to the unconditional (real-photo)
+training samples: with YCbCr fusion it gets the YCbCr features of an all-zero image.
 Outputs are ``<stem>_<k>.png`` (k = 0..num_samples−1), the names the stage-2 paired dataset reads.
 
 HCD-YC dynamic prompts / text processor: training analyses the hazy *target*, which inference does not have, so
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from utils.image_io import list_images, load_rgb01
 from utils.inference_settings import InferenceSettings
 from utils.memory import memory_check
+from utils.model_builder import text_processor_on
 from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, SamplingStart, log, main_wrapper,
                             run_script)
 
@@ -33,7 +34,7 @@ from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, Sa
 def fog_references(cfg: DictConfig) -> list[Path]:
     """Hazy reference photos for fog analysis; empty when neither dynamic prompts nor a text processor is on."""
     inf = InferenceSettings.from_config(cfg)
-    if not (inf.dynamic_prompt or cfg.model.cldm.params.get("text_processor_cfg")):
+    if not (inf.dynamic_prompt or text_processor_on(cfg.model)):
         return []
     folder = inf.fog_reference_folder
     references = list_images(folder) if folder and Path(folder).is_dir() else []
@@ -67,11 +68,9 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
         return runner.start_batch([img01 for img01, _ in batch], stage=1, seed=inf.seed + k, fog01=fog01)
 
     def unconditional(start: SamplingStart) -> dict:
-        """The condition with an all-zero condition latent (and the YCbCr features of an all-zero image)."""
-        uncond = {**start.cond, "c_img": torch.zeros_like(start.cond["c_img"])}
-        if "c_ycbcr" in start.cond:
-            uncond["c_ycbcr"] = runner.model.controlnet.ycbcr.encode(torch.zeros_like(start.inputs))
-        return uncond
+        """The model's unconditional branch (``ControlLDM.unconditional``: the same text, an all-zero condition
+        latent and, with YCbCr fusion, the features of an all-zero image)."""
+        return runner.model.unconditional(start.cond, start.inputs)
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.timing import sync  # noqa: E402
-from utils.align import align_op, align_op_reference, patch_grid  # noqa: E402
+from sampler.align import align_op, align_op_reference, patch_grid  # noqa: E402
 
 SIZES = {"512": (512, 512), "2K": (2048, 2048), "4K": (2160, 3840), "8K": (4320, 7680)}
 METHODS = {"fast": align_op, "reference": align_op_reference}

@@ -52,14 +52,15 @@ import torch  # noqa: E402
 
 from benchmarks.timing import sync, timed  # noqa: E402
 from sampler.accsamp import accsamp_steps, sample_accsamp  # noqa: E402
+from sampler.align import align_op  # noqa: E402
 from sampler.guidance import WeightedMSSSIMGuidance  # noqa: E402
 from sampler.pullback import LinearDecoderPullback  # noqa: E402
 from sampler.registry import SAMPLERS, make_sampler  # noqa: E402
 from sampler.spaced import make_spaced_schedule  # noqa: E402
-from utils.align import align_op  # noqa: E402
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
 from utils.dcp import estimate_transmission  # noqa: E402
 from utils.inference_settings import InferenceSettings  # noqa: E402
+from utils.model_builder import cldm_config  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
 FAST_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp_fast.yaml"
@@ -108,7 +109,7 @@ class Bench:
     def __init__(self, cfg, size: int, device: torch.device, dtype: torch.dtype):
         torch.manual_seed(0)
         self.cfg, self.device, self.size = cfg, device, size
-        self.model = instantiate_from_config(cfg.model.cldm).eval().to(device)
+        self.model = instantiate_from_config(cldm_config(cfg.model)).eval().to(device)
         if dtype != torch.float32:
             self.model.cast_denoiser(dtype)
         diffusion = instantiate_from_config(cfg.model.diffusion)

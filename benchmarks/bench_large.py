@@ -60,7 +60,7 @@ def write_inputs(work: Path, sizes: list[str]) -> None:
 
 
 def case_config(case: str, size: str, work: Path, args: argparse.Namespace):
-    cfg = OmegaConf.load(ROOT / CASES[case][1])
+    cfg = load_config(ROOT / CASES[case][1])
     cfg.model = OmegaConf.load(TINY).model
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([
         f"inference.sd_path={work / 'weights' / 'sd.ckpt'}",
@@ -96,13 +96,14 @@ def calibrate() -> None:
     coefficients. Prints them as one JSON line."""
     from utils.common import instantiate_from_config
     from utils.memory import MSSSIM_HALO, LiveTensorBytes
+    from utils.model_builder import cldm_config
     from utils.ssim import ms_ssim
     from utils.tiling import TiledDenoiser, tiled_vjp
 
     cfg = load_config(ROOT / "configs" / "inference" / "stage2_accsamp.yaml")
     meta = torch.device("meta")
     with meta:
-        model = instantiate_from_config(cfg.model.cldm).eval()
+        model = instantiate_from_config(cldm_config(cfg.model)).eval()
     model.cast_denoiser(torch.float16)
     vae_ch = int(cfg.model.cldm.params.vae_cfg.params.ddconfig.ch)
     unet_ch = int(cfg.model.cldm.params.unet_cfg.params.model_channels)

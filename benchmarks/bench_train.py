@@ -47,14 +47,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_case(case: str, full: bool, size: int, batch: int, device: torch.device, grad_ckpt: bool, crop: int | None):
     """(TrainingStep, optimizer, batch) for one case, random weights, on ``device``."""
-    from utils.common import instantiate_from_config
+    from utils.common import instantiate_from_config, load_config
     from utils.train_losses import ExtensionSettings, TrainingStep, build_cycle_loss, image_embedder_for
     from utils.trainer import model_config, set_gradient_checkpointing
 
     keys = dict(CASES[case])
     fusion = keys.pop("ycbcr", False)
     ext = ExtensionSettings(cycle_crop=crop, **keys)
-    cfg = OmegaConf.load(ROOT / "configs" / "train" / "stage2.yaml")
+    cfg = load_config(ROOT / "configs" / "train" / "stage2.yaml")
     if not full:
         cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(ROOT / "configs" / "tiny" / "model.yaml").model)
     cfg.model.cldm.params.controlnet_cfg.params.ycbcr_fusion = fusion

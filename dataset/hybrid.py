@@ -5,7 +5,8 @@ reference code: with probability p a synthetic pair (clean image from
 ``syn_folder/rgb_500``, its depth from ``syn_folder/depth_500/<stem>.npy``,
 hazed by the RIDCP degradation of ``dataset.degradation.degrade`` on the full
 image, then both cropped with one window); otherwise a random real hazy photo
-(URHI) with an all-zero condition, used for the unconditional branch.
+(URHI) with an all-zero condition and ``is_cond`` False, which selects the model's unconditional branch
+(``ControlLDM.image_condition``).
 """
 from __future__ import annotations
 

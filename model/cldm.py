@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from model.unet import GroupNorm32
+from model.unet import Conv2d, GroupNorm32
 from utils.checkpoint import CheckpointError, check_shapes
 from utils.common import instantiate_from_config
 
@@ -146,20 +146,45 @@ class ControlLDM(nn.Module):
 
     def prepare_condition(self, cond_img01: torch.Tensor, prompts: list[str],
                           fog_feats: torch.Tensor | None = None, c_img: torch.Tensor | None = None,
-                          process_text: bool = True) -> dict[str, Any]:
+                          process_text: bool = True, is_cond: torch.Tensor | None = None) -> dict[str, Any]:
         """cond_img01: (B,3,H,W) in [0,1]. Returns ``c_txt`` (B,77,D), ``c_img`` (B,4,H/8,W/8) and, with YCbCr
         fusion, ``c_ycbcr`` (per-level features computed once per image).
 
         ``c_img`` may be given precomputed (e.g. a tiled VAE encoding of a large image); otherwise it is the
-        posterior mode of ``vae_encode(cond_img01*2-1)``. ``process_text``: see :meth:`encode_text`.
+        posterior mode of ``vae_encode(cond_img01*2-1)``. ``process_text``: see :meth:`encode_text`. ``is_cond``:
+        (B,) bool; samples with False get the unconditional branch (:meth:`image_condition`).
         """
+        cond: dict[str, Any] = {"c_txt": self.encode_text(prompts, fog_feats, process_text)}
+        cond.update(self.image_condition(cond_img01, c_img, is_cond))
+        return cond
+
+    def image_condition(self, cond_img01: torch.Tensor, c_img: torch.Tensor | None = None,
+                        is_cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The image part of the condition: ``c_img`` (B,4,H/8,W/8) and, with YCbCr fusion, ``c_ycbcr``.
+
+        The one rule of the unconditional branch (published: the stage-1 real photos in training and the second
+        branch of the stage-1 sampler's blend): for samples whose ``is_cond`` (B,) bool is False the condition image
+        is all zero and the condition latent is zero (not the encoding of a black image); the YCbCr features are
+        those of the all-zero image. cond_img01: (B,3,H,W) in ~[0,1]; c_img: precomputed latent or None.
+        """
+        keep = None if is_cond is None else is_cond.to(cond_img01.device).view(-1, 1, 1, 1)
+        if keep is not None:
+            cond_img01 = torch.where(keep, cond_img01, torch.zeros((), dtype=cond_img01.dtype, device=keep.device))
         if c_img is None:
             with torch.no_grad():
                 c_img = self.vae_encode(cond_img01 * 2 - 1, sample=False)
-        cond: dict[str, Any] = {"c_txt": self.encode_text(prompts, fog_feats, process_text), "c_img": c_img}
+        if keep is not None:
+            c_img = c_img * keep.to(device=c_img.device, dtype=c_img.dtype)
+        out = {"c_img": c_img}
         if self.controlnet.ycbcr is not None:
-            cond["c_ycbcr"] = self.controlnet.ycbcr.encode(cond_img01)
-        return cond
+            out["c_ycbcr"] = self.controlnet.ycbcr.encode(cond_img01)
+        return out
+
+    def unconditional(self, cond: Mapping[str, Any], cond_img01: torch.Tensor) -> dict[str, Any]:
+        """The unconditional branch of a :meth:`prepare_condition` result for the condition images cond_img01
+        (B,3,H,W): the same text embedding, the image part of :meth:`image_condition` with every ``is_cond`` False."""
+        no_image = torch.zeros(cond_img01.shape[0], dtype=torch.bool, device=cond_img01.device)
+        return {**cond, **self.image_condition(cond_img01, torch.zeros_like(cond["c_img"]), no_image)}
 
     # ------------------------------------------------------------------ denoiser
     def forward(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
@@ -180,6 +205,15 @@ class ControlLDM(nn.Module):
         layout = torch.channels_last if enabled else torch.contiguous_format
         for module in (self.unet, self.controlnet):
             module.to(memory_format=layout)
+        return self
+
+    def set_weight_packing(self, enabled: bool) -> "ControlLDM":
+        """Let the UNet and ControlNet convolutions reuse oneDNN-packed weights in fp32 CPU inference
+        (``model.unet.Conv2d``); off frees the packed copies. No effect on CUDA or under autograd."""
+        for module in (self.unet, self.controlnet):
+            for sub in module.modules():
+                if isinstance(sub, Conv2d):
+                    sub.set_weight_packing(enabled)
         return self
 
     def cast_denoiser(self, dtype: torch.dtype) -> "ControlLDM":

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from model.unet import TimestepEmbedSequential, UNetEncoderMixin, zero_module
+from model.unet import Conv2d, TimestepEmbedSequential, UNetEncoderMixin, zero_module
 
 
 class ControlNet(nn.Module, UNetEncoderMixin):
@@ -37,10 +37,10 @@ class ControlNet(nn.Module, UNetEncoderMixin):
                                             num_res_blocks, channel_mult, num_heads, num_head_channels,
                                             transformer_depth, context_dim, dropout, use_checkpoint)
         self.zero_convs = nn.ModuleList(
-            [TimestepEmbedSequential(zero_module(nn.Conv2d(ch, ch, 1))) for ch in skip_channels]
+            [TimestepEmbedSequential(zero_module(Conv2d(ch, ch, 1))) for ch in skip_channels]
         )
         mid_ch = model_channels * channel_mult[-1]
-        self.middle_block_out = TimestepEmbedSequential(zero_module(nn.Conv2d(mid_ch, mid_ch, 1)))
+        self.middle_block_out = TimestepEmbedSequential(zero_module(Conv2d(mid_ch, mid_ch, 1)))
         self.ycbcr = None
         if ycbcr_fusion:
             from model.ycbcr import YCbCrFusion

@@ -89,8 +89,3 @@ class Diffusion(nn.Module):
         target = noise if self.parameterization == "eps" else self.get_v(x_start, noise, t)
         loss = F.mse_loss(model_out.float(), target.float())
         return {"x_noisy": x_noisy, "model_out": model_out, "target": target, "noise": noise, "loss": loss}
-
-    def p_losses(self, model: Callable, x_start: torch.Tensor, t: torch.Tensor, cond: dict,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error between ``model(z_t, t, cond)`` and eps (or v)."""
-        return self.training_outputs(model, x_start, t, cond, noise)["loss"]

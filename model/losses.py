@@ -11,7 +11,7 @@ diffusion noise-prediction loss only. These terms are added on top of it:
   hazy, compared in the hazy domain), with the same meaning in both stages; every term compares
   op(prediction) with op(ground truth) for one fixed operator op, so the ground truth is always a
   minimiser (0 at the ground truth, see :class:`HierarchicalCycleLoss`);
-* with per-region weights (sky / textured structure / smooth, ``utils.fog.region_labels``);
+* with per-region weights (sky / textured structure / smooth, ``utils.regions.region_labels``);
 * weighted per sample by the timestep (x̂0 is unreliable at high noise) and by haze density;
 * a symmetric InfoNCE loss aligning pooled text conditions with image embeddings, with
   negatives gathered across processes.
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.dcp import dark_channel, estimate_airlight
-from utils.fog import REGIONS, region_labels
 from utils.haze import fit_transmission, recover, rehaze
+from utils.regions import REGIONS, region_labels
 
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -89,7 +89,7 @@ def timestep_weight(
 
 
 def region_weight_map(labels: torch.Tensor, weights: Mapping[str, float]) -> torch.Tensor:
-    """Per-pixel weights from region labels: labels (B,1,H,W) int indexing ``utils.fog.REGIONS`` ->
+    """Per-pixel weights from region labels: labels (B,1,H,W) int indexing ``utils.regions.REGIONS`` ->
     (B,1,H,W) float32 with ``weights[name]`` on the pixels of region ``name`` (every region must be given)."""
     missing = [name for name in REGIONS if name not in weights]
     if missing:
@@ -300,7 +300,7 @@ class HierarchicalCycleLoss(nn.Module):
             stage 2: L(H(x̂), H(J))             stage 1: L(ŷ, I)
 
     with L(a, b) = λp·pixel(a, b; m) + λf·feature(a, b; m) + λs·semantic(a, b), m the region weight map
-    (``region_weights`` on ``utils.fog.region_labels(I, J, A)``), λ density-adapted by ``haze_density_weights`` when
+    (``region_weights`` on ``utils.regions.region_labels(I, J, A)``), λ density-adapted by ``haze_density_weights`` when
     rho is given. Both sides of every comparison go through the same fixed operator (t, A carry no gradient), so each
     term is >= 0 and exactly 0 at the ground truth (x̂ = J, ŷ = I): the ground truth is a minimiser of every term, for
     any (t, A), also when I is not exactly J t + A (1 - t) (RIDCP's gamma, noise and JPEG). The pixel terms are

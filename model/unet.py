@@ -25,6 +25,49 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that can reuse a copy of its weight pre-packed in oneDNN's blocked layout (CPU inference).
+
+    An eager fp32 CPU convolution reorders the dense weight into oneDNN's layout on every call. For the UNet's
+    wide, low-resolution convolutions (1280 channels on 4²–16² latent pixels) that reorder costs more than the
+    convolution itself. With ``pack_weights`` set (``ControlLDM.set_weight_packing``), calls on fp32 CPU tensors
+    that record no gradient run oneDNN's convolution on one packed copy, made on the first call for an input shape
+    and made again when the shape or the weight changes (new storage, or an in-place update of the weight). Same
+    kernel and values up to float rounding; the price is one more copy of the conv weights in memory. Any other
+    call (autograd, CUDA, other dtypes, ``torch.compile`` tracing) is the plain ``nn.Conv2d`` forward.
+    """
+
+    pack_weights = False
+    _packed: tuple[tuple[int, ...], torch.Tensor, int, torch.Tensor] | None = None  # shape, source, version, packed
+
+    def _packable(self, x: torch.Tensor) -> bool:
+        return (self.pack_weights and not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str)
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and torch.backends.mkldnn.is_available())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packable(x):
+            return super().forward(x)
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        weight = self.weight.detach()
+        cached = self._packed
+        # the cached source keeps its storage alive, so an equal data pointer means the same storage
+        if (cached is None or cached[0] != tuple(x.shape) or cached[1].data_ptr() != weight.data_ptr()
+                or cached[2] != weight._version):
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), *geometry,
+                                                                list(x.shape))
+            cached = self._packed = (tuple(x.shape), weight, weight._version, packed)
+        return torch.ops.mkldnn._convolution_pointwise(x, cached[3], self.bias, *geometry, "none", [], "")
+
+    def set_weight_packing(self, enabled: bool) -> None:
+        """Switch the packed path on or off; off also frees the packed copy."""
+        self.pack_weights = enabled
+        if not enabled:
+            self._packed = None
+
+
 def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
@@ -77,7 +120,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -88,7 +131,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -101,14 +144,14 @@ class ResBlock(TimestepBlock):
                  use_checkpoint: bool = False):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -219,7 +262,7 @@ class UNetEncoderMixin:
         time_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))]
         )
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
@@ -282,7 +325,7 @@ class UNetModel(nn.Module, UNetEncoderMixin):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(Conv2d(ch, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:

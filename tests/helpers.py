@@ -7,15 +7,17 @@ import torch
 from omegaconf import OmegaConf
 
 from model.cldm import SD_PREFIXES, ControlLDM
-from utils.common import instantiate_from_config
+from utils.common import instantiate_from_config, load_config
+from utils.model_builder import cldm_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "configs" / "tiny" / "model.yaml"
 
 
 def tiny_config(base: str = "configs/inference/stage2.yaml", **overrides):
-    """A published config with its ``model`` section replaced by the tiny model; dotlist-style overrides."""
-    cfg = OmegaConf.load(ROOT / base)
+    """A published config (its ``base:`` chain resolved) with its ``model`` section replaced by the tiny model;
+    dotlist-style overrides."""
+    cfg = load_config(ROOT / base)
     cfg.model = OmegaConf.load(TINY_MODEL).model
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
@@ -25,7 +27,7 @@ def tiny_config(base: str = "configs/inference/stage2.yaml", **overrides):
 def build_tiny(seed: int = 0, cfg=None) -> ControlLDM:
     torch.manual_seed(seed)
     cfg = cfg if cfg is not None else tiny_config()
-    return instantiate_from_config(cfg.model.cldm)
+    return instantiate_from_config(cldm_config(cfg.model))
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:

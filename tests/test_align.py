@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils.align import align_op, align_op_reference, patch_grid
+from sampler.align import align_op, align_op_reference, patch_grid
 
 SIZES = [(37, 37), (64, 64), (100, 100), (83, 121), (47, 47), (20, 50), (1, 1)]
 

@@ -3,16 +3,14 @@ import pytest
 import torch
 
 from utils.dcp import (
-    box_mean,
     dark_channel,
     dcp_dehaze,
     default_guided_radius,
     estimate_airlight,
     estimate_transmission,
-    guided_filter,
-    min_filter,
     transmission,
 )
+from utils.filters import box_mean, guided_filter, min_filter
 
 T_TRUE = 0.6
 A_TRUE = (0.9, 0.85, 0.8)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.fog import FOG_FEATURE_DIM, FOG_FEATURE_NAMES, analyze_fog, density_level, fog_features, sobel
-from utils.prompts import PUBLISHED_PROMPTS, build_prompt, dynamic_prompts, prompts_from_infos
+from utils.filters import sobel
+from utils.fog import FOG_FEATURE_DIM, FOG_FEATURE_NAMES, analyze_fog, density_level, fog_features
+from utils.prompts import PUBLISHED_PROMPTS, build_prompt, prompts_from_infos
 
 S = 96
 AIRLIGHT = torch.tensor([0.85, 0.88, 0.92]).view(1, 3, 1, 1)
@@ -164,7 +165,7 @@ def test_build_prompt_rejects_bad_input():
 def test_dynamic_prompts_follow_density():
     clean = colourful_scene(5)
     batch = torch.cat([haze(clean, const_t(0.0)), haze(clean, const_t(2.5))])
-    light, dense = dynamic_prompts(batch, stage=2, rng=None)
+    light, dense = prompts_from_infos(analyze_fog(batch), stage=2, rng=None)
     assert light.startswith("remove light haze")
     assert dense.startswith("remove dense fog")
 

@@ -24,7 +24,7 @@ from model.losses import (
 )
 from model.gaussian_diffusion import predict_x0
 from utils.dcp import dcp_dehaze
-from utils.fog import REGIONS, region_labels
+from utils.regions import REGIONS, region_labels
 from utils.haze import fit_transmission, recover, rehaze
 
 S = 32

@@ -97,7 +97,7 @@ def test_load_controlnet_from_unet_copies_and_zero_extends():
         assert torch.equal(model(x, t, cond), model.unet(x, t, cond["c_txt"]))
 
 
-def test_p_losses_backward_reaches_only_controlnet():
+def test_training_loss_backward_reaches_only_controlnet():
     model = build_tiny(seed=5)
     randomize_(model.unet, seed=6)
     randomize_(model.controlnet, seed=7)
@@ -106,7 +106,7 @@ def test_p_losses_backward_reaches_only_controlnet():
     diffusion = Diffusion()
     x, cond_img, t = _inputs(model)
     cond = model.prepare_condition(cond_img, ["a", "b"])
-    loss = diffusion.p_losses(model, x, t, cond)
+    loss = diffusion.training_outputs(model, x, t, cond)["loss"]
     loss.backward()
     for name in ("unet", "vae", "clip"):
         assert all(p.grad is None and not p.requires_grad for p in getattr(model, name).parameters()), name

@@ -23,10 +23,10 @@ from torchvision.transforms.functional import to_tensor
 from torchvision.utils import save_image
 
 from sampler.accsamp import sample_accsamp
+from sampler.align import align_op
 from sampler.spaced import sample_spaced
 from tests.helpers import ROOT, build_tiny, randomize_, write_release_checkpoints
 from tests.test_inference_e2e import make_config, run_script
-from utils.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import estimate_transmission
 from utils.pipeline import DiffusionRunner

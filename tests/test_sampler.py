@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from model.gaussian_diffusion import Diffusion
 from sampler.accsamp import accsamp_steps, sample_accsamp
+from sampler.align import align_op
 from sampler.guidance import GRADIENT_GAIN, WeightedMSSSIMGuidance
 from sampler.spaced import (guided_model_output, make_spaced_schedule, posterior_step, predict_x0,
                             sample_spaced, space_timesteps)
-from utils.align import align_op
 from utils.dcp import DCPTransmission, estimate_transmission
 from utils.ssim import ms_ssim
 from utils.tiling import tiled_vjp

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from benchmarks.solver_convergence import (MU, SD_ALPHAS_CUMPROD, empirical_order, exact_sample, gaussian_oracle,
                                            log_snr_uniform_schedule, solver_error, x_T_sample)
 from sampler.accsamp import sample_accsamp
+from sampler.align import align_op
 from sampler.ddim import ddim_sigma, sample_ddim
 from sampler.dpm_solver import half_log_snr, sample_dpmpp_2m
 from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.pullback import LinearDecoderPullback
 from sampler.registry import make_sampler
 from sampler.spaced import make_spaced_schedule, sample_spaced
-from utils.align import align_op
 from utils.dcp import estimate_transmission
 
 SOLVERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}

@@ -18,7 +18,7 @@ from tests.train_helpers import (launch, make_stage1_data, make_stage2_data, sin
 from utils.common import instantiate_from_config
 from utils.checkpoint import load_state_dict
 from utils.common import load_config
-from utils.fog import region_labels
+from utils.regions import region_labels
 from utils.haze import rehaze
 from utils.prompts import PUBLISHED_PROMPTS
 from utils.train_losses import ExtensionSettings, TrainingStep, build_cycle_loss, image_embedder_for

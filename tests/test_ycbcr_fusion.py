@@ -47,7 +47,7 @@ def test_gates_get_gradients_then_branch_and_fusion_train():
     _, fused, _ = _pair()
     x, cond01, t = _batch(1)
     diffusion = Diffusion()
-    loss = diffusion.p_losses(fused, x, t, fused.prepare_condition(cond01, ["a", "b"]))
+    loss = diffusion.training_outputs(fused, x, t, fused.prepare_condition(cond01, ["a", "b"]))["loss"]
     loss.backward()
     ycbcr = fused.controlnet.ycbcr
     gates = [m.gate for m in list(ycbcr.fusions.values()) + [ycbcr.middle]]
@@ -57,7 +57,7 @@ def test_gates_get_gradients_then_branch_and_fusion_train():
     with torch.no_grad():
         for g in gates:
             g.fill_(0.1)
-    loss = diffusion.p_losses(fused, x, t, fused.prepare_condition(cond01, ["a", "b"]))
+    loss = diffusion.training_outputs(fused, x, t, fused.prepare_condition(cond01, ["a", "b"]))["loss"]
     loss.backward()
     for name, p in ycbcr.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -37,7 +37,7 @@ Note that depth also changes t, so an outdoor scene whose depth grows towards th
 read as layered: the label describes the visible transmission pattern, not beta alone.
 
 Scene, from the DCP-restored image J = (I - A) / max(t, 0.1) + A (colours and edges that the
-haze hides) and from the hazy image's top quarter:
+haze hides) and from the hazy image's top quarter (the sky and edge masks: utils.regions):
 
     veg_frac  fraction of J pixels with HSV hue in [65, 170] deg, saturation >= 0.2, value >= 0.1;
     sky_frac  fraction of top-quarter pixels of I that are bright (Y >= 0.55), smooth
@@ -70,7 +70,9 @@ import torch.nn.functional as F
 
 from utils.color import rgb_to_ycbcr
 from utils.dcp import dark_channel, estimate_airlight, transmission
+from utils.filters import sobel
 from utils.haze import recover
+from utils.regions import edge_mask, sky_mask
 
 DENSITY_LEVELS = ("light", "moderate", "dense")
 HAZE_TYPES = ("uniform", "layered", "non-uniform")
@@ -102,13 +104,8 @@ _LIGHT_MAX, _MODERATE_MAX = 0.52, 0.76
 _LAYER_SPAN, _LAYER_SHARE = 0.15, 0.5
 _NONUNIFORM_STD, _GRAD_AGREE = 0.07, 0.2
 _GRAD_GRID = 8
-_EDGE_MAG = 0.05
-_SKY_SMOOTH = 0.02
-_SKY_WINDOW = 9
-_SKY_NEAR_A = 0.85
 _AXIS_TOL_DEG = 15.0
 _VEG_MIN, _SKY_INDOOR, _AXIS_MIN, _EDGE_URBAN = 0.2, 0.1, 0.4, 0.02
-_REGION_WINDOW, _REGION_EDGE_DENSITY = 9, 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,18 +121,6 @@ class FogInfo:
     def stats(self) -> dict[str, float]:
         """Feature vector as a name -> value dict (for logging)."""
         return dict(zip(FOG_FEATURE_NAMES, self.features.tolist()))
-
-
-def sobel(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sobel derivatives of a single-channel map y: (B,1,H,W) -> (gx, gy), each (B,1,H,W).
-
-    Kernels are divided by 8 so a step of height h gives a magnitude of h/2; replicate padding.
-    Differentiable.
-    """
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=y.dtype, device=y.device) / 8.0
-    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)
-    g = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), kernels)
-    return g[:, :1], g[:, 1:]
 
 
 def _hsv(img01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,29 +195,6 @@ def _gradient_agreement(t: torch.Tensor, luma: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 1e-12, (a * b).mean(dim=1) / den.clamp_min(1e-12), torch.zeros_like(den)).clamp(-1, 1)
 
 
-def sky_mask(hazy01: torch.Tensor, airlight: torch.Tensor) -> torch.Tensor:
-    """Sky pixels of the analyser (module docstring): bright (Y >= 0.55), smooth (Sobel luma magnitude < 0.02
-    everywhere in the 9x9 neighbourhood) and close to the airlight (min_c I_c / A_c >= 0.85).
-
-    hazy01: (B,3,H,W) in [0,1]; airlight: (B,3). Returns (B,1,H,W) bool over the whole image (the scene rule uses
-    its top quarter only).
-    """
-    luma = rgb_to_ycbcr(hazy01)[:, :1]
-    gx, gy = sobel(luma)
-    local_max = F.max_pool2d(torch.sqrt(gx**2 + gy**2), _SKY_WINDOW, stride=1, padding=_SKY_WINDOW // 2)
-    near_airlight = (hazy01 / airlight[:, :, None, None].clamp_min(1e-6)).amin(dim=1, keepdim=True) >= _SKY_NEAR_A
-    return (luma >= 0.55) & (local_max < _SKY_SMOOTH) & near_airlight
-
-
-def edge_mask(img01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Edge pixels (Sobel luma magnitude >= 0.05, i.e. a step of 0.1) of img01: (B,3,H,W) in [0,1].
-
-    Returns (edges (B,1,H,W) bool, gx, gy (B,1,H,W) Sobel derivatives of the BT.601 luma).
-    """
-    gx, gy = sobel(rgb_to_ycbcr(img01)[:, :1])
-    return torch.sqrt(gx**2 + gy**2) >= _EDGE_MAG, gx, gy
-
-
 def _scene_stats(hazy01: torch.Tensor, t: torch.Tensor, airlight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Colour / edge statistics for the scene rule (see module docstring), each (B,)."""
     restored = recover(hazy01, t, airlight, t_floor=0.1).clamp(0.0, 1.0)
@@ -254,28 +216,6 @@ def _scene_stats(hazy01: torch.Tensor, t: torch.Tensor, airlight: torch.Tensor) 
         "sky_fraction": _mean(sky.float()),
         "saturation": _mean(sat),
     }
-
-
-REGIONS = ("sky", "texture", "smooth")
-
-
-@torch.no_grad()
-def region_labels(hazy01: torch.Tensor, clean01: torch.Tensor, airlight: torch.Tensor,
-                  window: int = _REGION_WINDOW, min_edge_density: float = _REGION_EDGE_DENSITY) -> torch.Tensor:
-    """Per-pixel regions for the region-aware cycle loss: 0 sky, 1 textured structure, 2 smooth non-sky.
-
-    sky: :func:`sky_mask` of the hazy image (the analyser's rule, whole image); textured: not sky and the fraction of
-    :func:`edge_mask` pixels of the clean image in the ``window`` x ``window`` neighbourhood >= ``min_edge_density``
-    (edges of buildings, foliage, text); smooth: the rest (walls, road, water, haze-free flat areas).
-    hazy01, clean01: (B,3,H,W) in [0,1]; airlight: (B,3). Returns (B,1,H,W) int64 indexing ``REGIONS``.
-    """
-    sky = sky_mask(hazy01.float(), airlight.float())
-    edges = edge_mask(clean01.float())[0].float()
-    density = F.avg_pool2d(edges, window, stride=1, padding=window // 2, count_include_pad=False)
-    labels = torch.full_like(sky, 2, dtype=torch.long)
-    labels[density >= min_edge_density] = 1
-    labels[sky] = 0
-    return labels
 
 
 def density_level(rho: float) -> str:

@@ -112,6 +112,9 @@ class InferenceSettings:
     """Images of equal padded size sampled together (>= 1); each keeps its own seeded noise."""
     channels_last: bool = True
     """Store the UNet/ControlNet conv weights NHWC (outputs equal within float rounding)."""
+    pack_weights: bool = True
+    """fp32 CPU: UNet/ControlNet convolutions reuse oneDNN-packed weights (one more copy of the conv weights in memory;
+    outputs equal within float rounding)."""
     compile: bool = False
     """Wrap the UNet/ControlNet in torch.compile (each new latent size compiles first, which takes minutes)."""
 
@@ -194,7 +197,8 @@ class InferenceSettings:
 KEYS = tuple(f.name for f in dataclasses.fields(InferenceSettings))
 RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     ((*PATH_KEYS, "prompt"), lambda v: v is None or isinstance(v, str), "a string or null"),
-    (("dynamic_prompt", "save_intermediates", "save_transmission", "align_cover_border", "channels_last", "compile"),
+    (("dynamic_prompt", "save_intermediates", "save_transmission", "align_cover_border", "channels_last",
+      "pack_weights", "compile"),
      lambda v: isinstance(v, bool), "true or false"),
     (("steps", "num_samples", "min_short_side", "tile_threshold", "latent_tile_size", "latent_tile_stride",
       "batch_size", "guidance_every"), lambda v: _is_int(v) and v >= 1, "a positive integer"),
@@ -219,7 +223,7 @@ _FOLDER = frozenset({"image_folder", "result_folder", "device"})
 _DIFFUSION = _FOLDER | {
     *WEIGHT_KEYS, "prompt", "steps", "sampler", "eta", "seed", "precision", "min_short_side", "pad_multiple",
     "max_pixels", "tiled", "tile_threshold", "latent_tile_size", "latent_tile_stride", "vae_tile_size",
-    "vae_tile_stride", "dynamic_prompt", "batch_size", "channels_last", "compile", "max_memory_gb"}
+    "vae_tile_stride", "dynamic_prompt", "batch_size", "channels_last", "pack_weights", "compile", "max_memory_gb"}
 SCRIPT_KEYS: dict[str, frozenset[str]] = {
     "inference_dcp": _FOLDER | {"save_transmission"},
     "inference_stage2": _DIFFUSION,

@@ -84,9 +84,10 @@ class ModelSize:
     def from_config(cls, cfg: DictConfig, denoiser_dtype: torch.dtype) -> "ModelSize":
         """Count the parameters of the config's model on the meta device (nothing is allocated)."""
         from utils.common import instantiate_from_config
+        from utils.model_builder import cldm_config
 
         with torch.device("meta"):
-            model = instantiate_from_config(cfg.model.cldm)
+            model = instantiate_from_config(cldm_config(cfg.model))
         return cls.from_model(model, cfg, denoiser_dtype)
 
     @classmethod

@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 from sampler.registry import make_sampler
 from sampler.spaced import make_spaced_schedule
 from utils.batching import group_batches, stack_conditions
-from utils.checkpoint import WEIGHTS_HELP, load_state_dict
-from utils.common import choose_dtype, instantiate_from_config, load_config
+from utils.checkpoint import WEIGHTS_HELP
+from utils.common import choose_dtype, load_config
+from utils.conditioning import fog_aware_condition
 from utils.distributed import init_processes, process_device
 from utils.image_io import ImageReadError, image_hw, list_images, load_rgb01, resize01, save_png01
 from utils.inference_settings import InferenceSettings, InferenceSettingsError
+from utils.model_builder import build_model
 from utils.tiling import TiledDenoiser, tiled_apply, tiled_vjp
 
 log = logging.getLogger("hcdyc")
@@ -137,8 +139,10 @@ class DiffusionRunner:
     ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps.
 
     Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
-    true) stores the UNet/ControlNet conv weights NHWC; ``inference.compile`` (default false) wraps both in
-    ``torch.compile`` (the first step of each new latent size compiles, which takes minutes).
+    true) stores the UNet/ControlNet conv weights NHWC; ``inference.pack_weights`` (default true; fp32 CPU only)
+    lets their convolutions reuse oneDNN-packed weights (one more copy of the conv weights in memory);
+    ``inference.compile`` (default false) wraps both in ``torch.compile`` (the first step of each new latent size
+    compiles, which takes minutes).
     """
 
     def __init__(self, cfg: DictConfig):
@@ -146,18 +150,11 @@ class DiffusionRunner:
         inf.weight_paths()  # InferenceSettingsError unless both weight files are named
         self.device = process_device(inf.device)
         self.dtype = choose_dtype(inf.precision, self.device)
-        self.model = instantiate_from_config(cfg.model.cldm)
-        self.diffusion = instantiate_from_config(cfg.model.diffusion)
-        unused, missing = self.model.load_pretrained_sd(load_state_dict(inf.sd_path))
-        if missing:
-            raise RuntimeError(f"{inf.sd_path} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:3]}")
-        skipped = self.model.load_controlnet_from_ckpt(load_state_dict(inf.controlnet_path))
-        if skipped:
-            log.info("published ControlNet loaded; %d new extension tensors keep their init", len(skipped))
+        self.model, self.diffusion = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
-        self.model.set_channels_last(inf.channels_last)
+        self.model.set_channels_last(inf.channels_last).set_weight_packing(inf.pack_weights)
         if inf.compile:
             self.model.unet.compile()
             self.model.controlnet.compile()
@@ -214,25 +211,11 @@ class DiffusionRunner:
         image (3,H,W) in [0,1], analysed by the fog analyser for dynamic prompts (``inference.dynamic_prompt``) and
         for the text processor's modulation.
         """
-        infos = None
-        if self.settings.dynamic_prompt or self.model.text_processor is not None:
-            from utils.fog import analyze_fog
-
-            infos = analyze_fog(img01[None].to(self.device))
-        if self.settings.dynamic_prompt:
-            from utils.prompts import prompts_from_infos
-
-            prompt = prompts_from_infos(infos, stage, None)[0]
-        else:
-            prompt = str(self.settings.prompt)
-        fog_feats = None
-        if self.model.text_processor is not None:
-            from utils.fog import fog_features
-
-            fog_feats = fog_features(infos, device=self.device)
         with torch.no_grad():
-            return self.model.prepare_condition(cond01, [prompt] * cond01.shape[0], fog_feats,
-                                                c_img=self.encode(cond01 * 2 - 1))
+            return fog_aware_condition(self.model, cond01, img01[None].to(self.device),
+                                       [str(self.settings.prompt)] * cond01.shape[0], stage,
+                                       dynamic_prompt=self.settings.dynamic_prompt,
+                                       c_img=self.encode(cond01 * 2 - 1)).cond
 
     def geometry(self, h: int, w: int) -> Geometry:
         """The resize/pad plan of an (h, w) image: ``inference.min_short_side`` (published: 512) and

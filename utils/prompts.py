@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import random
 
-import torch
-
-from utils.fog import DENSITY_LEVELS, HAZE_TYPES, SCENES, FogInfo, analyze_fog
+from utils.fog import DENSITY_LEVELS, HAZE_TYPES, SCENES, FogInfo
 
 PUBLISHED_PROMPTS: dict[int, str] = {
     1: "hazy, foggy, misty, obscure, smoggy.",
@@ -82,12 +80,3 @@ def build_prompt(info: FogInfo, stage: int, rng: random.Random | None = None) ->
 def prompts_from_infos(infos: list[FogInfo], stage: int, rng: random.Random | None = None) -> list[str]:
     """One prompt per FogInfo, drawn in order from the same ``rng``."""
     return [build_prompt(info, stage, rng) for info in infos]
-
-
-def dynamic_prompts(img01: torch.Tensor, stage: int, rng: random.Random | None = None) -> list[str]:
-    """Analyse hazy images img01: (B,3,H,W) in [0,1] and return B prompts for ``stage``.
-
-    Stage 1 callers should pass hazy *targets* (the haze to generate), stage 2 the hazy inputs.
-    Use ``analyze_fog`` + ``prompts_from_infos`` directly when the fog features are also needed.
-    """
-    return prompts_from_infos(analyze_fog(img01), stage, rng)

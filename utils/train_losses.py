@@ -3,7 +3,7 @@
 Published ("Learning Hazing to Dehazing", CVPR 2025; DiffBIR-style ControlNet training), both stages:
 
     z0   = vae_encode(target_pm1)                     sampled posterior, frozen VAE
-    cond = prepare_condition(condition01, prompts)   c_img zeroed for unconditional samples (stage 1, real photos)
+    cond = prepare_condition(condition01, prompts)   unconditional branch where is_cond is False (stage-1 real photos)
     t ~ U{0..T-1},  eps ~ N(0, I),  loss = || eps_theta(z_t, t, cond) - eps ||^2
 
 HCD-YC extensions (issues 6, 10; none are in the paper), computed in the same step, with gradients:
@@ -51,8 +51,7 @@ from model.losses import (
     info_nce,
 )
 from model.text_processor import pooled
-from utils.fog import FogInfo, analyze_fog, fog_features
-from utils.prompts import prompts_from_infos
+from utils.conditioning import FogCondition, fog_aware_condition
 
 ALIGN_SKIP_REASON = ("text-image alignment loss skipped: all prompts of the micro-batch (all processes) are "
                      "identical, so InfoNCE has no negatives (enable train.use_dynamic_prompt; it starts at "
@@ -61,7 +60,11 @@ ALIGN_SKIP_REASON = ("text-image alignment loss skipped: all prompts of the micr
 
 @dataclass(frozen=True)
 class ExtensionSettings:
-    """The ``train.*`` keys of the HCD-YC extensions (all off by default: the published training)."""
+    """The ``train.*`` keys of the HCD-YC extensions (all off by default: the published training).
+
+    ``use_text_processor``: whether the model has a text processor to train; :func:`utils.trainer.split_settings`
+    sets it from the model switch ``model.cldm.params.text_processor`` (the design document's
+    ``train.use_text_processor: true`` is accepted too)."""
 
     cycle_weight: float = 0.0
     pixel_weight: float = 1.0
@@ -97,7 +100,7 @@ class ExtensionSettings:
 
     @property
     def region_weights(self) -> dict[str, float]:
-        """``train.region_*_weight`` keyed by :data:`utils.fog.REGIONS`."""
+        """``train.region_*_weight`` keyed by :data:`utils.regions.REGIONS`."""
         return {"sky": self.region_sky_weight, "texture": self.region_texture_weight,
                 "smooth": self.region_smooth_weight}
 
@@ -186,7 +189,8 @@ class TrainingStep(nn.Module):
         if ext.align_enabled and image_embedder is None:
             raise ValueError("text_align_weight > 0 needs an image_embedder")
         if ext.use_text_processor != (ldm.text_processor is not None):
-            raise ValueError("train.use_text_processor must match whether the model has a text_processor")
+            raise ValueError("ext.use_text_processor must match whether the model has a text_processor "
+                             "(model.cldm.params.text_processor)")
         self.controlnet = ldm.controlnet
         self.text_processor = ldm.text_processor
         self.image_embedder = image_embedder if ext.align_enabled else None
@@ -216,26 +220,16 @@ class TrainingStep(nn.Module):
         return self.text_processor is not None and step >= self.ext.text_processor_start
 
     def condition(self, batch: Mapping[str, Any], step: int, prompt_rng: random.Random | None = None
-                  ) -> tuple[dict[str, Any], list[str], list[FogInfo] | None]:
-        """Text/image condition of a batch -> (cond, prompts used, fog analysis of ``hazy_ref`` or None).
+                  ) -> FogCondition:
+        """Text/image condition of a batch (:func:`utils.conditioning.fog_aware_condition` of ``hazy_ref``) ->
+        (cond, prompts used, fog analysis of ``hazy_ref`` or None).
 
-        ``cond["c_img"]`` is zeroed for samples with ``is_cond`` False (published stage-1 unconditional branch).
+        Samples with ``is_cond`` False get the model's unconditional branch (published stage-1 real photos).
         """
-        prompts = list(batch["prompt"])
-        infos = analyze_fog(batch["hazy_ref"]) if self.needs_fog_analysis(step) else None
-        if self.uses_dynamic_prompts(step):
-            prompts = prompts_from_infos(infos, self.stage, prompt_rng)
-        cond01 = batch["condition"]
-        process = self.uses_text_processor(step)
-        fog_feats = fog_features(infos, cond01.device) if process else None
-        cond = self.ldm.prepare_condition(cond01, prompts, fog_feats, process_text=process)
-        mask = batch["is_cond"].to(device=cond["c_img"].device, dtype=cond["c_img"].dtype).view(-1, 1, 1, 1)
-        cond["c_img"] = cond["c_img"] * mask
-        return cond, prompts, infos
-
-    def needs_fog_analysis(self, step: int) -> bool:
-        """Whether this step needs the fog analysis (dynamic prompts, text processor or cycle density ρ)."""
-        return self.uses_dynamic_prompts(step) or self.uses_text_processor(step) or self.ext.cycle_enabled
+        return fog_aware_condition(self.ldm, batch["condition"], batch["hazy_ref"], batch["prompt"], self.stage,
+                                   dynamic_prompt=self.uses_dynamic_prompts(step),
+                                   process_text=self.uses_text_processor(step), analyse=self.ext.cycle_enabled,
+                                   prompt_rng=prompt_rng, is_cond=batch["is_cond"])
 
     def alignment_images(self, batch: Mapping[str, Any], pred01: torch.Tensor | None) -> torch.Tensor:
         """The image each prompt describes, (B,3,H,W) in [0,1], for the InfoNCE alignment.

@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dataset.checks import DataError
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
-from utils.checkpoint import WEIGHTS_HELP, load_state_dict, save_state_dict_atomic
+from utils.checkpoint import WEIGHTS_HELP, CheckpointError, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config, seed_everything
 from utils.distributed import launched_world_size, use_cpu_backend_if_needed
-from utils.fog import FOG_FEATURE_DIM
+from utils.model_builder import build_model as build_model_from_section
+from utils.model_builder import cldm_config, text_processor_on
 from utils.train_losses import (
     ALIGN_SKIP_REASON,
     ExtensionSettings,
@@ -152,7 +153,10 @@ def validate_lr_schedule(schedule: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- config
 def split_settings(cfg: DictConfig) -> tuple[TrainSettings, ExtensionSettings]:
-    """``cfg.train`` -> (loop settings, extension settings); unknown or missing keys raise TrainError."""
+    """``cfg.train`` -> (loop settings, extension settings); unknown or missing keys raise TrainError.
+
+    ``ext.use_text_processor`` is true when ``model.cldm.params.text_processor`` switches the processor on (or the
+    design document's ``train.use_text_processor`` does)."""
     for section in ("model", "dataset", "train"):
         if section not in cfg:
             raise TrainError(f"config has no '{section}' section")
@@ -170,27 +174,24 @@ def split_settings(cfg: DictConfig) -> tuple[TrainSettings, ExtensionSettings]:
     try:
         loop.validate()
         ext.validate()
+        if text_processor_on(cfg.model):
+            ext = dataclasses.replace(ext, use_text_processor=True)
     except ValueError as err:
         raise TrainError(str(err)) from None
     return loop, ext
 
 
-def model_config(cfg: DictConfig, ext: ExtensionSettings) -> DictConfig:
-    """``cfg.model.cldm`` with the text processor added when ``train.use_text_processor`` is set.
+def model_section(cfg: DictConfig, ext: ExtensionSettings) -> DictConfig:
+    """``cfg.model`` with the text processor switched on (``model.cldm.params.text_processor``) when
+    ``ext.use_text_processor``: the model switch itself, or the design document's ``train.use_text_processor``."""
+    if not ext.use_text_processor:
+        return cfg.model
+    return OmegaConf.merge(cfg.model, {"cldm": {"params": {"text_processor": True}}})
 
-    Added: ``text_processor_cfg`` = model.text_processor.TextConditionProcessor with dim = the UNet context width
-    and fog_feat_dim = utils.fog.FOG_FEATURE_DIM. A config that already names one keeps it.
-    """
-    cldm = OmegaConf.create(OmegaConf.to_container(cfg.model.cldm, resolve=True))
-    has_processor = bool(cldm.params.get("text_processor_cfg"))
-    if ext.use_text_processor and not has_processor:
-        cldm.params.text_processor_cfg = {
-            "target": "model.text_processor.TextConditionProcessor",
-            "params": {"dim": int(cldm.params.unet_cfg.params.context_dim), "fog_feat_dim": FOG_FEATURE_DIM},
-        }
-    elif has_processor and not ext.use_text_processor:
-        raise TrainError("model.cldm.params.text_processor_cfg is set but train.use_text_processor is false")
-    return cldm
+
+def model_config(cfg: DictConfig, ext: ExtensionSettings) -> DictConfig:
+    """The ControlLDM config that :func:`build_model` instantiates (:func:`utils.model_builder.cldm_config`)."""
+    return cldm_config(model_section(cfg, ext))
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -309,15 +310,14 @@ def set_gradient_checkpointing(ldm: ControlLDM, enabled: bool) -> int:
 
 
 def build_model(cfg: DictConfig, loop: TrainSettings, ext: ExtensionSettings) -> tuple[ControlLDM, Diffusion]:
-    """ControlLDM with SD weights from ``train.sd_path`` and the ControlNet initialised from the UNet."""
+    """ControlLDM (:func:`utils.model_builder.build_model`) with SD weights from ``train.sd_path``, the ControlNet
+    initialised from the UNet and ``train.gradient_checkpointing`` applied."""
     if not Path(loop.sd_path).is_file():
         raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
-    ldm: ControlLDM = instantiate_from_config(model_config(cfg, ext))
-    diffusion: Diffusion = instantiate_from_config(cfg.model.diffusion)
-    _, missing = ldm.load_pretrained_sd(load_state_dict(loop.sd_path))
-    if missing:
-        raise TrainError(f"train.sd_path {loop.sd_path} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:3]}")
-    ldm.load_controlnet_from_unet()
+    try:
+        ldm, diffusion = build_model_from_section(model_section(cfg, ext), loop.sd_path, sd_key="train.sd_path")
+    except CheckpointError as err:
+        raise TrainError(str(err)) from None
     set_gradient_checkpointing(ldm, loop.gradient_checkpointing)
     return ldm, diffusion
 
@@ -517,7 +517,8 @@ class Trainer:
         acc, loop, p = self.accelerator, self.loop, self.progress
         if acc.is_main_process:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
-            resolved = OmegaConf.merge(self.cfg, {"model": {"cldm": model_config(self.cfg, self.ext)},
+            resolved = OmegaConf.merge(self.cfg, {"model": model_section(self.cfg, self.ext),
+                                                  "train": {"use_text_processor": self.ext.use_text_processor},
                                                   "run": self.plan.as_dict()})
             OmegaConf.save(resolved, self.exp_dir / "config.yaml")
             log.info("stage %d: %s; %d samples", self.stage, self.plan.describe(), len(self.dataset))
