@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from utils.pipeline import DiffusionRunner
 
 # full-resolution bytes per padded pixel: the largest of the count from the code (48 / 64) and the measured growth of
-# peak RSS (bench_large.py, reduced model, CPU): stage 2 51.5 (1K→4K); AccSamp 55.4 (1K→4K), >= 68 (1K→8K)
+# peak RSS (bench_large.py, reduced model, CPU): stage 2 51.5 (1K→4K); AccSamp 55.4 (1K→4K), 68 (1K→8K)
 BYTES_PER_PIXEL = {"stage2": 52, "hazegen": 52, "accsamp": 68}
 # bytes per (output pixel · base channel) of one VAE decoder tile, without / with the backward pass (fp32); counted
 # 24.0 and 184.1 (the encoder's tile, 16.0, is never the largest)
