@@ -16,7 +16,7 @@ from sampler.align import align_op
 from utils.common import instantiate_from_config
 from utils.dcp import DCPTransmission
 from utils.inference_settings import InferenceSettings
-from utils.memory import ModelSize, TileSettings, check_fits, tiles_from_config
+from utils.memory import memory_check
 from utils.pipeline import Batch, DiffusionRunner, Process, from_model_output, main_wrapper, run_script
 
 
@@ -34,8 +34,7 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     inf = InferenceSettings.from_config(cfg)
-    limit_gb = inf.max_memory_gb
-    model_size = ModelSize.from_model(runner.model, cfg, runner.dtype) if limit_gb is not None else None
+    check_memory = memory_check(cfg, runner, "accsamp")
     guidance = instantiate_from_config(cfg.guidance) if cfg.get("guidance") else None
     align = partial(align_op, cover_border=inf.align_cover_border)
     transmission = partial(DCPTransmission, ties=inf.airlight_ties)
@@ -45,10 +44,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         start = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=inf.seed)
         x_T, geoms = start.x_T, start.geoms
-        if model_size is not None:
-            hw = (x_T.shape[-2] * 8, x_T.shape[-1] * 8)
-            tiles = tiles_from_config(cfg) if runner.use_tiles(hw) else TileSettings(max(hw), max(hw) // 8, max(hw))
-            check_fits(model_size, hw, "accsamp", tiles, limit_gb, batch=len(batch))
+        check_memory(x_T.shape[-2:], len(batch))
         z, extras = sample_accsamp(
             runner.denoiser(x_T.shape[-2:]), x_T, runner.schedule, start.cond, start.inputs, tau=inf.tau,
             omega=inf.omega, guidance=guidance, decode_fn=runner.decode, encode_fn=runner.encode,

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from utils.image_io import list_images, load_rgb01
 from utils.inference_settings import InferenceSettings
+from utils.memory import memory_check
 from utils.model_builder import text_processor_on
 from utils.pipeline import (EXIT_BAD_CONFIG, Batch, DiffusionRunner, Process, SamplingStart, log, main_wrapper,
                             run_script)
@@ -55,6 +56,7 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
     Exits with status 2 when dynamic prompts / the text processor lack their fog reference photos."""
     inf = InferenceSettings.from_config(cfg)
     references = fog_references(cfg)
+    check_memory = memory_check(cfg, runner, "hazegen")
 
     def start(batch: Batch, k: int, first: SamplingStart | None) -> SamplingStart:
         """Variant k of the batch: the condition (with fog references, of variant k's reference photo per image;
@@ -75,6 +77,8 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
         outputs, first = {}, None
         for k in range(inf.num_samples):
             variant = start(batch, k, first)
+            if first is None:
+                check_memory(variant.x_T.shape[-2:], len(batch))
             first = first or variant
             z = runner.sample(runner.denoiser(variant.x_T.shape[-2:]), variant.x_T, runner.schedule, variant.cond,
                               uncond=unconditional(variant), cfg_scale=inf.w, parameterization=runner.parameterization,

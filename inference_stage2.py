@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from utils.inference_settings import InferenceSettings
+from utils.memory import memory_check
 from utils.pipeline import Batch, DiffusionRunner, Process, main_wrapper, run_script
 
 
@@ -23,10 +24,12 @@ def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
 def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = False) -> Process:
     """The batch function of this script (also what app.py runs): ``process(batch, callback)``."""
     seed = InferenceSettings.from_config(cfg).seed
+    check_memory = memory_check(cfg, runner, "stage2")
 
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         start = runner.start_batch([img01 for img01, _ in batch], stage=2, seed=seed)
+        check_memory(start.x_T.shape[-2:], len(batch))
         z = runner.sample(runner.denoiser(start.x_T.shape[-2:]), start.x_T, runner.schedule, start.cond,
                           cfg_scale=1.0, parameterization=runner.parameterization, callback=callback,
                           generator=start.generators, disable=not show_steps)

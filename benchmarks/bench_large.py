@@ -11,7 +11,7 @@ After the table it prints the AccSamp 4K/1K peak ratio and the computed budget o
 
 Usage: python benchmarks/bench_large.py [--device cpu|cuda] [--sizes 1K 2K 4K 8K] [--cases stage2 accsamp hazegen]
            [--steps 10] [--threads N] [--timeout-s S] [--gpu-gb 24]
-       python benchmarks/bench_large.py --device cuda --calibrate   # tile coefficients of utils.memory
+       python benchmarks/bench_large.py --calibrate   # count the tile coefficients of utils.memory (meta device)
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -45,12 +47,9 @@ TINY = ROOT / "configs" / "tiny" / "model.yaml"
 
 def write_inputs(work: Path, sizes: list[str]) -> None:
     """Reduced random model in the release formats (sd.ckpt, controlnet.pt) and one smooth image per size."""
-    from tests.helpers import build_tiny, randomize_, write_release_checkpoints
+    from tests.helpers import write_tiny_release_weights
 
-    model = build_tiny(seed=11)
-    randomize_(model.unet, seed=12, std=0.02)
-    randomize_(model.controlnet, seed=13, std=0.02)
-    write_release_checkpoints(model, work / "weights")
+    write_tiny_release_weights(work / "weights")
     rng = np.random.default_rng(0)
     for name in sizes:
         h, w = SIZES[name]
@@ -90,45 +89,59 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"status": status, "seconds": seconds, "peak_mb": peak_mb}))
 
 
-def calibrate(args: argparse.Namespace) -> None:
-    """Measure the tile working-set coefficients of utils.memory with the FULL-SIZE model (CUDA, random weights)."""
+def calibrate() -> None:
+    """Count the tile working sets of utils.memory for the FULL-SIZE model: peak live tensor bytes of the real code
+    (VAE encode/decode, the guidance's tiled decoder VJP, one denoiser tile in fp16, one MS-SSIM gradient crop) on the
+    meta device (``utils.memory.LiveTensorBytes``; nothing is allocated or computed), divided by the units of the
+    coefficients. Prints them as one JSON line."""
     from utils.common import instantiate_from_config
+    from utils.memory import MSSSIM_HALO, LiveTensorBytes
+    from utils.model_builder import cldm_config
     from utils.ssim import ms_ssim
+    from utils.tiling import TiledDenoiser, tiled_vjp
 
-    device = torch.device(args.device)
     cfg = load_config(ROOT / "configs" / "inference" / "stage2_accsamp.yaml")
-    model = instantiate_from_config(cfg.model.cldm).eval().to(device)
+    meta = torch.device("meta")
+    with meta:
+        model = instantiate_from_config(cldm_config(cfg.model)).eval()
     model.cast_denoiser(torch.float16)
     vae_ch = int(cfg.model.cldm.params.vae_cfg.params.ddconfig.ch)
     unet_ch = int(cfg.model.cldm.params.unet_cfg.params.model_channels)
 
-    def working_set(fn) -> float:
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - base)
+    def peak(fn: Callable[[], object]) -> float:
+        with LiveTensorBytes() as count:
+            fn()
+        return float(count.peak)
 
-    z = torch.randn(1, 4, 64, 64, device=device)
-
-    def vjp() -> None:
-        leaf = z.clone().requires_grad_(True)
-        torch.autograd.grad(model.vae_decode(leaf), leaf, grad_outputs=torch.ones(1, 3, 512, 512, device=device))
-
-    cond = {"c_txt": torch.randn(1, 77, 1024, device=device), "c_img": torch.randn(1, 4, 64, 64, device=device)}
-    t = torch.full((1,), 500, device=device, dtype=torch.long)
-    crop = torch.rand(1, 3, 672, 672, device=device)
+    z = torch.randn(1, 4, 64, 64, device=meta)
+    img = torch.randn(1, 3, 512, 512, device=meta)
+    cond = {"c_txt": torch.randn(1, 77, 1024, device=meta), "c_img": torch.randn(1, 4, 64, 64, device=meta)}
+    t = torch.full((1,), 500, device=meta, dtype=torch.long)
+    side = 512 + MSSSIM_HALO
+    crop = torch.rand(1, 3, side, side, device=meta)
 
     def msssim() -> None:
         leaf = crop.clone().requires_grad_(True)
-        torch.autograd.grad(ms_ssim(leaf, crop.flip(-1), normalize=True).sum(), leaf)
+        torch.autograd.grad(ms_ssim(leaf, crop, normalize=True).sum(), leaf)
+
+    def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """What a fused CUDA attention kernel (flash / memory-efficient) allocates: the output and the fp32
+        log-sum-exp per query, no (Nq, Nk) matrix. On the meta device SDPA itself runs its math decomposition."""
+        torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        return torch.empty_like(q)
 
     with torch.no_grad():
-        dec = working_set(lambda: model.vae_decode(z))
-        den = working_set(lambda: model(z, t, cond))
-    print(json.dumps({"VAE_DECODE_COEF": dec / (vae_ch * 512 ** 2), "VAE_VJP_COEF": working_set(vjp) / (vae_ch * 512 ** 2),
-                      "DENOISER_COEF": den / (unet_ch * 64 ** 2 * 2), "MSSSIM_COEF": working_set(msssim) / 672 ** 2}))
+        encode = peak(lambda: model.vae_encode(img, sample=False))
+        decode = peak(lambda: model.vae_decode(z))
+        denoise_math = peak(lambda: TiledDenoiser(model, 64, 32)(z, t, cond))
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fused_attention):
+            denoise = peak(lambda: TiledDenoiser(model, 64, 32)(z, t, cond))
+    vjp = peak(lambda: tiled_vjp(model.vae_decode, z, img, 64, 56, 8))
+    unit, latent_unit = vae_ch * 512 ** 2, unet_ch * 64 ** 2 * 2
+    print(json.dumps({"VAE_ENCODE_COEF": encode / unit, "VAE_DECODE_COEF": decode / unit, "VAE_VJP_COEF": vjp / unit,
+                      "DENOISER_COEF": denoise / latent_unit,
+                      "DENOISER_MATH_ATTENTION_COEF": denoise_math / latent_unit,
+                      "MSSSIM_COEF": peak(msssim) / side ** 2}))
 
 
 def spawn(case: str, size: str, work: Path, args: argparse.Namespace) -> dict | str:
@@ -154,7 +167,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per case")
     parser.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory for the full-size budget")
     parser.add_argument("--calibrate", action="store_true",
-                        help="measure the utils.memory tile coefficients with the full-size model (CUDA) and exit")
+                        help="count the utils.memory tile coefficients of the full-size model (meta device) and exit")
     parser.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -165,7 +178,7 @@ def main() -> None:
         worker(args)
         return
     if args.calibrate:
-        calibrate(args)
+        calibrate()
         return
     device = torch.device(args.device)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""

@@ -57,3 +57,11 @@ def write_release_checkpoints(model: ControlLDM, folder: Path, extra_sd_keys: bo
     torch.save({"state_dict": sd, "global_step": 1}, sd_path)
     torch.save(model.controlnet_state_dict(), cn_path)
     return sd_path, cn_path
+
+
+def write_tiny_release_weights(folder: Path) -> tuple[Path, Path]:
+    """The tiny model with random non-zero UNet/ControlNet weights (seeds 11-13) written in the release formats."""
+    model = build_tiny(seed=11)
+    randomize_(model.unet, seed=12, std=0.02)
+    randomize_(model.controlnet, seed=13, std=0.02)
+    return write_release_checkpoints(model, folder)

@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.helpers import ROOT, build_tiny, randomize_, tiny_config, write_release_checkpoints
+from tests.helpers import (ROOT, build_tiny, randomize_, tiny_config, write_release_checkpoints,
+                           write_tiny_release_weights)
 from utils.fog import FOG_FEATURE_DIM
 
 SCRIPTS = {
@@ -24,11 +25,7 @@ SCRIPTS = {
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    model = build_tiny(seed=11)
-    randomize_(model.unet, seed=12, std=0.02)
-    randomize_(model.controlnet, seed=13, std=0.02)
-    return write_release_checkpoints(model, folder)
+    return write_tiny_release_weights(tmp_path_factory.mktemp("weights"))
 
 
 def make_config(tmp_path: Path, which: str, weights, images: Path, results: Path, **extra) -> Path:

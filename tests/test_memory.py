@@ -1,10 +1,13 @@
 """Peak-memory estimate of tiled inference and the inference.max_memory_gb check (utils.memory)."""
 from __future__ import annotations
 
-import pytest
+import re
 
-from utils.memory import (BYTES_PER_PIXEL, MSSSIM_COEF, MSSSIM_HALO, VAE_VJP_COEF, ModelSize, TileSettings,
-                          check_fits, estimate_peak_gb, fitting_settings)
+import pytest
+import torch
+
+from utils.memory import (BYTES_PER_PIXEL, CANDIDATES, MSSSIM_COEF, MSSSIM_HALO, VAE_VJP_COEF, LiveTensorBytes,
+                          ModelSize, TileSettings, check_fits, estimate_peak_gb, fitting_settings, largest_pixels)
 
 FULL = ModelSize(weight_bytes=4_000_000_000, vae_channels=128, unet_channels=320, denoiser_element_bytes=2)
 EIGHT_K = (4352, 7680)
@@ -30,6 +33,36 @@ def test_check_names_settings_that_fit():
     with pytest.raises(ValueError) as err:
         check_fits(FULL, EIGHT_K, "accsamp", TileSettings(), limit_gb=8.0)
     msg = str(err.value)
-    assert "inference.max_memory_gb=8" in msg and "7680x4352" in msg and better.overrides() in msg
-    with pytest.raises(ValueError, match=r"no tile setting fits; .*inference.max_pixels=\d+"):
+    assert "inference.max_memory_gb=8" in msg and "7680x4352" in msg and better.overrides("accsamp") in msg
+    with pytest.raises(ValueError, match=r"no tile setting fits; .*inference.max_pixels=(\d+)") as err:
         check_fits(FULL, EIGHT_K, "accsamp", TileSettings(), limit_gb=5.0)
+    side = round(int(re.search(r"inference.max_pixels=(\d+)", str(err.value)).group(1)) ** 0.5)
+    assert side % 64 == 0 and side >= 1024  # the largest 64-multiple square that fits with the smallest tiles
+    assert estimate_peak_gb(FULL, (side, side), "accsamp", CANDIDATES[-1]) <= 5.0
+    assert estimate_peak_gb(FULL, (side + 64, side + 64), "accsamp", CANDIDATES[-1]) > 5.0
+
+
+def test_largest_pixels_is_where_the_estimate_reaches_the_limit():
+    tiles = TileSettings()
+    most = largest_pixels(FULL, "stage2", tiles, 24.0)
+    square = int(most ** 0.5)
+    assert estimate_peak_gb(FULL, (square, square), "stage2", tiles) <= 24.0 < estimate_peak_gb(
+        FULL, (square + 64, square + 64), "stage2", tiles)
+
+
+def test_live_tensor_bytes_counts_storages_while_alive():
+    meta = torch.device("meta")
+    before = torch.empty(10_000, device=meta)  # made outside: not counted
+    with LiveTensorBytes() as count:
+        a = torch.empty(1000, device=meta)  # 4000 B
+        b = torch.empty(500, dtype=torch.float16, device=meta)  # 1000 B
+        a[:10].add_(before[:10])  # a view and an in-place op: no new storage
+        del b
+        c = torch.empty(250, device=meta)  # 1000 B, after b was freed
+        assert count.live == 5000
+        grad_leaf = torch.empty(100, device=meta).requires_grad_(True)  # 400 B
+        (grad_leaf.exp() * 2).sum().backward()  # exp's output is kept for backward until the graph is freed
+    held = 4000 + 1000 + 400 + 400 + 400  # a, c, the leaf, exp's output (saved for backward), the product
+    assert held <= count.peak <= held + 4 + 2 * 400  # + the sum and at most two gradient temporaries
+    assert count.live == 4000 + 1000 + 400 + 400  # a, c, grad_leaf and its .grad
+    del a, c

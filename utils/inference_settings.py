@@ -106,7 +106,8 @@ class InferenceSettings:
     airlight_ties: str = "all"
     """AccSamp DCP airlight: all (every pixel tied at the top-0.1% cut, deterministic) or topk (published)."""
     max_memory_gb: float | None = None
-    """AccSamp: refuse an image whose estimated peak memory exceeds this many GB (> 0); null = no check."""
+    """Stage 2, AccSamp, HazeGen: refuse (naming tile settings that fit) an image whose estimated peak memory
+    (utils.memory) exceeds this many GB (> 0); null = no check."""
     batch_size: int = 1
     """Images of equal padded size sampled together (>= 1); each keeps its own seeded noise."""
     channels_last: bool = True
@@ -222,13 +223,13 @@ _FOLDER = frozenset({"image_folder", "result_folder", "device"})
 _DIFFUSION = _FOLDER | {
     *WEIGHT_KEYS, "prompt", "steps", "sampler", "eta", "seed", "precision", "min_short_side", "pad_multiple",
     "max_pixels", "tiled", "tile_threshold", "latent_tile_size", "latent_tile_stride", "vae_tile_size",
-    "vae_tile_stride", "dynamic_prompt", "batch_size", "channels_last", "pack_weights", "compile"}
+    "vae_tile_stride", "dynamic_prompt", "batch_size", "channels_last", "pack_weights", "compile", "max_memory_gb"}
 SCRIPT_KEYS: dict[str, frozenset[str]] = {
     "inference_dcp": _FOLDER | {"save_transmission"},
     "inference_stage2": _DIFFUSION,
     "inference_stage1": _DIFFUSION | {"w", "num_samples", "fog_reference_folder"},
     "inference_accsamp": _DIFFUSION | {"tau", "omega", "save_intermediates", "align_cover_border", "guidance_every",
-                                       "guidance_pullback", "airlight_ties", "max_memory_gb"},
+                                       "guidance_pullback", "airlight_ties"},
 }
 """The ``inference.*`` keys each script reads."""
 
