@@ -58,7 +58,7 @@ def test_published_values_are_read_and_absent_keys_take_the_defaults():
 
 # ------------------------------------------------------------------------------------------------ values
 @pytest.mark.parametrize("key,value", [
-    ("tau", 1.5), ("tau", 0), ("omega", 0), ("omega", 1.5), ("steps", 0), ("steps", 2.5), ("steps", 2000),
+    ("tau", 1.5), ("tau", 0), ("omega", 0), ("omega", 1.5), ("steps", 0), ("steps", 1), ("steps", 2.5), ("steps", 2000),
     ("sampler", "ddpm"), ("eta", -0.1), ("eta", 2), ("w", -1), ("batch_size", 0), ("num_samples", 0),
     ("seed", 1.5), ("min_short_side", 0), ("pad_multiple", 60), ("max_pixels", 0), ("tiled", "sometimes"),
     ("tile_threshold", -1), ("latent_tile_size", 0), ("latent_tile_stride", 65), ("vae_tile_size", 500),

@@ -52,7 +52,9 @@ class InferenceSettings:
     """Text condition (published: "hazy, foggy, misty, obscure, smoggy." for HazeGen, "remove dense fog" for
     DiffDehaze); required by the diffusion scripts."""
     steps: int = 50
-    """Sampling steps N, an integer in [1, the model's diffusion timesteps (1000)]; published 50."""
+    """Sampling steps N, an integer in [2, the model's diffusion timesteps (1000)]; published 50. One step is refused:
+    the spaced schedule every sampler runs on (``sampler.spaced.make_spaced_schedule``, as published) takes the
+    first step's clipped posterior variance from the second step."""
     sampler: str = "spaced"
     """One of sampler.registry.SAMPLERS: spaced (published ancestral DDPM), ddim, dpmpp_2m."""
     eta: float = 0.0
@@ -200,7 +202,9 @@ RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     (("dynamic_prompt", "save_intermediates", "save_transmission", "align_cover_border", "channels_last",
       "pack_weights", "compile"),
      lambda v: isinstance(v, bool), "true or false"),
-    (("steps", "num_samples", "min_short_side", "tile_threshold", "latent_tile_size", "latent_tile_stride",
+    (("steps",), lambda v: _is_int(v) and v >= 2,
+     "an integer >= 2 (the published spaced schedule clips the first posterior variance to the second step's)"),
+    (("num_samples", "min_short_side", "tile_threshold", "latent_tile_size", "latent_tile_stride",
       "batch_size", "guidance_every"), lambda v: _is_int(v) and v >= 1, "a positive integer"),
     (("pad_multiple", "vae_tile_size", "vae_tile_stride"), lambda v: _is_int(v) and v >= 8 and v % 8 == 0,
      "a positive multiple of 8 (the VAE's scale)"),
