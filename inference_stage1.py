@@ -67,11 +67,6 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
                  if references else None)
         return runner.start_batch([img01 for img01, _ in batch], stage=1, seed=inf.seed + k, fog01=fog01)
 
-    def unconditional(start: SamplingStart) -> dict:
-        """The model's unconditional branch (``ControlLDM.unconditional``: the same text, an all-zero condition
-        latent and, with YCbCr fusion, the features of an all-zero image)."""
-        return runner.model.unconditional(start.cond, start.inputs)
-
     @torch.no_grad()
     def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
         outputs, first = {}, None
@@ -81,8 +76,9 @@ def make_process(cfg: DictConfig, runner: DiffusionRunner, show_steps: bool = Fa
                 check_memory(variant.x_T.shape[-2:], len(batch))
             first = first or variant
             z = runner.sample(runner.denoiser(variant.x_T.shape[-2:]), variant.x_T, runner.schedule, variant.cond,
-                              uncond=unconditional(variant), cfg_scale=inf.w, parameterization=runner.parameterization,
-                              callback=callback, generator=variant.generators, disable=not show_steps)
+                              uncond=runner.model.unconditional(variant.cond, variant.inputs), cfg_scale=inf.w,
+                              parameterization=runner.parameterization, callback=callback,
+                              generator=variant.generators, disable=not show_steps)
             for (_, stem), img in zip(batch, runner.finish_batch(z, variant.geoms)):
                 outputs[f"{stem}_{k}.png"] = img
         return outputs
