@@ -24,18 +24,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.optional import require
+
 # Before gradio is imported: no usage reports, no version check against the internet.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+# gradio is the optional app group: without it, one line naming `pip install -r requirements-app.txt` and exit 2.
+gr = require("gradio", "app")
 
-import gradio as gr  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from metrics.iqa import density_map_png, fade_score  # noqa: E402
+from pipelines.cli import EXIT_BAD_CONFIG, check_weights, log, setup_logging  # noqa: E402
+from pipelines.modes import SLIDERS, Mode, ModeError, RunnerCache, load_modes  # noqa: E402
+from pipelines.settings import InferenceSettings, InferenceSettingsError  # noqa: E402
 from utils.common import load_config  # noqa: E402
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, save_png01  # noqa: E402
-from utils.inference_settings import InferenceSettings, InferenceSettingsError  # noqa: E402
-from utils.iqa import density_map_png, fade_score  # noqa: E402
-from utils.modes import SLIDERS, Mode, ModeError, RunnerCache, load_modes  # noqa: E402
-from utils.pipeline import EXIT_BAD_CONFIG, check_weights, log, setup_logging  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SLIDER_LABELS = {"tau": "τ (estimate at step (1−τ)·N)", "omega": "ω (restart at step (1−ω)·N)",
@@ -90,12 +93,12 @@ class Dehazer:
             progress(int(info.get("step", 0)) + 1, total)
 
         stem = Path(image_path).stem
-        runner, lock = self.runners.get(cfg) if mode.weight_paths else (None, contextlib.nullcontext())
+        runner, lock = self.runners.get(cfg, settings) if mode.weight_paths else (None, contextlib.nullcontext())
         with lock:
             if runner is not None:
-                runner.configure(cfg)
+                runner.configure(cfg, settings)
             start = time.perf_counter()
-            outputs = mode.script.make_process(cfg, runner)([(img01, stem)], callback=on_step)
+            outputs = mode.script.make_process(cfg, settings, runner)([(img01, stem)], callback=on_step)
             seconds = time.perf_counter() - start
         seed = settings.seed if "seed" in mode.sliders else None
         tag = _slug(label) + (f"_seed{seed}" if seed is not None else "")
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = RunnerCache()
     device = "cpu"
     if settings.sd_path is not None:
-        device = str(runners.get(cfg)[0].device)  # the app config's model, loaded before the server starts
+        device = str(runners.get(cfg, settings)[0].device)  # the app config's model, loaded before the server starts
     with tempfile.TemporaryDirectory(prefix="hcdyc-app-") as out_dir:
         dehazer = Dehazer(modes, runners, Path(out_dir), args.max_pixels)
         examples = list_images(ROOT / "inputs") if (ROOT / "inputs").is_dir() else []

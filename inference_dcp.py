@@ -1,67 +1,11 @@
 """Classical DCP dehazing (He et al.) of a folder: ``inference.image_folder`` -> ``<stem>.png`` in
-``inference.result_folder`` (utils.dcp.dcp_dehaze with the ``dcp`` section of the config).
+``inference.result_folder`` (haze.dcp.dcp_dehaze with the ``dcp`` section of the config).
 
     python inference_dcp.py --config configs/inference/dcp.yaml [--set dcp.omega=0.9 ...] [--skip-existing]
 
 Unreadable images are skipped and reported; the exit status is 1 if any image failed.
 """
-from __future__ import annotations
-
-import argparse
-from typing import Callable
-
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from utils.dcp import dcp_dehaze
-from utils.distributed import process_device
-from utils.inference_settings import InferenceSettings
-from utils.pipeline import Batch, Process, main_wrapper, run_folder
-
-DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
-
-
-WEIGHT_KEYS: tuple[str, ...] = ()  # no weight files; app.py builds no diffusion model for this script
-
-
-def dcp_params(cfg: DictConfig) -> dict:
-    """The ``dcp`` section as keyword arguments of utils.dcp.dcp_dehaze; unknown keys are refused."""
-    params = OmegaConf.to_container(cfg.get("dcp", {}) or {}, resolve=True)
-    unknown = sorted(set(params) - set(DCP_KEYS))
-    if unknown:
-        raise KeyError(f"unknown dcp keys {unknown}; allowed: {list(DCP_KEYS)}")
-    return params
-
-
-def output_names(cfg: DictConfig) -> Callable[[str], list[str]]:
-    """File names one input ``<stem>`` produces: the result, plus the transmission with save_transmission."""
-    with_t = InferenceSettings.from_config(cfg).save_transmission
-    return lambda stem: [f"{stem}.png"] + ([f"{stem}_transmission.png"] if with_t else [])
-
-
-def make_process(cfg: DictConfig, runner: None = None, show_steps: bool = False) -> Process:
-    """The batch function of this script (also what app.py runs): ``process(batch, callback)``; DCP has no model
-    (``runner`` is unused) and no steps (``callback`` and ``show_steps`` are unused)."""
-    params = dcp_params(cfg)
-    inf = InferenceSettings.from_config(cfg)
-    device, with_t = process_device(inf.device), inf.save_transmission
-
-    @torch.no_grad()
-    def process(batch: Batch, callback: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
-        out = {}
-        for img01, stem in batch:
-            j01, t, _ = dcp_dehaze(img01[None].to(device), **params)
-            out[f"{stem}.png"] = j01[0].cpu()
-            if with_t:
-                out[f"{stem}_transmission.png"] = t[0].expand(3, -1, -1).cpu()
-        return out
-
-    return process
-
-
-def run(cfg: DictConfig, args: argparse.Namespace) -> int:
-    return run_folder(cfg, make_process(cfg), output_names(cfg), args.skip_existing, "DCP")
-
+from pipelines.dcp import main
 
 if __name__ == "__main__":
-    main_wrapper(run, "Classical Dark Channel Prior dehazing of a folder", "configs/inference/dcp.yaml", "inference_dcp")
+    main()

@@ -2,10 +2,10 @@
 
     accelerate launch train_stage1.py --config configs/train/stage1.yaml [--set train.batch_size=8 ...]
 
-Published recipe (HybridTrainingData with p = 0.3, AdamW lr 1e-5, global batch 16, 5k steps); see utils/trainer.py and
+Published recipe (HybridTrainingData with p = 0.3, AdamW lr 1e-5, global batch 16, 5k steps); see training/trainer.py and
 docs/training.md for resume, mixed precision, multi-process and the HCD-YC extension switches.
 """
-from utils.trainer import main
+from training.trainer import main
 
 if __name__ == "__main__":
     main(stage=1, default_config="configs/train/stage1.yaml")

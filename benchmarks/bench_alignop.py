@@ -7,7 +7,7 @@ resident memory the operator needs beyond the inputs. "first" is the first call 
 (includes page faults of fresh allocations), "steady" the median of the following calls.
 The reference is skipped when its estimated memory exceeds --mem-limit-gb.
 
-Usage: python benchmarks/bench_alignop.py [--device cpu|cuda] [--sizes 512 2K 4K 8K]
+Usage: python -m benchmarks.bench_alignop [--device cpu|cuda] [--sizes 512 2K 4K 8K]
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from benchmarks.timing import sync
+from sampler.align import align_op, align_op_reference, patch_grid
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from benchmarks.timing import sync  # noqa: E402
-from sampler.align import align_op, align_op_reference, patch_grid  # noqa: E402
-
 SIZES = {"512": (512, 512), "2K": (2048, 2048), "4K": (2160, 3840), "8K": (4320, 7680)}
 METHODS = {"fast": align_op, "reference": align_op_reference}
 # peak bytes of align_op_reference / bytes of one float32 (B,C,nY,nX,p,p) patch tensor,
@@ -110,11 +107,11 @@ def main() -> None:
                     print(f"{label} {'-':>9} {'-':>9} {'-':>9}  skipped: estimated {est_gb:.1f} GB "
                           f"> limit {args.mem_limit_gb:g} GB")
                     continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, str(h), str(w),
+            cmd = [sys.executable, "-m", "benchmarks.bench_alignop", "--worker", method, str(h), str(w),
                    "--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats),
                    "--threads", str(args.threads)]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
             except subprocess.TimeoutExpired:
                 print(f"{label} {'-':>9} {'-':>9} {'-':>9}  failed: timeout after {args.timeout_s:g} s")
                 continue

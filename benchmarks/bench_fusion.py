@@ -3,25 +3,22 @@
 Full-size architecture (configs/inference/stage2.yaml model section) with random weights; no checkpoint needed.
 Also times the YCbCr branch itself (run once per image, not per step).
 
-    python benchmarks/bench_fusion.py --sizes 256 512 --repeats 2 [--device cuda --precision fp16]
+    python -m benchmarks.bench_fusion --sizes 256 512 --repeats 2 [--device cuda --precision fp16]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.timing import sync
+from model.builder import cldm_config
+from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.timing import sync  # noqa: E402
-from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
-from utils.model_builder import cldm_config  # noqa: E402
-
 FUSION = "model.cldm.params.controlnet_cfg.params.ycbcr_fusion"
 
 

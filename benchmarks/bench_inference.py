@@ -24,7 +24,7 @@ come from running the row's real sampler code with a zero-cost model and guidanc
 Peak memory: torch.cuda.max_memory_allocated on CUDA (weights included); on CPU the subprocess's ru_maxrss
 (weights included; "above weights" subtracts the high-water mark right after building the model).
 
-Usage: python benchmarks/bench_inference.py [--device auto|cpu|cuda] [--sizes 256 512] [--repeats N]
+Usage: python -m benchmarks.bench_inference [--device auto|cpu|cuda] [--sizes 256 512] [--repeats N]
            [--precision auto|fp32|fp16|bf16] [--measure-totals auto|yes|no] [--threads N] [--quick]
 --quick: only the measured rows (no parts), one warm-up and one timed call each: the whole table on one CUDA GPU
 in a few minutes. The closing markdown table has one line per (size, row): seconds per image and the ratio to
@@ -43,25 +43,22 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+
+from benchmarks.timing import sync, timed
+from haze.dcp import estimate_transmission
+from model.builder import cldm_config
+from pipelines.settings import InferenceSettings
+from sampler.accsamp import accsamp_steps, sample_accsamp
+from sampler.align import align_op
+from sampler.guidance import WeightedMSSSIMGuidance
+from sampler.pullback import LinearDecoderPullback
+from sampler.registry import SAMPLERS, make_sampler
+from sampler.spaced import make_spaced_schedule
+from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.timing import sync, timed  # noqa: E402
-from sampler.accsamp import accsamp_steps, sample_accsamp  # noqa: E402
-from sampler.align import align_op  # noqa: E402
-from sampler.guidance import WeightedMSSSIMGuidance  # noqa: E402
-from sampler.pullback import LinearDecoderPullback  # noqa: E402
-from sampler.registry import SAMPLERS, make_sampler  # noqa: E402
-from sampler.spaced import make_spaced_schedule  # noqa: E402
-from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
-from utils.dcp import estimate_transmission  # noqa: E402
-from utils.inference_settings import InferenceSettings  # noqa: E402
-from utils.model_builder import cldm_config  # noqa: E402
-
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
 FAST_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp_fast.yaml"
 PROMPT = "remove dense fog"
@@ -309,14 +306,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(case: str, size: int, args: argparse.Namespace) -> dict | str:
-    """Run a case in a subprocess; returns its result dict or a one-line failure reason."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--size", str(size),
-           "--device", args.device, "--precision", args.precision, "--config", str(args.config),
+    """Run a case in a subprocess (``python -m benchmarks.bench_inference --worker ...`` in the repository root, the
+    config path made absolute); returns its result dict or a one-line failure reason."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_inference", "--worker", case, "--size", str(size),
+           "--device", args.device, "--precision", args.precision, "--config", str(Path(args.config).resolve()),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if args.rows is not None:
         cmd += ["--rows", *map(str, args.rows)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return f"timeout after {args.timeout_s:g} s"
     if proc.returncode != 0:

@@ -1,17 +1,18 @@
 """Large images end to end: peak memory and seconds of stage 2, AccSamp and HazeGen at 1K-8K (reduced model).
 
-Each (script, size) case runs the real inference script's ``run`` on one synthetic image in a FRESH subprocess, with
+Each (script, size) case runs the real inference script's ``run`` (its pipeline module, ``pipelines.registry``) on one
+synthetic image in a FRESH subprocess (``python -m benchmarks.bench_large --worker ...`` in the repository root), with
 the reduced random model (``configs/tiny/model.yaml``) written in the release checkpoint formats, tiling forced on
 (``inference.tiled: True``) and ``inference.max_pixels`` lifted for 8K. Peak memory: on CPU the subprocess's
 ``ru_maxrss`` (resident set high-water mark, runtime and weights included); on CUDA ``max_memory_allocated``.
 
 Sizes: 1K = 1024², 2K = 2048², 4K = 2160×3840, 8K = 4320×7680 (padded to multiples of 64 by the scripts).
 After the table it prints the AccSamp 4K/1K peak ratio and the computed budget of the FULL-SIZE model in fp16 on a
-24 GB GPU (``utils.memory.estimate_peak_gb``: which sizes fit and with which tile settings).
+24 GB GPU (``pipelines.memory.estimate_peak_gb``: which sizes fit and with which tile settings).
 
-Usage: python benchmarks/bench_large.py [--device cpu|cuda] [--sizes 1K 2K 4K 8K] [--cases stage2 accsamp hazegen]
+Usage: python -m benchmarks.bench_large [--device cpu|cuda] [--sizes 1K 2K 4K 8K] [--cases stage2 accsamp hazegen]
            [--steps 10] [--threads N] [--timeout-s S] [--gpu-gb 24]
-       python benchmarks/bench_large.py --calibrate   # count the tile coefficients of utils.memory (meta device)
+       python -m benchmarks.bench_large --calibrate   # count the tile coefficients of pipelines.memory (meta device)
 """
 from __future__ import annotations
 
@@ -26,18 +27,19 @@ from pathlib import Path
 from typing import Callable
 from unittest import mock
 
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from model.builder import cldm_config
+from model.cldm import SD_PREFIXES
+from pipelines.memory import budget_table
+from pipelines.registry import pipeline_for
+from pipelines.settings import InferenceSettings
+from utils.common import instantiate_from_config, load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from utils.common import load_config  # noqa: E402
-from utils.memory import budget_table  # noqa: E402
-
 SIZES = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (2160, 3840), "8K": (4320, 7680)}
 CASES = {"stage2": ("inference_stage2", "configs/inference/stage2.yaml"),
          "accsamp": ("inference_accsamp", "configs/inference/stage2_accsamp.yaml"),
@@ -45,11 +47,33 @@ CASES = {"stage2": ("inference_stage2", "configs/inference/stage2.yaml"),
 TINY = ROOT / "configs" / "tiny" / "model.yaml"
 
 
+def write_tiny_weights(folder: Path) -> tuple[Path, Path]:
+    """The reduced model of ``configs/tiny/model.yaml`` (built after ``torch.manual_seed(11)``) with random non-zero
+    UNet and ControlNet weights (N(0, 0.02²) from generators seeded 12 and 13, zero-initialised layers included),
+    written in the release formats: ``sd.ckpt`` as ``{"state_dict": ..., "global_step": 1}`` with the prefixed
+    unet/vae/clip tensors of an SD checkpoint plus the LDM buffers ``betas`` and ``model_ema.decay``, and
+    ``controlnet.pt`` (flat ControlNet state dict). Returns the two paths."""
+    torch.manual_seed(11)
+    model = instantiate_from_config(cldm_config(OmegaConf.load(TINY).model))
+    with torch.no_grad():
+        for module, seed in ((model.unet, 12), (model.controlnet, 13)):
+            gen = torch.Generator().manual_seed(seed)
+            for param in module.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    sd = {prefix + key: value.clone() for name, prefix in SD_PREFIXES.items()
+          for key, value in getattr(model, name).state_dict().items()}
+    sd["betas"] = torch.linspace(1e-4, 2e-2, 1000)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd_path, cn_path = folder / "sd.ckpt", folder / "controlnet.pt"
+    torch.save({"state_dict": sd, "global_step": 1}, sd_path)
+    torch.save(model.controlnet_state_dict(), cn_path)
+    return sd_path, cn_path
+
+
 def write_inputs(work: Path, sizes: list[str]) -> None:
     """Reduced random model in the release formats (sd.ckpt, controlnet.pt) and one smooth image per size."""
-    from tests.helpers import write_tiny_release_weights
-
-    write_tiny_release_weights(work / "weights")
+    write_tiny_weights(work / "weights")
     rng = np.random.default_rng(0)
     for name in sizes:
         h, w = SIZES[name]
@@ -71,16 +95,16 @@ def case_config(case: str, size: str, work: Path, args: argparse.Namespace):
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Run one case in this process; print seconds and peak memory as one JSON line."""
-    import importlib
-
+    """Run one case (its script's pipeline module) in this process; print seconds and peak memory as one JSON
+    line."""
     device = torch.device(args.device)
     cfg = case_config(args.worker, args.size, Path(args.work), args)
-    module = importlib.import_module(CASES[args.worker][0])
+    module = pipeline_for(CASES[args.worker][0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    status = module.run(cfg, argparse.Namespace(skip_existing=False, show_steps=False))
+    settings = InferenceSettings.from_config(cfg)
+    status = module.run(cfg, settings, argparse.Namespace(skip_existing=False, show_steps=False))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -90,15 +114,13 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def calibrate() -> None:
-    """Count the tile working sets of utils.memory for the FULL-SIZE model: peak live tensor bytes of the real code
+    """Count the tile working sets of pipelines.memory for the FULL-SIZE model: peak live tensor bytes of the real code
     (VAE encode/decode, the guidance's tiled decoder VJP, one denoiser tile in fp16, one MS-SSIM gradient crop) on the
-    meta device (``utils.memory.LiveTensorBytes``; nothing is allocated or computed), divided by the units of the
+    meta device (``pipelines.memory.LiveTensorBytes``; nothing is allocated or computed), divided by the units of the
     coefficients. Prints them as one JSON line."""
-    from utils.common import instantiate_from_config
-    from utils.memory import MSSSIM_HALO, LiveTensorBytes
-    from utils.model_builder import cldm_config
-    from utils.ssim import ms_ssim
-    from utils.tiling import TiledDenoiser, tiled_vjp
+    from metrics.ssim import ms_ssim
+    from pipelines.memory import MSSSIM_HALO, LiveTensorBytes
+    from pipelines.tiling import TiledDenoiser, tiled_vjp
 
     cfg = load_config(ROOT / "configs" / "inference" / "stage2_accsamp.yaml")
     meta = torch.device("meta")
@@ -145,7 +167,7 @@ def calibrate() -> None:
 
 
 def spawn(case: str, size: str, work: Path, args: argparse.Namespace) -> dict | str:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--size", size, "--work", str(work),
+    cmd = [sys.executable, "-m", "benchmarks.bench_large", "--worker", case, "--size", size, "--work", str(work),
            "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
@@ -167,7 +189,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per case")
     parser.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory for the full-size budget")
     parser.add_argument("--calibrate", action="store_true",
-                        help="count the utils.memory tile coefficients of the full-size model (meta device) and exit")
+                        help="count the pipelines.memory tile coefficients of the full-size model (meta device) and exit")
     parser.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)

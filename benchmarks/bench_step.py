@@ -31,7 +31,7 @@ the step is the most that caching it could save.
 ``--batches 1 4 8`` adds the project step at those batch sizes: seconds per step, images/s for a 50-step sampler
 (batch / (50 · step)), and on CUDA the peak memory (``max_memory_allocated``, weights included).
 
-Usage: python benchmarks/bench_step.py [--device auto|cpu|cuda] [--precision auto|fp32|fp16|bf16]
+Usage: python -m benchmarks.bench_step [--device auto|cpu|cuda] [--precision auto|fp32|fp16|bf16]
            [--sizes 256 512] [--repeats 5] [--warmup 1] [--threads N] [--clock wall|cpu] [--variants ...]
            [--compile [--freezing]] [--batches 1 4 8]
            [--config configs/tiny/model.yaml  (a quick smoke run)]
@@ -41,23 +41,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import CLOCKS, timed
+from model.attention import set_attention_backend
+from model.builder import cldm_config
+from model.cldm import ControlLDM
+from model.unet import Conv2d, CrossAttention
+from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.timing import CLOCKS, timed  # noqa: E402
-from model.attention import set_attention_backend  # noqa: E402
-from model.cldm import ControlLDM  # noqa: E402
-from model.unet import Conv2d, CrossAttention  # noqa: E402
-from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config  # noqa: E402
-from utils.model_builder import cldm_config  # noqa: E402
-
 CONFIG = ROOT / "configs" / "inference" / "stage2.yaml"
 TINY = ROOT / "configs" / "tiny" / "model.yaml"
 # name: (attention backend, channels-last weights, packed conv weights); NCHW variants first, then NHWC ones

@@ -9,8 +9,8 @@ of the feature/semantic cycle levels is random too): timings, not quality. "step
 Cases: base (published loss), cycle_pixel, cycle (pixel + VGG feature + semantic), text_processor,
 dynamic_prompt, align (alignment + the dynamic prompts it needs), ycbcr (YCbCr fusion), all.
 
-    python benchmarks/bench_train.py                          # tiny model, CPU, 64x64 crops
-    python benchmarks/bench_train.py --full --size 512 --precision fp16 bf16 --grad-ckpt on off   # GPU
+    python -m benchmarks.bench_train                          # tiny model, CPU, 64x64 crops
+    python -m benchmarks.bench_train --full --size 512 --precision fp16 bf16 --grad-ckpt on off   # GPU
 """
 from __future__ import annotations
 
@@ -23,23 +23,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
 CASES: dict[str, dict] = {
     "base": {},
     "cycle_pixel": {"cycle_weight": 1.0, "feature_weight": 0.0, "semantic_weight": 0.0},
     "cycle": {"cycle_weight": 1.0},
-    "text_processor": {"use_text_processor": True, "text_processor_start": 0},
+    "text_processor": {"text_processor": True, "text_processor_start": 0},
     "dynamic_prompt": {"use_dynamic_prompt": True},
     "align": {"use_dynamic_prompt": True, "text_align_weight": 0.05},
     "ycbcr": {"ycbcr": True},
-    "all": {"cycle_weight": 1.0, "use_text_processor": True, "text_processor_start": 0, "use_dynamic_prompt": True,
+    "all": {"cycle_weight": 1.0, "text_processor": True, "text_processor_start": 0, "use_dynamic_prompt": True,
             "text_align_weight": 0.05, "ycbcr": True},
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,19 +44,23 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_case(case: str, full: bool, size: int, batch: int, device: torch.device, grad_ckpt: bool, crop: int | None):
     """(TrainingStep, optimizer, batch) for one case, random weights, on ``device``."""
+    from model.builder import cldm_config
+    from training.settings import ExtensionSettings
+    from training.step import TrainingStep, build_cycle_loss, image_embedder_for
+    from training.trainer import set_gradient_checkpointing
     from utils.common import instantiate_from_config, load_config
-    from utils.train_losses import ExtensionSettings, TrainingStep, build_cycle_loss, image_embedder_for
-    from utils.trainer import model_config, set_gradient_checkpointing
 
     keys = dict(CASES[case])
     fusion = keys.pop("ycbcr", False)
+    text_processor = keys.pop("text_processor", False)
     ext = ExtensionSettings(cycle_crop=crop, **keys)
     cfg = load_config(ROOT / "configs" / "train" / "stage2.yaml")
     if not full:
         cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(ROOT / "configs" / "tiny" / "model.yaml").model)
     cfg.model.cldm.params.controlnet_cfg.params.ycbcr_fusion = fusion
+    cfg.model.cldm.params.text_processor = text_processor
     torch.manual_seed(0)
-    ldm = instantiate_from_config(model_config(cfg, ext))
+    ldm = instantiate_from_config(cldm_config(cfg.model))
     ldm.load_controlnet_from_unet()
     set_gradient_checkpointing(ldm, grad_ckpt)
     diffusion = instantiate_from_config(cfg.model.diffusion)
@@ -145,14 +146,14 @@ def main() -> None:
         for ckpt in args.grad_ckpt:
             base = None
             for case in args.cases:
-                cmd = [sys.executable, __file__, "--worker", "--case", case, "--size", str(args.size), "--batch",
-                       str(args.batch), "--device", args.device, "--precision", precision, "--grad-ckpt", ckpt,
+                cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", "--case", case,
+                       "--size", str(args.size), "--batch", str(args.batch), "--device", args.device, "--precision", precision, "--grad-ckpt", ckpt,
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
                 if args.full:
                     cmd.append("--full")
                 if args.cycle_crop is not None:
                     cmd += ["--cycle-crop", str(args.cycle_crop)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode != 0:
                     print(f"{case:<16}{precision:<10}{ckpt:<10}  failed: {proc.stderr.strip().splitlines()[-1]}")
                     continue

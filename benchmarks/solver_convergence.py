@@ -6,25 +6,19 @@ guided-diffusion respacing of SD's 1000 timesteps that every script uses) and a 
 the same end points. Prints a markdown table (max-abs error and the empirical order per step doubling) for the
 README. ``tests/test_sampler_solvers.py`` asserts the orders from the same functions.
 
-    python benchmarks/solver_convergence.py [--parameterization eps|v]
+    python -m benchmarks.solver_convergence [--parameterization eps|v]
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from model.gaussian_diffusion import Diffusion  # noqa: E402
-from sampler.ddim import sample_ddim  # noqa: E402
-from sampler.dpm_solver import half_log_snr, sample_dpmpp_2m  # noqa: E402
-from sampler.spaced import SpacedSchedule, make_spaced_schedule  # noqa: E402
+from model.gaussian_diffusion import Diffusion
+from sampler.ddim import sample_ddim
+from sampler.dpm_solver import half_log_snr, sample_dpmpp_2m
+from sampler.spaced import SpacedSchedule, make_spaced_schedule
 
 SD_ALPHAS_CUMPROD = Diffusion().alphas_cumprod_np
 MU, S = 0.3, 0.5  # Gaussian data x0 ~ N(MU, S² I)

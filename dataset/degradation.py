@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from utils.haze import rehaze
+from haze.scattering import rehaze
 
 
 @dataclass(frozen=True)

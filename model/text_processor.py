@@ -7,7 +7,7 @@
 * enhancement layer ``mlp``: pre-LayerNorm residual MLP per token, output projection
   zero-initialised;
 * modulation layer ``mod``: a small MLP on the per-image fog feature vector
-  (``utils.fog.FogInfo.features``, shape (B,F)) producing a per-channel scale and shift
+  (``haze.fog.FogInfo.features``, shape (B,F)) producing a per-channel scale and shift
   broadcast over the tokens, output projection zero-initialised.
 
 With both output projections at zero the processor is exactly the identity at

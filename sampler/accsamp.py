@@ -50,14 +50,6 @@ def accsamp_steps(num_steps: int, tau: float, omega: float) -> tuple[int, int]:
     return k_est, k_restart
 
 
-def check_speed_options(guidance_every: int, pullback: str) -> None:
-    """ValueError naming the YAML key unless guidance_every >= 1 and pullback is one of PULLBACKS."""
-    if int(guidance_every) != guidance_every or guidance_every < 1:
-        raise ValueError(f"inference.guidance_every must be an integer >= 1, got {guidance_every}")
-    if pullback not in PULLBACKS:
-        raise ValueError(f"inference.guidance_pullback must be one of {', '.join(PULLBACKS)}; got '{pullback}'")
-
-
 def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedule, cond: Any, hazy01: torch.Tensor,
                    *, tau: float, omega: float, guidance: WeightedMSSSIMGuidance | None,
                    decode_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -75,15 +67,15 @@ def sample_accsamp(model_fn: ModelFn, x_T: torch.Tensor, schedule: SpacedSchedul
     upscale's bicubic overshoot is kept);
     decode_fn: scaled latent -> image in [-1,1]; encode_fn: image in [-1,1] -> scaled latent (posterior mode);
     align_fn(content_pm1, reference_pm1) -> aligned image in [-1,1]; transmission_fn(hazy01) -> (B,1,H,W) tensor
-    or a map evaluated per region on indexing (:class:`utils.dcp.DCPTransmission`, for large images);
+    or a map evaluated per region on indexing (:class:`haze.dcp.DCPTransmission`, for large images);
     decode_vjp_fn(z, v) -> (∂decode/∂z)ᵀ v, optional (tiled pull-back for large images, see the guidance);
     generator: one, or one per batch element (``sampler.spaced.randn``).
     sampler: a function of ``sampler.registry`` (published: ``sample_spaced``); guidance_every: apply the guidance
-    on every k-th phase-2 step (published: 1); pullback: ``autograd`` (published, through the decoder or
-    ``decode_vjp_fn``) or ``linear`` (``LinearDecoderPullback`` fitted to the estimate; overrides decode_vjp_fn).
+    on every k-th phase-2 step, an integer >= 1 (published: 1); pullback: one of :data:`PULLBACKS`, ``autograd``
+    (published, through the decoder or ``decode_vjp_fn``) or ``linear`` (``LinearDecoderPullback`` fitted to the
+    estimate; overrides decode_vjp_fn). A config's values are validated by ``pipelines.settings``.
     Returns the final latent and ``{"estimate": (B,3,H,W) in [-1,1], "transmission": what transmission_fn gave}``.
     """
-    check_speed_options(guidance_every, pullback)
     n = len(schedule)
     k_est, k_restart = accsamp_steps(n, tau, omega)
     last: dict = {}

@@ -5,7 +5,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from utils.ssim import ms_ssim, ms_ssim_grad_tiled
+from metrics.ssim import ms_ssim, ms_ssim_grad_tiled
 
 GRADIENT_GAIN = 3000.0
 
@@ -28,7 +28,7 @@ class WeightedMSSSIMGuidance:
     1000-step timestep t; applied ``repeat`` times per step.
 
     Large images (the caller passes ``decode_vjp_fn``, i.e. the image is decoded in tiles): the MS-SSIM gradient is
-    computed over ``tile_size``² tiles with halos (:func:`utils.ssim.ms_ssim_grad_tiled`, equal to the untiled
+    computed over ``tile_size``² tiles with halos (:func:`metrics.ssim.ms_ssim_grad_tiled`, equal to the untiled
     gradient up to float rounding) and the transmission is read per tile, so the guidance's working memory is that
     of one tile plus the (B,3,H,W) gradient. Smaller images keep the published single autograd pass.
     """
@@ -48,7 +48,7 @@ class WeightedMSSSIMGuidance:
 
     def set_target(self, estimate_pm1: torch.Tensor, weight: torch.Tensor | LazyMap) -> None:
         """estimate_pm1: (B,3,H,W) in [-1,1]; weight: (B,1,H,W) transmission in [0.05,1], a tensor or a map computed
-        per region on indexing (e.g. :class:`utils.dcp.DCPTransmission`)."""
+        per region on indexing (e.g. :class:`haze.dcp.DCPTransmission`)."""
         self.target_pm1 = estimate_pm1.detach()
         self.weight = weight.detach() if torch.is_tensor(weight) else weight
 

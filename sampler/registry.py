@@ -15,12 +15,11 @@ SAMPLERS = ("spaced", "ddim", "dpmpp_2m")
 
 def make_sampler(name: str = "spaced", eta: float = 0.0) -> Callable:
     """The sampler called ``name``: ``spaced`` (published ancestral DDPM, the default), ``ddim`` (η = ``eta``;
-    0 = deterministic) or ``dpmpp_2m`` (DPM-Solver++ 2M). Raises ValueError naming ``inference.sampler``."""
+    0 = deterministic) or ``dpmpp_2m`` (DPM-Solver++ 2M). Raises ValueError naming ``inference.sampler`` for
+    another name. The values of a config are validated before they get here (``pipelines.settings``)."""
     if name == "spaced":
         return sample_spaced
     if name == "ddim":
-        if eta < 0:
-            raise ValueError(f"inference.eta must be >= 0, got {eta}")
         return partial(sample_ddim, eta=float(eta))
     if name == "dpmpp_2m":
         return sample_dpmpp_2m

@@ -1,17 +1,27 @@
-"""Shared builders for tests: tiny random-init models and checkpoints written in the release formats."""
+"""Shared builders for tests: tiny random-init models, checkpoints written in the release formats, and configs for
+running the inference scripts on them (the fixtures that use these are in ``tests/conftest.py``)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from model.builder import cldm_config
 from model.cldm import SD_PREFIXES, ControlLDM
 from utils.common import instantiate_from_config, load_config
-from utils.model_builder import cldm_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "configs" / "tiny" / "model.yaml"
+REAL_HAZY_SMALL = ROOT / "tests" / "data" / "real_hazy"
+SCRIPTS = {
+    "stage2": ("inference_stage2.py", "configs/inference/stage2.yaml"),
+    "accsamp": ("inference_accsamp.py", "configs/inference/stage2_accsamp.yaml"),
+    "stage1": ("inference_stage1.py", "configs/inference/stage1.yaml"),
+}
+"""Entry script and published config of each diffusion inference job the tests run."""
 
 
 def tiny_config(base: str = "configs/inference/stage2.yaml", **overrides):
@@ -65,3 +75,21 @@ def write_tiny_release_weights(folder: Path) -> tuple[Path, Path]:
     randomize_(model.unet, seed=12, std=0.02)
     randomize_(model.controlnet, seed=13, std=0.02)
     return write_release_checkpoints(model, folder)
+
+
+def make_config(tmp_path: Path, which: str, weights, images: Path, results: Path, **extra) -> Path:
+    """The published config of script ``which`` on the tiny model with ``weights`` (sd, controlnet), 10 steps on the
+    CPU, short side 64, written to ``tmp_path/<which>.yaml``; ``extra``: dotted overrides."""
+    cfg = tiny_config(SCRIPTS[which][1], **{
+        "inference.sd_path": weights[0], "inference.controlnet_path": weights[1],
+        "inference.image_folder": images, "inference.result_folder": results,
+        "inference.steps": 10, "inference.device": "cpu", "inference.min_short_side": 64, **extra})
+    path = tmp_path / f"{which}.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def run_script(which: str, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python <script of which> --config <config> <args>`` from the repository root, to the end."""
+    return subprocess.run([sys.executable, SCRIPTS[which][0], "--config", str(config), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dataset import StaticPairedData
-from model.losses import VGGFeatures
+from losses.vgg import VGGFeatures
 from tests.helpers import ROOT, TINY_MODEL, build_tiny, write_release_checkpoints
 from utils.common import load_config
 

@@ -1,6 +1,6 @@
 """Side-by-side comparison grids: hazy | each method | extra panels | reference, one PNG per image.
 
-    python tools/compare_grid.py --hazy BENCH/hazy --methods dcp=BENCH/runs/dcp accsamp=results/accsamp \
+    python -m tools.compare_grid --hazy BENCH/hazy --methods dcp=BENCH/runs/dcp accsamp=results/accsamp \
         [--reference BENCH/clean] [--extra estimate=results/accsamp transmission=results/accsamp] \
         --out grids/ [--height 256]
 
@@ -24,11 +24,8 @@ from typing import Optional
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluate import reference_for  # noqa: E402
-from utils.image_io import (IMAGE_EXTS, ImageReadError, list_images, load_rgb01, pil_to_tensor01,  # noqa: E402
+from metrics.evaluation import reference_for
+from utils.image_io import (IMAGE_EXTS, ImageReadError, list_images, load_rgb01, pil_to_tensor01,
                             resize01, save_png01, tensor01_to_pil)
 
 LOG = logging.getLogger("compare_grid")

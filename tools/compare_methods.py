@@ -1,13 +1,13 @@
 """Compare several result folders with evaluate.py's metrics: one table and one chart per metric.
 
-    python tools/compare_methods.py --methods hazy=data/rtts dcp=results/dcp ours=results/ours --preset paper \
+    python -m tools.compare_methods --methods hazy=data/rtts dcp=results/dcp ours=results/ours --preset paper \
         [--references DIR] [--no-ref-metrics ...] [--metric-weights DIR] --out comparison
 
 Each folder is evaluated exactly as ``evaluate.py`` would (same options, per-method reports in OUT/<name>/eval).
 OUT/comparison.md and OUT/comparison.json hold the table (mean ± population std and n per metric, methods in the
 order given); OUT/charts/<metric>.png is a box plot of the per-image values per method (box = quartiles, whiskers
 1.5 IQR, dots = images, diamond = mean), titled with the metric's direction. Exit status: 0; 1 if an image failed
-or a metric was unavailable; 2 for bad arguments.
+or a metric was unavailable; 2 for bad arguments or a missing matplotlib (the optional metrics group).
 """
 from __future__ import annotations
 
@@ -19,14 +19,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import evaluate  # noqa: E402
-from utils import iqa  # noqa: E402
-from utils.atomic import atomic_write, write_text_atomic  # noqa: E402
+from metrics import evaluation, iqa
+from utils.atomic import atomic_write, write_text_atomic
+from utils.optional import require
 
 LOG = logging.getLogger("compare_methods")
 
@@ -34,21 +31,21 @@ LOG = logging.getLogger("compare_methods")
 def comparison_table(rows: Sequence[tuple[str, dict]], metrics: Sequence[str]) -> str:
     """Markdown table: one row per (method, summary), mean ± std of each metric, and n (the most images any
     metric had for that method)."""
-    lines = ["| method | n | " + " | ".join(evaluate.LABELS[m] for m in metrics) + " |",
+    lines = ["| method | n | " + " | ".join(evaluation.LABELS[m] for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for name, summary in rows:
         n = max((summary[m]["n"] for m in metrics), default=0)
-        lines.append(f"| {name} | {n} | " + " | ".join(evaluate.format_value(summary[m]) for m in metrics) + " |")
+        lines.append(f"| {name} | {n} | " + " | ".join(evaluation.format_value(summary[m]) for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _values(report: evaluate.EvalReport, metric: str) -> np.ndarray:
+def _values(report: evaluation.EvalReport, metric: str) -> np.ndarray:
     return np.array([r[metric] for r in report.rows if metric in r and math.isfinite(r[metric])], dtype=np.float64)
 
 
-def save_charts(reports: Sequence[tuple[str, evaluate.EvalReport]], metrics: Sequence[str], out: Path) -> list[Path]:
+def save_charts(reports: Sequence[tuple[str, evaluation.EvalReport]], metrics: Sequence[str], out: Path) -> list[Path]:
     """One PNG per metric (box plot of per-image values per method) in ``out``; metrics without any finite
-    value are left out. Returns the written paths."""
+    value are left out. Returns the written paths. Needs matplotlib (the optional metrics group)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +66,8 @@ def save_charts(reports: Sequence[tuple[str, evaluate.EvalReport]], metrics: Seq
                 ax.scatter(pos + offsets, v, s=10, alpha=0.6, color="tab:blue", zorder=3)
                 ax.scatter([pos], [v.mean()], marker="D", s=30, color="tab:red", zorder=4)
         ax.set_xticks(positions, [f"{n}\n(n={v.size})" if v.size else f"{n}\n(n/a)" for n, v in data])
-        direction = "lower is better" if evaluate.LABELS[metric].endswith("↓") else "higher is better"
-        ax.set_title(f"{evaluate.LABELS[metric]}  ({direction})")
+        direction = "lower is better" if evaluation.LABELS[metric].endswith("↓") else "higher is better"
+        ax.set_title(f"{evaluation.LABELS[metric]}  ({direction})")
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out / f"{metric}.png"
@@ -93,15 +90,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", type=parse_method, required=True, metavar="NAME=DIR")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--references", type=Path, help="folder of reference images (adds PSNR/SSIM/ΔE00)")
-    parser.add_argument("--no-ref-metrics", type=evaluate.parse_metric_list, default=None,
+    parser.add_argument("--no-ref-metrics", type=evaluation.parse_metric_list, default=None,
                         help="as evaluate.py (default: none with --references, else "
-                        f"{','.join(evaluate.DEFAULT_NO_REF)})")
-    parser.add_argument("--preset", choices=sorted(evaluate.PRESETS), help="as evaluate.py: paper = the RTTS table")
+                        f"{','.join(evaluation.DEFAULT_NO_REF)})")
+    parser.add_argument("--preset", choices=sorted(evaluation.PRESETS), help="as evaluate.py: paper = the RTTS table")
     parser.add_argument("--metric-weights", type=Path, metavar="DIR", help="as evaluate.py")
     parser.add_argument("--device", default=None, help="torch device for pyiqa metrics (default: cuda if present)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    require("matplotlib", "metrics")  # the charts; checked before any folder is evaluated
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     names = [n for n, _ in args.methods]
     if len(set(names)) != len(names):
@@ -109,10 +107,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, folder in args.methods:
         if not folder.is_dir():
             parser.error(f"method {name}: not a folder: {folder}")
-    no_ref = list(evaluate.PRESETS[args.preset]) if args.preset else []
+    no_ref = list(evaluation.PRESETS[args.preset]) if args.preset else []
     no_ref = list(dict.fromkeys(no_ref + (args.no_ref_metrics or [])))
     if not no_ref and args.no_ref_metrics is None and args.references is None:
-        no_ref = list(evaluate.DEFAULT_NO_REF)
+        no_ref = list(evaluation.DEFAULT_NO_REF)
     iqa.offline_environment()
     import torch
 
@@ -120,13 +118,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     reports, rows, status = [], [], 0
     for name, folder in args.methods:
         try:
-            report = evaluate.evaluate_folders(folder, args.references, no_ref, progress=not args.quiet,
+            report = evaluation.evaluate_folders(folder, args.references, no_ref, progress=not args.quiet,
                                                weights_dir=args.metric_weights, device=device,
                                                batch_size=args.batch_size)
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             LOG.error("%s: %s", name, err)
             return 2
-        summary = evaluate.write_report(report, args.out / name / "eval", f"{name}: {folder}",
+        summary = evaluation.write_report(report, args.out / name / "eval", f"{name}: {folder}",
                                         {"results": str(folder), "references": str(args.references or "")})
         if report.failed or report.unavailable or not report.rows:
             status = 1
@@ -138,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = comparison_table(rows, metrics)
     write_text_atomic(args.out / "comparison.md", f"# Comparison\n\n{table}")
     write_text_atomic(args.out / "comparison.json",
-                      json.dumps(evaluate.json_safe({n: s for n, s in rows}), indent=2) + "\n")
+                      json.dumps(evaluation.json_safe({n: s for n, s in rows}), indent=2) + "\n")
     charts = save_charts(reports, metrics, args.out / "charts")
     print(table, end="")
     LOG.info("wrote %s, %s and %d chart(s) in %s", args.out / "comparison.md", args.out / "comparison.json",

@@ -1,33 +1,35 @@
 """Run several sampler configurations over one folder with your weights and compare them in one table.
 
-    python tools/compare_samplers.py --image-folder hazy/ --out compare/ \
+    python -m tools.compare_samplers --image-folder hazy/ --out compare/ \
         [--set inference.sd_path=... inference.controlnet_path=...] \
         [--run NAME=CONFIG[:KEY=VALUE,KEY=VALUE...] ...] [--no-ref-metrics fade,niqe_hcdyc,brisque_svr]
         [--metric-weights DIR]
 
 Each run is one inference config (``inference_accsamp.py`` when the config has ``inference.tau``, else
-``inference_stage2.py``) with optional overrides; ``--set`` applies to every run. The FIRST run is the reference
-(default: the published AccSamp). Default runs:
+``inference_stage2.py``; run through their pipelines, ``pipelines.accsamp`` / ``pipelines.stage2``) with optional
+overrides; ``--set`` applies to every run. The FIRST run is the reference (default: the published AccSamp). Default
+runs:
 
     accsamp              configs/inference/stage2_accsamp.yaml        (reference)
     accsamp_fast         configs/inference/stage2_accsamp_fast.yaml
     accsamp_dpmpp_2m_20  stage2_accsamp.yaml with inference.sampler=dpmpp_2m, inference.steps=20
     spaced50             configs/inference/stage2.yaml
 
-Every run writes its images to ``<out>/<name>/`` and runs in its own subprocess, so its peak memory is its own:
-CUDA ``max_memory_allocated`` (weights included) or the CPU process's ``ru_maxrss``. Seconds per image time the
-script's per-image work (condition, sampling, final decode; not model loading or PNG writing), measured by wrapping
-the batch function of the script (``make_process``) that ``run_folder`` calls. Agreement with the reference is PSNR / SSIM (and
-CIEDE2000) of each run's outputs against the reference run's outputs (``evaluate.evaluate_folders``); the
-no-reference metrics are any of evaluate.py's (default: its offline set FADE, NIQE, BRISQUE; pyiqa's learned
-metrics with ``--metric-weights``, never downloading; an unavailable metric shows "-"). Agreement with the published output is not quality: the
-table only tells how far a faster sampler moves the result. Writes ``<out>/compare.md`` and ``<out>/compare.json``
-atomically and prints the table. Exit status 1 if a run failed (the others are still reported).
+Every run writes its images to ``<out>/<name>/`` and runs in its own subprocess (``python -m tools.compare_samplers
+--worker ...`` in the repository root), so its peak memory is its own: CUDA ``max_memory_allocated`` (weights
+included) or the CPU process's ``ru_maxrss``. Seconds per image time the script's per-image work (condition,
+sampling, final decode; not model loading or PNG writing), measured by wrapping the script's batch function (its
+pipeline's ``make_process``) that ``run_folder`` calls. Agreement with the reference is PSNR / SSIM (and CIEDE2000)
+of each run's outputs against the reference run's outputs (``metrics.evaluation.evaluate_folders``); the
+no-reference metrics are any of evaluate.py's (default: its offline set FADE, NIQE, BRISQUE; pyiqa's learned metrics
+with ``--metric-weights``, never downloading; an unavailable metric shows "-"). Agreement with the published output
+is not quality: the table only tells how far a faster sampler moves the result. Writes ``<out>/compare.md`` and
+``<out>/compare.json`` atomically and prints the table. Exit status 1 if a run failed (the others are still
+reported).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
@@ -37,20 +39,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from metrics import iqa
+from metrics.evaluation import DEFAULT_NO_REF, LABELS, NO_REFERENCE, evaluate_folders, parse_metric_list, summarize
+from pipelines.cli import check_weights
+from pipelines.folder import run_folder
+from pipelines.registry import pipeline_for
+from pipelines.runner import DiffusionRunner
+from pipelines.settings import InferenceSettings
+from utils.atomic import write_text_atomic
+from utils.common import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from evaluate import (DEFAULT_NO_REF, LABELS, NO_REFERENCE, evaluate_folders, parse_metric_list,  # noqa: E402
-                      summarize)
-from utils import iqa  # noqa: E402
-from utils.atomic import write_text_atomic  # noqa: E402
-from utils.common import load_config  # noqa: E402
-from utils.inference_settings import InferenceSettings  # noqa: E402
-from utils.pipeline import DiffusionRunner, check_weights, run_folder  # noqa: E402
-
 LOG = logging.getLogger("compare_samplers")
 DEFAULT_RUNS = (
     "accsamp=configs/inference/stage2_accsamp.yaml",
@@ -79,20 +80,20 @@ def resolve_config(config: str) -> str:
 
 
 def script_for(cfg) -> str:
-    """The inference module that runs this config: AccSamp when it has ``inference.tau``, else plain stage 2."""
+    """The inference script that runs this config: AccSamp when it has ``inference.tau``, else plain stage 2."""
     return "inference_accsamp" if "tau" in cfg.inference else "inference_stage2"
 
 
 def worker(config: str, overrides: list[str]) -> dict:
-    """Run one config's inference script in this process; seconds per image and peak memory."""
+    """Run one config's inference script (its pipeline module) in this process; seconds per image and peak memory."""
     cfg = load_config(config, overrides)
-    module = importlib.import_module(script_for(cfg))
+    module = pipeline_for(script_for(cfg))
     seconds: list[float] = []
     inf = InferenceSettings.from_config(cfg)
     cuda = torch.cuda.is_available() and inf.device in ("auto", "cuda")
     check_weights(inf.weight_paths())
-    runner = DiffusionRunner(cfg)
-    process = module.make_process(cfg, runner)
+    runner = DiffusionRunner(cfg, inf)
+    process = module.make_process(cfg, inf, runner)
 
     def timed_process(batch, callback=None):
         if cuda:
@@ -106,7 +107,7 @@ def worker(config: str, overrides: list[str]) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    status = run_folder(cfg, timed_process, module.output_names(cfg), False, script_for(cfg), runner.batch_key)
+    status = run_folder(inf, timed_process, module.output_names(inf), False, script_for(cfg), runner.batch_key)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     accsamp = script_for(cfg) == "inference_accsamp"
@@ -116,8 +117,9 @@ def worker(config: str, overrides: list[str]) -> dict:
 
 
 def spawn(config: str, overrides: list[str], timeout_s: float) -> dict | str:
-    """One run in a subprocess; its result dict, or a one-line failure reason."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--worker-set", *overrides]
+    """One run in a subprocess (this tool's ``--worker``, from the repository root); its result dict, or a one-line
+    failure reason."""
+    cmd = [sys.executable, "-m", "tools.compare_samplers", "--worker", config, "--worker-set", *overrides]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""Accuracy of the fog analyser (utils.fog.analyze_fog) on a labelled synthetic set made here.
+"""Accuracy of the fog analyser (haze.fog.analyze_fog) on a labelled synthetic set made here.
 
 Scenes: scikit-image's bundled photos (grey ones replicated to RGB), centre-cropped and resized to --size square.
 Each scene is hazed with the atmospheric model I = J t + A (1 - t), t = exp(-2 β(x) (1 - depth01(x))) (RIDCP's form,
@@ -13,24 +13,20 @@ and three densities by β: light β ~ U[0.10, 0.30), medium U[0.30, 0.60), heavy
 0.82 down to 0.09). Every scene gets every (type, density) once with its own random β and A (numpy seed --seed).
 The analyser's density levels light / moderate / dense are scored against light / medium / heavy.
 
-Usage: python tools/fog_eval.py [--seed 0] [--size 256]   (prints markdown tables: per-class accuracy and confusion)
+Usage: python -m tools.fog_eval [--seed 0] [--size 256]   (prints markdown tables: per-class accuracy and confusion)
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.fog import HAZE_TYPES, analyze_fog  # noqa: E402
-from utils.haze import rehaze  # noqa: E402
-from utils.image_io import resize01  # noqa: E402
+from haze.fog import HAZE_TYPES, analyze_fog
+from haze.scattering import rehaze
+from utils.image_io import resize01
 
 SCENES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel",
           "camera", "brick", "gravel", "grass", "coins", "clock", "moon")

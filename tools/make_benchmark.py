@@ -17,7 +17,7 @@ scene with the ground at the bottom). Outputs (8-bit PNG, atomic writes):
 where k indexes the (beta, A) list; the manifest records every pair with beta, A and the proxy.
 There is no randomness.
 
-    python tools/make_benchmark.py --out data/bench [--max-side 512] [--betas 0.8,1.6,2.4]
+    python -m tools.make_benchmark --out data/bench [--max-side 512] [--betas 0.8,1.6,2.4]
 """
 from __future__ import annotations
 
@@ -30,13 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.atomic import write_text_atomic  # noqa: E402
-from utils.haze import rehaze  # noqa: E402
-from utils.image_io import (ImageReadError, list_images, load_rgb01, pil_to_tensor01,  # noqa: E402
-                            resize01, save_png01)
+from haze.scattering import rehaze
+from utils.atomic import write_text_atomic
+from utils.image_io import ImageReadError, list_images, load_rgb01, pil_to_tensor01, resize01, save_png01
 
 LOG = logging.getLogger("make_benchmark")
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")

@@ -8,7 +8,7 @@ dataset.degradation.haze_formula) on the proxy depth of
 dataset.degradation.depth_proxy; fixed beta and A per image, no noise or JPEG.
 
 Needs the optional tool dependency scikit-image (pip install scikit-image).
-Usage: python tools/make_inputs.py [--out inputs] [--max-side 384]
+Usage: python -m tools.make_inputs [--out inputs] [--max-side 384]
 """
 from __future__ import annotations
 
@@ -20,11 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset.degradation import depth_proxy, haze_formula  # noqa: E402
-from utils.image_io import resize01, save_png01  # noqa: E402
+from dataset.degradation import depth_proxy, haze_formula
+from utils.image_io import resize01, save_png01
 
 LOG = logging.getLogger("make_inputs")
 

@@ -7,7 +7,7 @@ depth comes from ``dataset.degradation.depth_proxy`` (vertical ramp blended with
 blurred inverted luminance). Unreadable inputs are skipped and reported; writes are
 atomic; the input folder is never written to.
 
-Usage: python tools/make_synthetic_set.py --input DIR --out DIR [--size 512]
+Usage: python -m tools.make_synthetic_set --input DIR --out DIR [--size 512]
 """
 from __future__ import annotations
 
@@ -18,12 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset.degradation import depth_proxy  # noqa: E402
-from utils.atomic import atomic_write  # noqa: E402
-from utils.image_io import ImageReadError, list_images, load_rgb01, resize01, tensor01_to_pil  # noqa: E402
+from dataset.degradation import depth_proxy
+from utils.atomic import atomic_write
+from utils.image_io import ImageReadError, list_images, load_rgb01, resize01, tensor01_to_pil
 
 LOG = logging.getLogger("make_synthetic_set")
 

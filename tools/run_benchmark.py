@@ -1,17 +1,17 @@
-"""Score methods on a benchmark made by tools/make_benchmark.py and print one table.
+"""Score methods on a benchmark made by ``python -m tools.make_benchmark`` and print one table.
 
-Methods (``--methods``, in table order): ``hazy`` (the hazy input itself, i.e. doing nothing),
-``dcp`` (inference_dcp.py with --dcp-config, run into WORK/dcp), any number of ``NAME=CONFIG.yaml``
-configured models (run over BENCH/hazy into WORK/NAME with inference_accsamp.py when the config has a
-``guidance`` section, else inference_stage2.py) and any number of ``NAME=DIR`` result folders computed
-elsewhere. Each is evaluated
-against BENCH/clean with evaluate.py
-(PSNR / SSIM / CIEDE2000, results matched by the <name>_<k> -> <name> rule, plus any no-reference metrics of
+Methods (``--methods``, in table order): ``hazy`` (the hazy input itself, i.e. doing nothing), ``dcp`` (DCP with
+--dcp-config through ``pipelines.dcp.run``, the pipeline of inference_dcp.py, into WORK/dcp), any number of
+``NAME=CONFIG.yaml`` configured models (run over BENCH/hazy into WORK/NAME by inference_accsamp.py when the config
+has a ``guidance`` section, else inference_stage2.py, each in a subprocess) and any number of ``NAME=DIR`` result
+folders computed elsewhere. Each is evaluated against BENCH/clean with evaluate.py's metrics (``metrics.evaluation``:
+PSNR / SSIM / CIEDE2000, results matched by the <name>_<k> -> <name> rule, plus any no-reference metrics of
 ``--no-ref-metrics`` / ``--preset paper``); per-method reports go to WORK/<method>/eval, the table to
 WORK/benchmark.md and WORK/benchmark.json, one box-plot chart per metric to WORK/charts/<metric>.png
-(tools/compare_methods.py).
+(``tools.compare_methods``). The charts need matplotlib, of the optional metrics group: without it the tool stops
+before any work with exit status 2 and one line naming the install command.
 
-    python tools/run_benchmark.py --bench data/bench [--methods hazy dcp accsamp=configs/inference/stage2_accsamp.yaml]
+    python -m tools.run_benchmark --bench data/bench [--methods hazy dcp accsamp=configs/inference/stage2_accsamp.yaml]
                                   [--preset paper] [--metric-weights DIR]
 """
 from __future__ import annotations
@@ -24,15 +24,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import inference_dcp  # noqa: E402
-from evaluate import DEFAULT_NO_REF, PRESETS, evaluate_folders, parse_metric_list, write_report  # noqa: E402
-from tools.compare_methods import comparison_table, save_charts  # noqa: E402
-from utils import iqa  # noqa: E402
-from utils.atomic import write_text_atomic  # noqa: E402
-from utils.common import load_config  # noqa: E402
+from metrics import iqa
+from metrics.evaluation import DEFAULT_NO_REF, PRESETS, evaluate_folders, parse_metric_list, write_report
+from pipelines import dcp as dcp_pipeline
+from pipelines.settings import InferenceSettings
+from tools.compare_methods import comparison_table, save_charts
+from utils.atomic import write_text_atomic
+from utils.common import load_config
+from utils.optional import require
 
 LOG = logging.getLogger("run_benchmark")
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ def run_dcp(bench: Path, work: Path, config: Path, overrides: list[str], skip_ex
     dst = work / "dcp"
     cfg = load_config(config, [*overrides, f"inference.image_folder={bench / 'hazy'}", f"inference.result_folder={dst}",
                                "inference.save_transmission=False"])
-    if inference_dcp.run(cfg, SimpleNamespace(skip_existing=skip_existing)) != 0:
+    if dcp_pipeline.run(cfg, InferenceSettings.from_config(cfg), SimpleNamespace(skip_existing=skip_existing)) != 0:
         raise RuntimeError(f"DCP failed on some images of {bench / 'hazy'} (see the log)")
     return dst
 
@@ -75,7 +74,7 @@ def parse_method(text: str) -> tuple[str, Path | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate hazy input, DCP and model results on a synthetic benchmark")
-    parser.add_argument("--bench", required=True, type=Path, help="folder with hazy/, clean/ (tools/make_benchmark.py)")
+    parser.add_argument("--bench", required=True, type=Path, help="folder with hazy/, clean/ (tools.make_benchmark)")
     parser.add_argument("--methods", nargs="+", type=parse_method, default=[("hazy", None), ("dcp", None)],
                         metavar="METHOD", help="hazy, dcp, NAME=CONFIG.yaml (run that model) and/or NAME=DIR "
                         "(existing results over BENCH/hazy)")
@@ -88,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="add evaluate.py's preset (paper = the RTTS table)")
     parser.add_argument("--metric-weights", type=Path, metavar="DIR", help="as evaluate.py")
     args = parser.parse_args(argv)
+    require("matplotlib", "metrics")  # the charts; checked before any method runs
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     hazy, clean = args.bench / "hazy", args.bench / "clean"
     for folder in (hazy, clean):

@@ -1,0 +1,81 @@
+"""The command line of every inference script: argument parsing, the settings read once at the door, the weight-file
+check, and the run of a script's batch function over a folder (:func:`run_script`, :func:`main_wrapper`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from pipelines.folder import Process, run_folder
+from pipelines.runner import DiffusionRunner
+from pipelines.settings import InferenceSettings, InferenceSettingsError
+from utils.checkpoint import WEIGHTS_HELP
+from utils.common import load_config
+from utils.distributed import init_processes
+
+log = logging.getLogger("hcdyc")
+EXIT_MISSING_WEIGHTS = 2
+EXIT_BAD_CONFIG = 2
+
+
+def parse_args(description: str, default_config: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help="YAML config (model + inference sections)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set inference.tau=0.7 inference.seed=1")
+    parser.add_argument("--skip-existing", action="store_true", help="skip images whose outputs already exist")
+    parser.add_argument("--show-steps", action="store_true", help="also show a progress bar over sampling steps")
+    return parser.parse_args()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+
+def check_weights(paths: dict[str, str]) -> None:
+    """Exit with status 2 and a clear message if a weight file is missing (before any heavy work)."""
+    for key, path in paths.items():
+        if not Path(path).is_file():
+            log.error("weight file for '%s' not found: %s (%s)", key, path, WEIGHTS_HELP)
+            sys.exit(EXIT_MISSING_WEIGHTS)
+
+
+def run_script(cfg: DictConfig, settings: InferenceSettings, args: argparse.Namespace,
+               make_process: Callable[..., Process],
+               output_names: Callable[[InferenceSettings], Callable[[str], list[str]]], desc: str) -> int:
+    """A diffusion script's ``run``: check the weight files, load the model once, run its batch function
+    ``make_process(cfg, settings, runner, show_steps)`` over the folder. Returns the exit status."""
+    check_weights(settings.weight_paths())
+    runner = DiffusionRunner(cfg, settings)
+    return run_folder(settings, make_process(cfg, settings, runner, args.show_steps), output_names(settings),
+                      args.skip_existing, desc,
+                      runner.batch_key)
+
+
+def main_wrapper(fn: Callable[[DictConfig, InferenceSettings, argparse.Namespace], int], description: str,
+                 default_config: str, script: str) -> None:
+    """Parse arguments, load the config, read and check the ``inference.*`` settings once for ``script`` (a key of
+    pipelines.settings.SCRIPT_KEYS; a bad one exits 2 with one line naming the key, before any weight file
+    is looked for), join the ``accelerate launch`` processes (only the main one logs INFO) and exit with the status
+    of ``fn(cfg, settings, args)``, which passes the one settings object down."""
+    setup_logging()
+    args = parse_args(description, default_config)
+    cfg = load_config(args.config, args.set)
+    try:
+        settings = InferenceSettings.from_config(cfg)
+        settings.check_script(script)
+    except InferenceSettingsError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_BAD_CONFIG)
+    if not init_processes().is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    ignored = InferenceSettings.ignored_keys(cfg, script)
+    if ignored:
+        log.info("%s.py does not use inference.%s (keys of the other scripts); ignored", script,
+                 ", inference.".join(ignored))
+    sys.exit(fn(cfg, settings, args))

@@ -1,0 +1,330 @@
+"""Shared training loop of HazeGen (stage 1) and DiffDehaze (stage 2), built on accelerate.
+
+Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW; stage 2 at lr 3e-5,
+then 1e-5 after 50k steps), the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet,
+the loss is the eps MSE of :class:`training.step.TrainingStep`; checkpoints
+``<exp_dir>/checkpoints/<step:07d>.pt`` are flat ControlNet state dicts in the release ``stage*.pt`` format.
+
+Added here: exact resume (the training state on disk, the exp_dir lock and the metrics bookkeeping are in
+:mod:`training.state`), mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard
+logging, a tqdm bar on the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC
+extension losses. Settings: :mod:`training.settings`; data and sample order: :mod:`training.data`. Every random draw
+of a step comes from a generator seeded by (seed, step, micro-step, process), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from model.builder import build_model as build_model_from_section
+from model.builder import text_processor_on
+from model.cldm import ControlLDM
+from model.gaussian_diffusion import Diffusion
+from training.data import GlobalBatchSampler, build_dataset, plan_batches, to_device
+from training.preview import preview_grid
+from training.settings import ExtensionSettings, TrainSettings, resolve_aliases, split_settings
+from training.state import (EMA, EMA_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS, ExpDirLock,
+                            LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state, install_state_hooks,
+                            is_main_rank, save_training_state)
+from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
+from utils.checkpoint import WEIGHTS_HELP, CheckpointError, save_state_dict_atomic
+from utils.common import load_config, seed_everything
+from utils.distributed import launched_world_size, use_cpu_backend_if_needed
+
+log = logging.getLogger("hcdyc.train")
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+def set_gradient_checkpointing(ldm: ControlLDM, enabled: bool) -> int:
+    """Set ``use_checkpoint`` on every UNet/ControlNet block that has it (ResBlock, BasicTransformerBlock, ...).
+
+    Returns the number of blocks switched.
+    """
+    count = 0
+    for module in list(ldm.unet.modules()) + list(ldm.controlnet.modules()):
+        if isinstance(getattr(module, "use_checkpoint", None), bool):
+            module.use_checkpoint = enabled
+            count += 1
+    return count
+
+
+def build_model(cfg: DictConfig, loop: TrainSettings) -> tuple[ControlLDM, Diffusion]:
+    """ControlLDM of ``cfg.model`` (:func:`model.builder.build_model`) with SD weights from ``train.sd_path``, the
+    ControlNet initialised from the UNet and ``train.gradient_checkpointing`` applied."""
+    if not Path(loop.sd_path).is_file():
+        raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
+    try:
+        ldm, diffusion = build_model_from_section(cfg.model, loop.sd_path, sd_key="train.sd_path")
+    except CheckpointError as err:
+        raise TrainError(str(err)) from None
+    set_gradient_checkpointing(ldm, loop.gradient_checkpointing)
+    return ldm, diffusion
+
+
+# --------------------------------------------------------------------------------------------------- processes
+def agree_on_error(accelerator, error: str | None) -> None:
+    """Raise TrainError on every process when any process reports ``error`` (the lowest rank's message first).
+
+    A start-up problem found by one process (the main process's lock and image checks) thus stops all of them at
+    the same point, instead of leaving the others waiting in a collective.
+    """
+    from accelerate.utils import gather_object
+
+    errors = [message for message in gather_object([error]) if message]
+    if errors:
+        raise TrainError(errors[0])
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from (seed, keys): independent streams per step / micro-step / process."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> dict[str, Any]:
+    """Flat hyper-parameters for the tracker (None written as the string 'null')."""
+    out: dict[str, Any] = {"stage": stage}
+    for key, value in {**dataclasses.asdict(loop), **dataclasses.asdict(ext)}.items():
+        out[key] = value if isinstance(value, (int, float, str, bool)) else str(value if value is not None else "null")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ loop
+def run_training(cfg: DictConfig, stage: int) -> int:
+    """Train one stage from a full config (model / dataset / train). Returns the process exit status: 2 for start-up
+    problems, logged as one line by the main process only (every process of the run stops at the same point)."""
+    lock = ExpDirLock()
+    try:
+        return Trainer(cfg, stage, lock).run()
+    except TrainError as err:
+        if is_main_rank():
+            log.error("%s", err)
+        return 2
+    finally:
+        lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class Trainer:
+    """One training run: start-up checks and set-up in ``__init__``, the optimizer-step loop in :meth:`run`."""
+
+    def __init__(self, cfg: DictConfig, stage: int, lock: ExpDirLock):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = resolve_aliases(cfg)
+        self.cfg, self.stage = cfg, stage
+        self.loop, self.ext = loop, ext = split_settings(cfg)
+        use_cpu_backend_if_needed()
+        try:
+            cycle_loss = build_cycle_loss(ext)
+        except (ValueError, FileNotFoundError) as err:
+            raise TrainError(str(err)) from None
+        if ext.align_enabled and not ext.use_dynamic_prompt:
+            log.warning("train.text_align_weight > 0 without train.use_dynamic_prompt: %s", ALIGN_SKIP_REASON)
+        if not Path(loop.sd_path).is_file():
+            raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
+        self.exp_dir = Path(loop.exp_dir)
+        self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
+
+        self.accelerator = acc = Accelerator(
+            mixed_precision=loop.mixed_precision,
+            gradient_accumulation_steps=loop.gradient_accumulation_steps,
+            log_with=loop.log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.exp_dir), logging_dir=str(self.exp_dir / "logs")),
+            # the alignment encoder (skipped steps) and the text processor (before its start) can get no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.has_idle_parameters(text_processor_on(cfg.model)))],
+        )
+        logging.getLogger().setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
+        world = launched_world_size()
+        if world != acc.num_processes:
+            raise TrainError(f"launched {world} processes but accelerate runs {acc.num_processes}; on CPU set "
+                             "ACCELERATE_USE_CPU=1 (done automatically when CUDA is unavailable)")
+        self.accum = acc.gradient_accumulation_steps
+        self.plan = plan_batches(loop, acc.num_processes, self.accum)
+        error = None
+        try:
+            if acc.is_main_process:
+                lock.acquire(self.exp_dir)
+            self.dataset = build_dataset(cfg, loop.seed, check_images=acc.is_main_process)
+        except TrainError as err:
+            error = str(err)
+        agree_on_error(acc, error)
+
+        seed_everything(loop.seed)
+        self.ldm, diffusion = build_model(cfg, loop)
+        self.step_module = TrainingStep(self.ldm, diffusion, stage, ext, cycle_loss, image_embedder_for(self.ldm, ext))
+        self.step_module.to_device(acc.device)
+        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.lr_at(0))
+        self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
+        install_state_hooks(acc)
+        self.ema = EMA(self.ldm.controlnet_state_dict(), loop.ema_decay) if loop.ema_decay else None
+        self.progress = Progress()
+        self.window = LogWindow()
+        if self.resume_dir is not None:
+            self._resume(self.resume_dir)
+
+    def _resume(self, state_dir: Path) -> None:
+        """Restore weights, optimizer, RNG states, progress, EMA and this process's log window; drop the metrics
+        rows a killed run wrote after the state."""
+        saved = json.loads((state_dir / PROGRESS_FILE).read_text())
+        if saved.get("global_batch") not in (None, self.plan.global_batch):
+            raise TrainError(f"{state_dir} was saved with a global batch of {saved['global_batch']}, this run has "
+                             f"{self.plan.describe()}; its data position would not match (keep the global batch)")
+        self.accelerator.load_state(str(state_dir))
+        self.progress = Progress.load(state_dir / PROGRESS_FILE)
+        if self.ema is not None:
+            if not (state_dir / EMA_FILE).is_file():
+                raise TrainError(f"train.ema_decay is set but {state_dir} holds no {EMA_FILE}")
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+        window_file = state_dir / LOG_WINDOW_FILE.format(rank=self.accelerator.process_index)
+        if window_file.is_file() and saved.get("num_processes") == self.accelerator.num_processes:
+            self.window = LogWindow.load(window_file, self.accelerator.device)
+        elif self.progress.step % self.loop.log_every and self.accelerator.is_main_process:
+            log.warning("%s holds no log window for %d processes: the first logged means after step %d cover only "
+                        "the steps after it", state_dir, self.accelerator.num_processes, self.progress.step)
+        if self.accelerator.is_main_process:
+            dropped = drop_metrics_after(self.exp_dir / METRICS_FILE, self.progress.step)
+            if dropped:
+                log.info("dropped %d %s rows logged after step %d", dropped, METRICS_FILE, self.progress.step)
+        log.info("resumed from %s at step %d", state_dir, self.progress.step)
+
+    def _loader(self) -> tuple[Iterator[dict[str, Any]], GlobalBatchSampler]:
+        """Micro-batch iterator of this process from the current data position."""
+        acc, p = self.accelerator, self.progress
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(p.epoch)
+        sampler = GlobalBatchSampler(len(self.dataset), self.plan.per_process, acc.num_processes, acc.process_index,
+                                     self.accum, self.loop.seed, p.epoch, p.batch_in_epoch)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
+                            pin_memory=acc.device.type == "cuda")
+        return iter(loader), sampler
+
+    def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step
+        -> (last micro-batch, logs per micro-batch)."""
+        acc, loop = self.accelerator, self.loop
+        for group in self.optimizer.param_groups:
+            group["lr"] = loop.lr_at(self.progress.step)
+        logs = []
+        for a in range(self.accum):
+            batch = to_device(next(data_iter), acc.device)
+            seed = step_seed(loop.seed, self.progress.step, a, acc.process_index)
+            gen = torch.Generator(device=acc.device).manual_seed(seed)
+            with acc.accumulate(self.model):
+                out = self.model(batch, self.progress.step, gen, random.Random(seed))
+                acc.backward(out["loss"])
+                if acc.sync_gradients and loop.max_grad_norm is not None:
+                    acc.clip_grad_norm_(trainable_parameters(self.step_module), loop.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            logs.append(out["logs"])
+        return batch, logs
+
+    def run(self) -> int:
+        from tqdm.auto import tqdm
+
+        acc, loop, p = self.accelerator, self.loop, self.progress
+        if acc.is_main_process:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            resolved = OmegaConf.merge(self.cfg, {"run": self.plan.as_dict()})
+            OmegaConf.save(resolved, self.exp_dir / "config.yaml")
+            log.info("stage %d: %s; %d samples", self.stage, self.plan.describe(), len(self.dataset))
+        if loop.log_with:
+            # after a resume, TensorBoard hides the events a killed run wrote after the resumed step
+            purge = {"tensorboard": {"purge_step": p.step + 1}} if p.step else {}
+            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage), init_kwargs=purge)
+        bar = tqdm(total=loop.train_steps, initial=p.step, desc=f"stage {self.stage}",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        window = self.window
+        warned_align, data_iter = False, None
+        self.model.train()
+        while p.step < loop.train_steps:
+            if data_iter is None:
+                data_iter, sampler = self._loader()
+            batch, logs = self._optimizer_step(data_iter)
+            p.step += 1
+            p.batch_in_epoch += 1
+            if p.batch_in_epoch == sampler.batches_per_epoch:
+                p.epoch, p.batch_in_epoch, data_iter = p.epoch + 1, 0, None
+            if self.ema is not None:
+                self.ema.update(self.ldm.controlnet_state_dict())
+            window.add(logs)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs[-1]['loss'].item():.4f}")
+            if not warned_align and any(entry.get("align_skipped", 0) > 0 for entry in logs) and acc.is_main_process:
+                log.warning("%s", ALIGN_SKIP_REASON)
+                warned_align = True
+            if p.step % loop.log_every == 0 or p.step == loop.train_steps:
+                window.flush(acc, p.step, self.exp_dir / METRICS_FILE, bool(loop.log_with),
+                             {"train/lr": loop.lr_at(p.step - 1)})
+            if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
+                self._preview(batch)
+            if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
+                self._save_checkpoint()
+                save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
+                                    window)
+        bar.close()
+        acc.end_training()
+        return 0
+
+    def _preview(self, batch: dict[str, Any]) -> None:
+        """Sample grid of the main process's last micro-batch and its prompts (text) to TensorBoard (other trackers:
+        scalars only)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.step_module.eval()
+            grid, prompts = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
+                                self.loop.sample_steps, step_seed(self.loop.seed, self.progress.step, 2**31))
+            self.step_module.train()
+            for tracker in acc.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"preview": grid[None].numpy()}, step=self.progress.step, dataformats="NCHW")
+                    tracker.log({"preview_prompts": "\n\n".join(f"{i}: {text}" for i, text in enumerate(prompts))},
+                                step=self.progress.step)
+        acc.wait_for_everyone()
+
+    def _save_checkpoint(self) -> None:
+        """Release-format ControlNet weights (+ EMA copy, + alignment image encoder) at the current step."""
+        if not self.accelerator.is_main_process:
+            return
+        ckpt_dir = self.exp_dir / "checkpoints"
+        name = f"{self.progress.step:0{STATE_NAME_DIGITS}d}"
+        save_state_dict_atomic(self.ldm.controlnet_state_dict(), ckpt_dir / f"{name}.pt")
+        if self.ema is not None:
+            save_state_dict_atomic(self.ema.state_dict(), ckpt_dir / f"{name}_ema.pt")
+        if self.step_module.image_embedder is not None:
+            save_state_dict_atomic(self.step_module.image_embedder.state_dict(), ckpt_dir / f"{name}_image_embedder.pt")
+
+
+def main(stage: int, default_config: str) -> None:
+    """CLI of ``train_stage1.py`` / ``train_stage2.py``: ``--config`` and ``--set key=value ...``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=f"Train stage {stage} ({'HazeGen' if stage == 1 else 'DiffDehaze'})")
+    parser.add_argument("--config", default=default_config, help="training YAML (model / dataset / train)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.batch_size=8 train.resume=latest")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (FileNotFoundError, ValueError) as err:
+        if is_main_rank():
+            log.error("%s", err)
+        sys.exit(2)
+    sys.exit(run_training(cfg, stage))
