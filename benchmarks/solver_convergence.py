@@ -3,8 +3,8 @@
 Data x0 ~ N(MU, S²·I) has a closed-form optimal ε-predictor and a closed-form probability-flow ODE solution, so the
 solvers' error is measured exactly (float64), from one x_T, on two grids: the model's own discrete schedule (the
 guided-diffusion respacing of SD's 1000 timesteps that every script uses) and a grid uniform in λ = log(α/σ) between
-the same end points. Prints a markdown table (max-abs error and the empirical order per step doubling) for the
-README. ``tests/test_sampler_solvers.py`` asserts the orders from the same functions.
+the same end points. Prints a markdown table (max-abs error and the empirical order per step doubling) for
+docs/samplers.md. ``tests/sampler/test_sampler_solvers.py`` asserts the orders from the same functions.
 
     python -m benchmarks.solver_convergence [--parameterization eps|v]
 """

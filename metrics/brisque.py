@@ -8,7 +8,7 @@ The SVR and its feature ranges are the LIVE-trained model shipped by the PyPI pa
 ``brisque`` 0.2.0 (Apache-2.0), read as data from ``metrics/data/brisque_svm.txt`` (LIBSVM model
 file, verbatim) and ``metrics/data/brisque_feature_range.json`` (see metrics/data/README.md). The
 features are computed the way that package computes them (its numbers are what the model was
-trained on, and tests/test_metrics.py checks ours against it):
+trained on, and tests/metrics/test_metrics.py checks ours against it):
   * grey = 0.2125 R + 0.7154 G + 0.0721 B on RGB in [0,1] (scikit-image rgb2gray);
   * MSCN = (I - mu) / (sigma + 1/255), mu and sigma = sqrt(|mu^2 - E[I^2]|) from a normalised
     7x7 Gaussian (sigma 7/6), zero-padded 'same' convolution;

@@ -7,7 +7,7 @@ features over the pristine corpus, 7x7 Gaussian window) read as data from
 ``metrics/data/niqe_pris_params.npz`` (see metrics/data/README.md for origin and license).
 
 Settings (those of the official release as re-implemented by BasicSR 1.4.2's calculate_niqe
-with its defaults, against which tests/test_metrics.py checks the numbers):
+with its defaults, against which tests/metrics/test_metrics.py checks the numbers):
   * colour: RGB in [0,1] -> MATLAB BT.601 luma Y = 16 + 65.481 R + 128.553 G + 24.966 B
     (0..255 scale), rounded to integers;
   * the image is cropped (top-left kept) to whole 96x96 blocks; blocks do not overlap;
