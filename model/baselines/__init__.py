@@ -3,7 +3,8 @@
 Every network here maps a hazy ``img01`` (B,3,H,W) in [0,1] to its output through ``forward`` (what its training
 loss compares: the image, or MSCNN's transmission) and to a dehazed image (B,3,H,W) in [0,1] (clamped) through
 ``restore``; ``size_multiple`` is the side length the input must be a multiple of (the inference pipeline pads
-to it by reflection).
+to it by reflection). A network whose output is not the image (MSCNN's t) also has ``dehaze(img01, output)``, which
+turns its output — computed whole or in tiles — into the dehazed image.
 
 * :class:`model.baselines.aodnet.AODNet` (Li et al., ICCV 2017)
 * :class:`model.baselines.mscnn.MSCNN` (Ren et al., ECCV 2016)

@@ -56,10 +56,14 @@ class MSCNN(nn.Module):
         coarse = self.coarse_transmission(img01)
         return torch.sigmoid(self.fine(torch.cat([self.fine_first(img01), coarse], 1)))
 
-    @torch.no_grad()
-    def restore(self, img01: torch.Tensor) -> torch.Tensor:
-        """J = (I - A) / max(t, t_floor) + A with the predicted t and the paper's airlight, clamped to [0,1]."""
-        t = self(img01)
+    def dehaze(self, img01: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """J = (I - A) / max(t, t_floor) + A for a transmission ``t`` (B,1,H,W) (this network's output, computed
+        whole or in tiles) and the paper's airlight from it, clamped to [0,1]."""
         airlight = airlight_from_transmission(img01, t, self.airlight_fraction)
         return recover(img01, t, airlight, t_floor=self.t_floor).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def restore(self, img01: torch.Tensor) -> torch.Tensor:
+        """Dehazed image (B,3,H,W) in [0,1]: :meth:`dehaze` with the predicted t."""
+        return self.dehaze(img01, self(img01))
 
