@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dataset.transfer import ChannelTransfer, apply_gamma, estimate_gamma
-from tests.train_helpers import make_stage2_data
+from tests.train_helpers import make_stage1_data, make_stage2_data
 
 GAMMA = (1.90, 1.91, 1.91)  # R, G, B: the published script's B, G, R values 1.91 / 1.91 / 1.90
 
@@ -54,3 +54,15 @@ def test_wrapper_changes_only_the_hazy_images(tmp_path):
     assert estimated.gamma == pytest.approx((1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="gamma"):
         ChannelTransfer(inner)
+
+
+def test_wrapper_maps_the_hazy_target_of_stage1_samples(tmp_path):
+    """HybridTrainingData holds the hazy image in ``target`` ([-1,1]) and ``hazy_ref``; clean, t and A stay."""
+    syn, _ = make_stage1_data(tmp_path, n_syn=2, n_real=1, size=(24, 28))
+    inner = {"target": "dataset.HybridTrainingData",
+             "params": {"syn_folder": str(syn), "real_folder": None, "crop_size": 16, "p": 1.0}}
+    a, b = ChannelTransfer(inner, gamma=(1.0, 1.0, 1.0), seed=1)[0], ChannelTransfer(inner, gamma=GAMMA, seed=1)[0]
+    assert torch.allclose((b["target"] + 1) / 2, apply_gamma((a["target"] + 1) / 2, GAMMA), atol=1e-6)
+    assert torch.allclose(b["hazy_ref"], apply_gamma(a["hazy_ref"], GAMMA))
+    for key in ("condition", "transmission", "airlight"):
+        assert torch.equal(a[key], b[key]), key
