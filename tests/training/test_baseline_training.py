@@ -148,6 +148,8 @@ def test_crossdehaze_stage_starts_from_the_first_stage_and_adds_the_decaying_ssl
     assert out["terms"]["ssl"].item() == pytest.approx(0.05 * ssl_consistency(pred, 0.5, (0.5, 2.0), gen_b).item(),
                                                        rel=1e-5)
     assert "ssl" not in task.step_module(batch, 4)["terms"]  # decayed to 0
+    grid, texts = task.preview(task.step_module, batch, 0, 0)
+    assert texts is None and grid.shape == (3, 3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # rows restored / clean / hazy
     proc = run_python("train_baseline.py", second)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metrics(tmp_path / "second")[1]["train/loss_ssl"] > 0
