@@ -12,6 +12,7 @@ predicts a map (MSCNN's t) turns the whole map into the image afterwards (one ai
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ from pipelines.folder import Batch, Process, run_folder
 from pipelines.settings import InferenceSettings, InferenceSettingsError
 from pipelines.tiling import tiled_apply
 from utils.checkpoint import check_shapes, load_state_dict
-from utils.common import instantiate_from_config
+from utils.common import instantiate_from_config, load_config
 from utils.distributed import process_device
 
 WEIGHT_KEYS: tuple[str, ...] = ("checkpoint_path",)
@@ -102,6 +103,23 @@ def run(cfg: DictConfig, inf: InferenceSettings, args: argparse.Namespace) -> in
         log.error("%s", err)
         return EXIT_BAD_CONFIG
     return run_folder(inf, process, output_names(inf), args.skip_existing, str(cfg.network.target).rsplit(".", 1)[-1])
+
+
+def dehaze_folder(config: str, overrides: list[str] | None = None, skip_existing: bool = False) -> int:
+    """What ``inference_baseline.py --config config --set overrides...`` does, from Python (e.g. a driver that
+    evaluates several baselines): returns the exit status (2: bad settings or missing weights, logged as one line;
+    1: some image failed)."""
+    cfg = load_config(config, overrides)
+    try:
+        inf = InferenceSettings.from_config(cfg)
+        inf.check_script("inference_baseline")
+    except InferenceSettingsError as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
+    if not Path(inf.checkpoint_path).is_file():
+        log.error("weight file for 'checkpoint_path' not found: %s", inf.checkpoint_path)
+        return EXIT_BAD_CONFIG
+    return run(cfg, inf, argparse.Namespace(skip_existing=skip_existing))
 
 
 def main() -> None:

@@ -137,3 +137,15 @@ def test_baseline_modes_appear_when_their_weights_exist(tmp_path, monkeypatch):
     img = torch.rand(3, 20, 30)
     out = mode.script.make_process(mode.cfg, mode.settings)([(img, "x")])
     assert out["x.png"].shape == (3, 20, 30)
+
+
+def test_dehaze_folder_runs_the_script_from_python(tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "aod.pt"
+    save_state_dict_atomic(AODNet().state_dict(), ckpt)
+    sets = [f"inference.image_folder={images(tmp_path / 'in')}", f"inference.result_folder={tmp_path / 'out'}",
+            "inference.device=cpu"]
+    config = str(ROOT / "configs/inference/baseline_aodnet.yaml")
+    assert baseline_pipeline.dehaze_folder(config, [f"inference.checkpoint_path={tmp_path / 'none.pt'}", *sets]) == 2
+    assert baseline_pipeline.dehaze_folder(config, [f"inference.checkpoint_path={ckpt}", *sets]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.png", "img1.png"]

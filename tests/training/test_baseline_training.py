@@ -20,7 +20,7 @@ from losses.restoration import ssl_consistency
 from model.baselines.mscnn import MSCNN
 from tests.helpers import ROOT
 from tests.train_helpers import make_stage1_data, make_stage2_data, run_python
-from training.baseline import BaselineStep, BaselineTask, ObjectiveSettings, split_baseline_settings
+from training.baseline import BaselineStep, BaselineTask, ObjectiveSettings, split_baseline_settings, train_baseline
 from training.data import build_dataset
 from training.state import TrainError, complete_states
 from utils.checkpoint import load_state_dict
@@ -97,6 +97,15 @@ def test_aodnet_run_logs_checkpoints_and_resumes_bit_exactly(data, tmp_path):
     assert sorted(m_full) == sorted(m_half) == [1, 2, 3, 4]
     assert all(m_full[s]["train/loss"] == m_half[s]["train/loss"] for s in m_full)
     assert set(m_full[1]) == {"step", "train/loss", "train/loss_data", "train/lr"}
+
+
+def test_train_baseline_runs_a_config_with_overrides_from_python(data, tmp_path):
+    config = write_config(tmp_path / "aod.yaml", "baseline_aodnet.yaml", model=TINY_MODELS["aodnet"],
+                          dataset=pairs_dataset(data), train={"exp_dir": str(tmp_path / "unused")})
+    exp = tmp_path / "aod"
+    assert train_baseline(config, [f"train.exp_dir={exp}", "train.train_steps=1"]) == 0
+    assert (exp / "checkpoints" / "0000001.pt").is_file() and not (tmp_path / "unused").exists()
+    assert train_baseline(config, [f"train.exp_dir={exp}", "train.train_steps=1"]) == 2  # holds states, no resume
 
 
 def test_mscnn_trains_on_the_true_transmission_of_the_synthesis(data, tmp_path):
