@@ -19,7 +19,7 @@ from torch.utils.data import default_collate
 from losses.restoration import ssl_consistency
 from model.baselines.mscnn import MSCNN
 from tests.helpers import ROOT
-from tests.train_helpers import make_stage1_data, make_stage2_data, run_python
+from tests.train_helpers import launch, make_stage1_data, make_stage2_data, run_python
 from training.baseline import BaselineStep, BaselineTask, ObjectiveSettings, split_baseline_settings, train_baseline
 from training.data import build_dataset
 from training.state import TrainError, complete_states
@@ -227,3 +227,18 @@ def test_gan_resume_after_a_real_kill_is_bit_exact(data, tmp_path):
     assert all(torch.equal(critics[0][k], critics[1][k]) for k in critics[0])
     m_killed, m_ref = metrics(tmp_path / "killed"), metrics(tmp_path / "ref")
     assert sorted(m_killed) == sorted(m_ref) and all(m_killed[s] == m_ref[s] for s in m_ref)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_gan_trains_under_two_processes(data, tmp_path):
+    """The two-optimizer step (critic with the gradient penalty's double backward, then the generator) under DDP."""
+    cfg = write_config(tmp_path / "gan2.yaml", "baseline_deblurgan_cpu.yaml", model=TINY_MODELS["gan"],
+                       dataset=pairs_dataset(data),
+                       train={"exp_dir": str(tmp_path / "gan2"), "train_steps": 2, "batch_size": 4},
+                       objective={"critic": {"params": {"channels": 8}}, "n_critic": 2})
+    proc = launch("train_baseline.py", cfg, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "per-process batch 2 x 2 processes" in proc.stderr
+    assert (tmp_path / "gan2" / "checkpoints" / "0000002.pt").is_file()
+    assert (complete_states(tmp_path / "gan2" / "state")[-1] / "optimizer_1.bin").is_file()
