@@ -93,7 +93,7 @@ class Dehazer:
             progress(int(info.get("step", 0)) + 1, total)
 
         stem = Path(image_path).stem
-        runner, lock = self.runners.get(cfg, settings) if mode.weight_paths else (None, contextlib.nullcontext())
+        runner, lock = self.runners.get(cfg, settings) if mode.needs_runner else (None, contextlib.nullcontext())
         with lock:
             if runner is not None:
                 runner.configure(cfg, settings)

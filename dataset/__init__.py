@@ -1,10 +1,13 @@
-"""Training datasets: stage-1 hybrid synthetic/real data and stage-2 static pairs."""
+"""Training datasets: stage-1 hybrid synthetic/real data, stage-2 static pairs, and the CrossDehaze channel
+transfer wrapper."""
 from dataset.checks import DataError
 from dataset.degradation import DegradationParams, degrade, haze_formula
 from dataset.hybrid import STAGE1_PROMPT, HybridTrainingData
 from dataset.paired import STAGE2_PROMPT, StaticPairedData
+from dataset.transfer import ChannelTransfer
 
 __all__ = [
+    "ChannelTransfer",
     "DataError",
     "DegradationParams",
     "HybridTrainingData",

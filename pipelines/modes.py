@@ -49,6 +49,12 @@ class Mode:
         keys = getattr(self.script, "WEIGHT_KEYS", WEIGHT_KEYS)
         return self.settings.weight_paths(keys)
 
+    @property
+    def needs_runner(self) -> bool:
+        """Whether the mode samples with a loaded diffusion model (a :class:`DiffusionRunner` from the cache): not
+        for scripts without weights (DCP) or that load their own network (``USES_DIFFUSION_RUNNER = False``)."""
+        return bool(self.weight_paths) and getattr(self.script, "USES_DIFFUSION_RUNNER", True)
+
     def run_config(self, values: dict[str, Any]) -> DictConfig:
         """This mode's settings with the page's control ``values`` (slider name -> value) written to their keys;
         controls the mode does not map are ignored."""

@@ -29,7 +29,7 @@ from utils.rules import Rule, first_violation, is_int, is_number
 
 WEIGHT_KEYS = ("sd_path", "controlnet_path")
 """inference.* weight files of every diffusion script."""
-PATH_KEYS = (*WEIGHT_KEYS, "image_folder", "result_folder", "fog_reference_folder")
+PATH_KEYS = (*WEIGHT_KEYS, "checkpoint_path", "image_folder", "result_folder", "fog_reference_folder")
 
 
 class InferenceSettingsError(ValueError):
@@ -45,6 +45,9 @@ class InferenceSettings:
     controlnet_path: str | None = None
     """ControlNet checkpoint (published: weights/stage1.pt for HazeGen, weights/stage2.pt for DiffDehaze/AccSamp);
     required by the diffusion scripts."""
+    checkpoint_path: str | None = None
+    """Weights of a feed-forward baseline (a ``checkpoints/<step>.pt`` of train_baseline.py); required by
+    inference_baseline.py, whose ``network`` section names the architecture."""
     image_folder: str | None = None
     """Folder of input images (.png/.jpg/.jpeg); required to run a script over a folder."""
     result_folder: str | None = None
@@ -92,6 +95,10 @@ class InferenceSettings:
     """VAE tile (image px, a positive multiple of 8)."""
     vae_tile_stride: int = 448
     """VAE tile stride (image px, a positive multiple of 8, <= vae_tile_size)."""
+    tile_size: int = 1024
+    """Baselines: network tile (image px, >= 16) when tiled; blended like the VAE tiles."""
+    tile_stride: int = 896
+    """Baselines: network tile stride (image px, 1..tile_size)."""
     dynamic_prompt: bool = False
     """HCD-YC: the prompt comes from the fog analysis of the image (HazeGen: of a fog reference photo)."""
     fog_reference_folder: str | None = None
@@ -166,17 +173,19 @@ class InferenceSettings:
         message = first_violation(self, RULES, "inference")
         if message is not None:
             raise InferenceSettingsError(message)
-        for kind in ("latent", "vae"):
-            size, stride = getattr(self, f"{kind}_tile_size"), getattr(self, f"{kind}_tile_stride")
+        for kind in ("latent_", "vae_", ""):
+            size, stride = getattr(self, f"{kind}tile_size"), getattr(self, f"{kind}tile_stride")
             if stride > size:
-                raise InferenceSettingsError(f"inference.{kind}_tile_stride must be at most inference.{kind}_tile_size"
-                                             f"={size}, got {kind}_tile_stride={stride}")
+                raise InferenceSettingsError(f"inference.{kind}tile_stride must be at most inference.{kind}tile_size"
+                                             f"={size}, got {kind}tile_stride={stride}")
 
     def check_script(self, script: str) -> None:
         """What ``script`` (a key of :data:`SCRIPT_KEYS`) needs beyond valid values: its required keys set and, for
         AccSamp, τ and ω that leave a step in each phase of ``steps``. InferenceSettingsError otherwise."""
         required = ["image_folder", "result_folder"]
-        if script != "inference_dcp":
+        if script == "inference_baseline":
+            required.append("checkpoint_path")
+        elif script != "inference_dcp":
             required += [*WEIGHT_KEYS, "prompt"]
         for key in required:
             if getattr(self, key) is None:
@@ -210,7 +219,8 @@ RULES: tuple[Rule, ...] = (
     (("steps",), lambda v: is_int(v) and v >= 2,
      "an integer >= 2 (the published spaced schedule clips the first posterior variance to the second step's)"),
     (("num_samples", "min_short_side", "tile_threshold", "latent_tile_size", "latent_tile_stride",
-      "batch_size", "guidance_every"), lambda v: is_int(v) and v >= 1, "a positive integer"),
+      "batch_size", "guidance_every", "tile_stride"), lambda v: is_int(v) and v >= 1, "a positive integer"),
+    (("tile_size",), lambda v: is_int(v) and v >= 16, "an integer >= 16"),
     (("pad_multiple", "vae_tile_size", "vae_tile_stride"), lambda v: is_int(v) and v >= 8 and v % 8 == 0,
      "a positive multiple of 8 (the VAE's scale)"),
     (("seed",), lambda v: is_int(v), "an integer"),
@@ -235,6 +245,8 @@ _DIFFUSION = _FOLDER | {
     "vae_tile_stride", "dynamic_prompt", "batch_size", "channels_last", "pack_weights", "compile", "max_memory_gb"}
 SCRIPT_KEYS: dict[str, frozenset[str]] = {
     "inference_dcp": _FOLDER | {"save_transmission"},
+    "inference_baseline": _FOLDER | {"checkpoint_path", "tiled", "tile_threshold", "tile_size", "tile_stride",
+                                     "save_transmission"},
     "inference_stage2": _DIFFUSION,
     "inference_stage1": _DIFFUSION | {"w", "num_samples", "fog_reference_folder"},
     "inference_accsamp": _DIFFUSION | {"tau", "omega", "save_intermediates", "align_cover_border", "guidance_every",

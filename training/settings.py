@@ -102,7 +102,8 @@ MIXED_PRECISION = (None, "no", "fp16", "bf16")
 class TrainSettings:
     """The ``train.*`` keys of the loop itself (extension keys: :class:`training.settings.ExtensionSettings`)."""
 
-    sd_path: str
+    sd_path: str | None
+    """SD-2.1 weights of the diffusion stages (required there by :func:`split_settings`; the baselines have none)."""
     exp_dir: str
     resume: str | None = None
     learning_rate: float | None = 1e-5
@@ -147,7 +148,8 @@ class TrainSettings:
 
 
 LOOP_RULES: tuple[Rule, ...] = (
-    (("sd_path", "exp_dir"), lambda v: isinstance(v, str), "a path"),
+    (("exp_dir",), lambda v: isinstance(v, str), "a path"),
+    (("sd_path",), optional(lambda v: isinstance(v, str)), "a path or null"),
     (("resume", "log_with"), optional(lambda v: isinstance(v, str)), "a string or null"),
     (("train_steps", "log_every", "ckpt_every", "sample_steps", "keep_last", "gradient_accumulation_steps",
       "num_preview"), lambda v: is_int(v) and v > 0, "a positive integer"),

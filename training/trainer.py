@@ -1,4 +1,6 @@
-"""Shared training loop of HazeGen (stage 1) and DiffDehaze (stage 2), built on accelerate.
+"""The one training loop, built on accelerate: HazeGen (stage 1) and DiffDehaze (stage 2) as :class:`DiffusionTask`,
+the feed-forward baselines as :class:`training.baseline.BaselineTask` (the model side of a run:
+:class:`training.task.TrainTask`; several optimizers, as a GAN needs, through its ``custom_step``).
 
 Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW; stage 2 at lr 3e-5,
 then 1e-5 after 50k steps), the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet,
@@ -18,11 +20,12 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import DataLoader
 
 from model.builder import build_model as build_model_from_section
@@ -36,6 +39,7 @@ from training.state import (EMA, EMA_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRE
                             LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state, install_state_hooks,
                             is_main_rank, save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
+from training.task import Part, TrainTask
 from utils.checkpoint import WEIGHTS_HELP, CheckpointError, save_state_dict_atomic
 from utils.common import load_config, seed_everything
 from utils.distributed import launched_world_size, use_cpu_backend_if_needed
@@ -102,9 +106,16 @@ def scalar_config(loop: TrainSettings, ext: ExtensionSettings, stage: int) -> di
 def run_training(cfg: DictConfig, stage: int) -> int:
     """Train one stage from a full config (model / dataset / train). Returns the process exit status: 2 for start-up
     problems, logged as one line by the main process only (every process of the run stops at the same point)."""
+    return run_task(lambda: DiffusionTask(cfg, stage))
+
+
+def run_task(make_task: Callable[[], TrainTask]) -> int:
+    """Train the task ``make_task()`` builds (its constructor's start-up errors included). Returns the process exit
+    status: 2 for start-up problems, logged as one line by the main process only (every process of the run stops at
+    the same point)."""
     lock = ExpDirLock()
     try:
-        return Trainer(cfg, stage, lock).run()
+        return Trainer(make_task(), lock).run()
     except TrainError as err:
         if is_main_rank():
             log.error("%s", err)
@@ -115,25 +126,69 @@ def run_training(cfg: DictConfig, stage: int) -> int:
             torch.distributed.destroy_process_group()
 
 
-class Trainer:
-    """One training run: start-up checks and set-up in ``__init__``, the optimizer-step loop in :meth:`run`."""
+class DiffusionTask(TrainTask):
+    """HazeGen (stage 1) or DiffDehaze (stage 2): the ControlNet (+ the enabled extension modules) of a ControlLDM,
+    trained with :class:`training.step.TrainingStep` and AdamW; the release is the ControlNet state dict."""
 
-    def __init__(self, cfg: DictConfig, stage: int, lock: ExpDirLock):
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.utils import ProjectConfiguration
-
+    def __init__(self, cfg: DictConfig, stage: int):
         cfg = resolve_aliases(cfg)
         self.cfg, self.stage = cfg, stage
         self.loop, self.ext = loop, ext = split_settings(cfg)
-        use_cpu_backend_if_needed()
+        self.label, self.run_name = f"stage {stage}", f"stage{stage}"
         try:
-            cycle_loss = build_cycle_loss(ext)
+            self.cycle_loss = build_cycle_loss(ext)
         except (ValueError, FileNotFoundError) as err:
             raise TrainError(str(err)) from None
         if ext.align_enabled and not ext.use_dynamic_prompt:
             log.warning("train.text_align_weight > 0 without train.use_dynamic_prompt: %s", ALIGN_SKIP_REASON)
         if not Path(loop.sd_path).is_file():
             raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
+        # the alignment encoder (skipped steps) and the text processor (before its start) can get no gradient
+        self.find_unused_parameters = ext.has_idle_parameters(text_processor_on(cfg.model))
+
+    def build(self, device: torch.device) -> list[Part]:
+        self.ldm, diffusion = build_model(self.cfg, self.loop)
+        self.step_module = TrainingStep(self.ldm, diffusion, self.stage, self.ext, self.cycle_loss,
+                                        image_embedder_for(self.ldm, self.ext))
+        self.step_module.to_device(device)
+        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=self.loop.lr_at(0))
+        return [Part(self.step_module, optimizer)]
+
+    def released_weights(self) -> dict[str, torch.Tensor]:
+        return self.ldm.controlnet_state_dict()
+
+    def checkpoint_files(self, ema: dict[str, torch.Tensor] | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Release-format ControlNet weights (+ EMA copy, + alignment image encoder)."""
+        files = {"": self.ldm.controlnet_state_dict()}
+        if ema is not None:
+            files["_ema"] = ema
+        if self.step_module.image_embedder is not None:
+            files["_image_embedder"] = self.step_module.image_embedder.state_dict()
+        return files
+
+    def tracker_config(self) -> dict[str, Any]:
+        return scalar_config(self.loop, self.ext, self.stage)
+
+    def preview(self, step_module: nn.Module, batch: dict[str, Any], step: int,
+                seed: int) -> tuple[torch.Tensor, list[str] | None]:
+        """Sample grid of the batch and the prompts the samples were conditioned on."""
+        return preview_grid(step_module, batch, step, self.loop.num_preview, self.loop.sample_steps, seed)
+
+    def warning(self, logs: list[dict[str, torch.Tensor]]) -> str | None:
+        return ALIGN_SKIP_REASON if any(entry.get("align_skipped", 0) > 0 for entry in logs) else None
+
+
+class Trainer:
+    """One training run of a :class:`training.task.TrainTask`: start-up checks and set-up in ``__init__``, the
+    optimizer-step loop in :meth:`run`."""
+
+    def __init__(self, task: TrainTask, lock: ExpDirLock):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration
+
+        self.task, self.cfg, self.loop = task, task.cfg, task.loop
+        loop, cfg = self.loop, self.cfg
+        use_cpu_backend_if_needed()
         self.exp_dir = Path(loop.exp_dir)
         self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
 
@@ -142,8 +197,7 @@ class Trainer:
             gradient_accumulation_steps=loop.gradient_accumulation_steps,
             log_with=loop.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.exp_dir), logging_dir=str(self.exp_dir / "logs")),
-            # the alignment encoder (skipped steps) and the text processor (before its start) can get no gradient
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ext.has_idle_parameters(text_processor_on(cfg.model)))],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)],
         )
         logging.getLogger().setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         world = launched_world_size()
@@ -162,13 +216,13 @@ class Trainer:
         agree_on_error(acc, error)
 
         seed_everything(loop.seed)
-        self.ldm, diffusion = build_model(cfg, loop)
-        self.step_module = TrainingStep(self.ldm, diffusion, stage, ext, cycle_loss, image_embedder_for(self.ldm, ext))
-        self.step_module.to_device(acc.device)
-        optimizer = torch.optim.AdamW(trainable_parameters(self.step_module), lr=loop.lr_at(0))
-        self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
+        parts = task.build(acc.device)
+        self.step_module = parts[0].module
+        prepared = acc.prepare(*[part.module for part in parts], *[part.optimizer for part in parts])
+        self.model, self.optimizer = prepared[0], prepared[len(parts)]
+        self.extra_parts = [Part(m, o) for m, o in zip(prepared[1:len(parts)], prepared[len(parts) + 1:])]
         install_state_hooks(acc)
-        self.ema = EMA(self.ldm.controlnet_state_dict(), loop.ema_decay) if loop.ema_decay else None
+        self.ema = EMA(task.released_weights(), loop.ema_decay) if loop.ema_decay else None
         self.progress = Progress()
         self.window = LogWindow()
         if self.resume_dir is not None:
@@ -241,32 +295,35 @@ class Trainer:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.merge(self.cfg, {"run": self.plan.as_dict()})
             OmegaConf.save(resolved, self.exp_dir / "config.yaml")
-            log.info("stage %d: %s; %d samples", self.stage, self.plan.describe(), len(self.dataset))
+            log.info("%s: %s; %d samples", self.task.label, self.plan.describe(), len(self.dataset))
         if loop.log_with:
             # after a resume, TensorBoard hides the events a killed run wrote after the resumed step
             purge = {"tensorboard": {"purge_step": p.step + 1}} if p.step else {}
-            acc.init_trackers(f"stage{self.stage}", config=scalar_config(loop, self.ext, self.stage), init_kwargs=purge)
-        bar = tqdm(total=loop.train_steps, initial=p.step, desc=f"stage {self.stage}",
+            acc.init_trackers(self.task.run_name, config=self.task.tracker_config(), init_kwargs=purge)
+        bar = tqdm(total=loop.train_steps, initial=p.step, desc=self.task.label,
                    disable=not acc.is_main_process, dynamic_ncols=True)
         window = self.window
-        warned_align, data_iter = False, None
+        warned, data_iter = False, None
+        optimizer_step = self._optimizer_step if self.task.custom_step is None else (
+            lambda it: self.task.custom_step(self, it))
         self.model.train()
         while p.step < loop.train_steps:
             if data_iter is None:
                 data_iter, sampler = self._loader()
-            batch, logs = self._optimizer_step(data_iter)
+            batch, logs = optimizer_step(data_iter)
             p.step += 1
             p.batch_in_epoch += 1
             if p.batch_in_epoch == sampler.batches_per_epoch:
                 p.epoch, p.batch_in_epoch, data_iter = p.epoch + 1, 0, None
             if self.ema is not None:
-                self.ema.update(self.ldm.controlnet_state_dict())
+                self.ema.update(self.task.released_weights())
             window.add(logs)
             bar.update(1)
             bar.set_postfix(loss=f"{logs[-1]['loss'].item():.4f}")
-            if not warned_align and any(entry.get("align_skipped", 0) > 0 for entry in logs) and acc.is_main_process:
-                log.warning("%s", ALIGN_SKIP_REASON)
-                warned_align = True
+            warning = None if warned else self.task.warning(logs)
+            if warning is not None and acc.is_main_process:
+                log.warning("%s", warning)
+                warned = True
             if p.step % loop.log_every == 0 or p.step == loop.train_steps:
                 window.flush(acc, p.step, self.exp_dir / METRICS_FILE, bool(loop.log_with),
                              {"train/lr": loop.lr_at(p.step - 1)})
@@ -281,32 +338,32 @@ class Trainer:
         return 0
 
     def _preview(self, batch: dict[str, Any]) -> None:
-        """Sample grid of the main process's last micro-batch and its prompts (text) to TensorBoard (other trackers:
-        scalars only)."""
+        """The task's preview grid of the main process's last micro-batch and its texts to TensorBoard (other
+        trackers: scalars only)."""
         acc = self.accelerator
         if acc.is_main_process:
             self.step_module.eval()
-            grid, prompts = preview_grid(self.step_module, batch, self.progress.step, self.loop.num_preview,
-                                self.loop.sample_steps, step_seed(self.loop.seed, self.progress.step, 2**31))
+            preview = self.task.preview(self.step_module, batch, self.progress.step,
+                                        step_seed(self.loop.seed, self.progress.step, 2**31))
             self.step_module.train()
-            for tracker in acc.trackers:
+            for tracker in acc.trackers if preview is not None else []:
                 if tracker.name == "tensorboard":
+                    grid, texts = preview
                     tracker.log_images({"preview": grid[None].numpy()}, step=self.progress.step, dataformats="NCHW")
-                    tracker.log({"preview_prompts": "\n\n".join(f"{i}: {text}" for i, text in enumerate(prompts))},
-                                step=self.progress.step)
+                    if texts is not None:
+                        tracker.log({"preview_prompts": "\n\n".join(f"{i}: {text}" for i, text in enumerate(texts))},
+                                    step=self.progress.step)
         acc.wait_for_everyone()
 
     def _save_checkpoint(self) -> None:
-        """Release-format ControlNet weights (+ EMA copy, + alignment image encoder) at the current step."""
+        """The task's checkpoint files (the release, its EMA copy, ...) at the current step."""
         if not self.accelerator.is_main_process:
             return
         ckpt_dir = self.exp_dir / "checkpoints"
         name = f"{self.progress.step:0{STATE_NAME_DIGITS}d}"
-        save_state_dict_atomic(self.ldm.controlnet_state_dict(), ckpt_dir / f"{name}.pt")
-        if self.ema is not None:
-            save_state_dict_atomic(self.ema.state_dict(), ckpt_dir / f"{name}_ema.pt")
-        if self.step_module.image_embedder is not None:
-            save_state_dict_atomic(self.step_module.image_embedder.state_dict(), ckpt_dir / f"{name}_image_embedder.pt")
+        files = self.task.checkpoint_files(self.ema.state_dict() if self.ema is not None else None)
+        for suffix, state in files.items():
+            save_state_dict_atomic(state, ckpt_dir / f"{name}{suffix}.pt")
 
 
 def main(stage: int, default_config: str) -> None:
