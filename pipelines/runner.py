@@ -45,7 +45,7 @@ class DiffusionRunner:
     """The model, schedule, sampler, device/precision and (tiled) encode/decode/denoise functions for one config.
 
     ``sample`` is the sampling function chosen by ``inference.sampler`` (``spaced`` default, ``ddim`` with
-    ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps.
+    ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps spaced by ``inference.spacing``.
 
     Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
     true) stores the UNet/ControlNet conv weights NHWC; ``inference.pack_weights`` (default true; fp32 CPU only)
@@ -77,7 +77,7 @@ class DiffusionRunner:
         self.cfg = cfg
         self.settings = inf = settings
         self.sample = make_sampler(inf.sampler, inf.eta)
-        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.steps)
+        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.steps, inf.spacing)
         self.parameterization = self.diffusion.parameterization
         self.tiled = inf.tiled
         self.tile_threshold = inf.tile_threshold
