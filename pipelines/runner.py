@@ -11,7 +11,9 @@ import torch
 from omegaconf import DictConfig
 
 from model.builder import build_model
+from model.cldm import ControlLDM
 from model.conditioning import fog_aware_condition
+from model.gaussian_diffusion import Diffusion
 from pipelines.batching import stack_conditions
 from pipelines.geometry import Geometry, from_model_output, plan_geometry, to_model_input
 from pipelines.settings import InferenceSettings
@@ -54,12 +56,17 @@ class DiffusionRunner:
     compiles, which takes minutes).
     """
 
-    def __init__(self, cfg: DictConfig, settings: InferenceSettings):
+    def __init__(self, cfg: DictConfig, settings: InferenceSettings,
+                 built: tuple[ControlLDM, Diffusion] | None = None):
+        """``built``: the model and schedule already built (the benchmarks pass full-size random weights); None
+        (the scripts): built from the weight files ``inference.sd_path`` / ``inference.controlnet_path``."""
         inf = settings
-        inf.weight_paths()  # InferenceSettingsError unless both weight files are named
         self.device = process_device(inf.device)
         self.dtype = choose_dtype(inf.precision, self.device)
-        self.model, self.diffusion = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
+        if built is None:
+            inf.weight_paths()  # InferenceSettingsError unless both weight files are named
+            built = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
+        self.model, self.diffusion = built
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
