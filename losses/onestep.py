@@ -57,4 +57,5 @@ def vsd_loss(z: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> t
     """½·mean((z − sg(z − g))²): its gradient w.r.t. z is :func:`vsd_gradient` / z.numel(); x0_real and x0_fake
     are used without gradient."""
     g = vsd_gradient(z.detach(), x0_real.detach(), x0_fake.detach())
-    return 0.5 * F.mse_loss(z.float(), (z.detach() - g).float())
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    return 0.5 * F.mse_loss(z.to(dtype), (z.detach() - g).to(dtype))

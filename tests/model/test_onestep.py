@@ -11,19 +11,11 @@ from torch import nn
 
 from model.builder import cldm_config
 from model.onestep import UNET_INPUT_CONV, LoRADenoiser, OneStepStudent, lora_targets
-from tests.helpers import ROOT, build_tiny, randomize_, tiny_config
+from tests.helpers import ROOT, randomize_adapters_, teacher_and_diffusion
 from utils.checkpoint import CheckpointError, load_state_dict
 from utils.common import instantiate_from_config, load_config
 
 OSEDIFF_TRAINABLE = 8.5e6  # OSEDiff (arXiv 2406.08177), Table: trainable parameters of its one-step generator
-
-
-def teacher_and_diffusion(seed: int = 0):
-    """A tiny stage-2 ControlLDM with every weight random and non-zero (zero-init layers included)."""
-    ldm = build_tiny(seed)
-    randomize_(ldm.unet, seed + 1)
-    randomize_(ldm.controlnet, seed + 2)
-    return ldm.eval(), instantiate_from_config(tiny_config().model.diffusion)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +30,6 @@ def inputs(ldm, seed: int = 3):
         cond = ldm.prepare_condition(torch.rand(2, 3, 64, 64, generator=gen), ["remove dense fog"] * 2)
     x = torch.randn(2, 4, 8, 8, generator=gen)
     return x, torch.tensor([999, 411]), cond
-
-
-def randomize_adapters_(denoiser: LoRADenoiser, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in denoiser.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
 def test_adapters_at_init_leave_outputs_bit_identical(tiny):
