@@ -10,24 +10,26 @@ and the ControlNet hint, and the output is x̂0 = ``model.gaussian_diffusion.pre
 Adapters are created by ``peft.inject_adapter_in_model`` on plain modules (B = 0 at init, so every output equals the
 stage-2 model's bit for bit until the first update). The VAE and the text encoder are not copied: the student uses
 the stage-2 model's frozen ones. :class:`LoRADenoiser` is also the fake score of the distillation
-(``training.distill``). The adapter file holds only the trainable tensors (``safetensors``) and is merged into the
-stage-2 weights at load (:meth:`LoRADenoiser.merge_adapters`).
+(``training.distill``). The adapter file (:func:`save_adapter_file`) holds only the trainable tensors
+(``safetensors``, with the LoRA rank, alpha and t* in its metadata) and is merged into the stage-2 weights at load
+(:func:`merge_adapter_file`).
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from model.cldm import ControlLDM, controlled_denoise
 from model.gaussian_diffusion import Diffusion
-from utils.checkpoint import CheckpointError, save_state_dict_atomic
+from utils.atomic import atomic_write
+from utils.checkpoint import CheckpointError
 
 LORA_LAYER_PATTERN = re.compile(
     r"(unet|controlnet)\..*\.("
@@ -53,16 +55,19 @@ class LoRADenoiser(nn.Module):
     ``forward(x (B,4,h,w), t (B,), cond)`` -> eps (or v) float32, as :meth:`ControlLDM.forward`.
 
     Only the adapters require gradients (and, with ``train_input_conv``, the UNet's input convolution).
+    ``in_place``: inject the adapters into ``ldm``'s own UNet and ControlNet instead of copies (inference, where
+    they are merged at load and no second copy is wanted).
     """
 
-    def __init__(self, ldm: ControlLDM, rank: int = 4, alpha: float | None = None, train_input_conv: bool = False):
+    def __init__(self, ldm: ControlLDM, rank: int = 4, alpha: float | None = None, train_input_conv: bool = False,
+                 in_place: bool = False):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.unet = copy.deepcopy(ldm.unet)
-        self.controlnet = copy.deepcopy(ldm.controlnet)
+        self.unet = ldm.unet if in_place else copy.deepcopy(ldm.unet)
+        self.controlnet = ldm.controlnet if in_place else copy.deepcopy(ldm.controlnet)
         self.control_scales = ldm.control_scales
         self.rank, self.alpha = int(rank), float(alpha if alpha is not None else rank)
         self.requires_grad_(False)
@@ -116,6 +121,65 @@ class LoRADenoiser(nn.Module):
         return self
 
 
+def one_step_x0(denoiser: Callable, diffusion: Diffusion, cond: Mapping[str, Any], timestep: int) -> torch.Tensor:
+    """x̂0 (B,4,h,w) of one evaluation of ``denoiser`` at ``timestep`` on the hazy latent ``cond["c_img"]``, which is
+    also its hint: the student's output (training and inference)."""
+    z_hazy = cond["c_img"]
+    t = torch.full((z_hazy.shape[0],), int(timestep), dtype=torch.long, device=z_hazy.device)
+    return diffusion.predict_x0(z_hazy, t, denoiser(z_hazy, t, cond))
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What an adapter file records besides its tensors: the LoRA rank and alpha and the student's timestep t*."""
+
+    rank: int
+    alpha: float
+    timestep: int
+
+    def as_metadata(self) -> dict[str, str]:
+        return {"format": "hcdyc-onestep-adapters", "rank": str(self.rank), "alpha": repr(self.alpha),
+                "timestep": str(self.timestep)}
+
+
+def save_adapter_file(denoiser: LoRADenoiser, timestep: int, path: str | os.PathLike) -> None:
+    """Write the trainable tensors of ``denoiser`` and their :class:`AdapterMeta` to ``path`` (``.safetensors``),
+    atomically."""
+    from safetensors.torch import save
+
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"adapter files are .safetensors, got {path}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in denoiser.adapter_state_dict().items()}
+    meta = AdapterMeta(denoiser.rank, denoiser.alpha, int(timestep)).as_metadata()
+    atomic_write(path, lambda handle: handle.write(save(tensors, metadata=meta)))
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+    """(tensors, meta) of an adapter file; CheckpointError naming the file when it is not one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise CheckpointError(f"adapter file not found or not .safetensors: {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("format") != "hcdyc-onestep-adapters":
+        raise CheckpointError(f"{path} is not a one-step adapter file (no 'hcdyc-onestep-adapters' metadata)")
+    return load_file(str(path)), AdapterMeta(int(meta["rank"]), float(meta["alpha"]), int(meta["timestep"]))
+
+
+def merge_adapter_file(ldm: ControlLDM, path: str | os.PathLike) -> int:
+    """Turn the stage-2 ``ldm`` into the one-step student of the adapter file at ``path``: its adapters are injected
+    into ``ldm``'s own UNet and ControlNet, loaded, and merged into the weights, and the UNet input conv is
+    replaced. Returns the student's timestep t*. CheckpointError naming the file when it does not fit the model."""
+    sd, meta = read_adapter_file(path)
+    denoiser = LoRADenoiser(ldm, meta.rank, meta.alpha, train_input_conv=True, in_place=True)
+    denoiser.load_adapter_state_dict(sd, str(path))
+    denoiser.merge_adapters().requires_grad_(False)
+    return meta.timestep
+
+
 class OneStepStudent(nn.Module):
     """``forward(cond)`` -> x̂0 (B,4,h,w) scaled latent from one evaluation at ``timestep`` of the adapted denoiser,
     whose input and hint are both ``cond["c_img"]`` (the hazy image's latent, :meth:`ControlLDM.prepare_condition`).
@@ -135,21 +199,21 @@ class OneStepStudent(nn.Module):
         object.__setattr__(self, "diffusion", diffusion)
 
     def forward(self, cond: Mapping[str, Any]) -> torch.Tensor:
-        z_hazy = cond["c_img"]
-        t = torch.full((z_hazy.shape[0],), self.timestep, dtype=torch.long, device=z_hazy.device)
-        return self.diffusion.predict_x0(z_hazy, t, self.denoiser(z_hazy, t, cond))
+        return one_step_x0(self.denoiser, self.diffusion, cond, self.timestep)
 
     def dehaze(self, hazy01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """hazy01 (B,3,H,W) in [0,1], H and W multiples of 8 -> dehazed (B,3,H,W) in ~[-1,1] (not clamped)."""
         return self.ldm.vae_decode(self(self.ldm.prepare_condition(hazy01, prompts)))
 
     def save_adapters(self, path: str | os.PathLike) -> None:
-        """Write the trainable tensors to ``path`` (``.safetensors``) and their settings (rank, alpha, timestep) to
-        ``path`` + ``.json``, both atomically."""
-        save_state_dict_atomic(self.denoiser.adapter_state_dict(), path)
-        meta = {"rank": self.denoiser.rank, "alpha": self.denoiser.alpha, "timestep": self.timestep}
-        Path(f"{path}.json").write_text(json.dumps(meta) + "\n")
+        """Write the adapter file (:func:`save_adapter_file`) of this student."""
+        save_adapter_file(self.denoiser, self.timestep, path)
 
-    def load_adapters(self, sd: Mapping[str, torch.Tensor], source: str = "adapter file") -> None:
-        """Load the tensors of :meth:`save_adapters` (strict; CheckpointError naming ``source`` otherwise)."""
-        self.denoiser.load_adapter_state_dict(sd, source)
+    def load_adapters(self, path: str | os.PathLike) -> None:
+        """Load the tensors of an adapter file (strict; CheckpointError naming the file when its rank or
+        timestep is not this student's)."""
+        sd, meta = read_adapter_file(path)
+        if meta.timestep != self.timestep:
+            raise CheckpointError(f"{path} was trained at timestep {meta.timestep}, the student runs at "
+                                  f"{self.timestep}")
+        self.denoiser.load_adapter_state_dict(sd, str(path))

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from model.builder import cldm_config
-from model.onestep import UNET_INPUT_CONV, LoRADenoiser, OneStepStudent, lora_targets
+from model.onestep import (UNET_INPUT_CONV, AdapterMeta, LoRADenoiser, OneStepStudent, lora_targets,
+                           merge_adapter_file, one_step_x0, read_adapter_file)
 from tests.helpers import ROOT, randomize_adapters_, teacher_and_diffusion
-from utils.checkpoint import CheckpointError, load_state_dict
+from utils.checkpoint import CheckpointError, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config
 
 OSEDIFF_TRAINABLE = 8.5e6  # OSEDiff (arXiv 2406.08177), Table: trainable parameters of its one-step generator
@@ -84,15 +85,40 @@ def test_adapter_file_round_trips_and_refuses_another_rank(tiny, tmp_path: Path)
         trained = student(cond)
     path = tmp_path / "adapters.safetensors"
     student.save_adapters(path)
-    assert path.is_file() and (tmp_path / "adapters.safetensors.json").is_file()
+    sd, meta = read_adapter_file(path)
+    assert set(sd) == set(student.denoiser.adapter_state_dict()) and meta == AdapterMeta(4, 4.0, 999)
     fresh = OneStepStudent(teacher, diffusion)
     with torch.no_grad():
         assert not torch.equal(fresh(cond), trained)
-        fresh.load_adapters(load_state_dict(path), str(path))
+        fresh.load_adapters(path)
         assert torch.equal(fresh(cond), trained)
-    assert set(load_state_dict(path)) == set(student.denoiser.adapter_state_dict())
     with pytest.raises(CheckpointError, match="adapters.safetensors.*rank"):
-        OneStepStudent(teacher, diffusion, rank=8).load_adapters(load_state_dict(path), str(path))
+        OneStepStudent(teacher, diffusion, rank=8).load_adapters(path)
+    with pytest.raises(CheckpointError, match="timestep 999"):
+        OneStepStudent(teacher, diffusion, timestep=800).load_adapters(path)
+    plain = tmp_path / "plain.safetensors"
+    save_state_dict_atomic(sd, plain)
+    with pytest.raises(CheckpointError, match="plain.safetensors is not a one-step adapter file"):
+        read_adapter_file(plain)
+
+
+def test_adapter_file_merged_into_the_stage2_model_gives_the_students_output(tmp_path: Path):
+    teacher, diffusion = teacher_and_diffusion()
+    student = OneStepStudent(teacher, diffusion, timestep=900)
+    randomize_adapters_(student.denoiser, 7)
+    _, _, cond = inputs(teacher)
+    with torch.no_grad():
+        expected = student(cond)
+    path = tmp_path / "adapters.safetensors"
+    student.save_adapters(path)
+    stage2 = teacher_and_diffusion()[0]  # a second copy of the same stage-2 weights
+    n_params = sum(p.numel() for p in stage2.parameters())
+    assert merge_adapter_file(stage2, path) == 900
+    with torch.no_grad():
+        merged = one_step_x0(stage2, diffusion, cond, 900)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # merged in place: the adapters' small tensors are added, no second UNet / ControlNet
+    assert sum(p.numel() for p in stage2.parameters()) < n_params * 1.1
 
 
 def test_merged_adapters_give_the_same_output(tiny):
