@@ -85,7 +85,7 @@ class Dehazer:
         img01 = load_rgb01(image_path, self.max_pixels)
         cancel = self.flag(session)
         cancel.clear()
-        total = settings.steps
+        total = getattr(mode.script, "NETWORK_STEPS", settings.steps)
 
         def on_step(info: dict) -> None:
             if cancel.is_set():
@@ -93,7 +93,9 @@ class Dehazer:
             progress(int(info.get("step", 0)) + 1, total)
 
         stem = Path(image_path).stem
-        runner, lock = self.runners.get(cfg, settings) if mode.weight_paths else (None, contextlib.nullcontext())
+        weights = mode.weight_paths
+        runner, lock = (self.runners.get(cfg, settings, weights.get("adapter_path")) if weights
+                        else (None, contextlib.nullcontext()))
         with lock:
             if runner is not None:
                 runner.configure(cfg, settings)

@@ -15,6 +15,7 @@ SCRIPT_PIPELINES: dict[str, str] = {
     "inference_accsamp": "pipelines.accsamp",
     "inference_stage1": "pipelines.stage1",
     "inference_dcp": "pipelines.dcp",
+    "inference_onestep": "pipelines.onestep",
 }
 
 

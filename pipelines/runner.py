@@ -14,6 +14,7 @@ from model.builder import build_model
 from model.cldm import ControlLDM
 from model.conditioning import fog_aware_condition
 from model.gaussian_diffusion import Diffusion
+from model.onestep import merge_adapter_file
 from pipelines.batching import stack_conditions
 from pipelines.geometry import Geometry, from_model_output, plan_geometry, to_model_input
 from pipelines.settings import InferenceSettings
@@ -57,9 +58,11 @@ class DiffusionRunner:
     """
 
     def __init__(self, cfg: DictConfig, settings: InferenceSettings,
-                 built: tuple[ControlLDM, Diffusion] | None = None):
+                 built: tuple[ControlLDM, Diffusion] | None = None, adapter_path: str | None = None):
         """``built``: the model and schedule already built (the benchmarks pass full-size random weights); None
-        (the scripts): built from the weight files ``inference.sd_path`` / ``inference.controlnet_path``."""
+        (the scripts): built from the weight files ``inference.sd_path`` / ``inference.controlnet_path``.
+        ``adapter_path``: a one-step adapter file merged into the model at load (``inference_onestep``), whose
+        timestep t* becomes ``onestep_timestep``; None otherwise."""
         inf = settings
         self.device = process_device(inf.device)
         self.dtype = choose_dtype(inf.precision, self.device)
@@ -67,6 +70,7 @@ class DiffusionRunner:
             inf.weight_paths()  # InferenceSettingsError unless both weight files are named
             built = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
         self.model, self.diffusion = built
+        self.onestep_timestep = None if adapter_path is None else merge_adapter_file(self.model, adapter_path)
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)

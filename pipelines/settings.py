@@ -30,7 +30,9 @@ from utils.rules import Rule, first_violation, is_int, is_number
 
 WEIGHT_KEYS = ("sd_path", "controlnet_path")
 """inference.* weight files of every diffusion script."""
-PATH_KEYS = (*WEIGHT_KEYS, "image_folder", "result_folder", "fog_reference_folder")
+ONESTEP_WEIGHT_KEYS = (*WEIGHT_KEYS, "adapter_path")
+"""inference.* weight files of the one-step student (the stage-2 weights and the adapter file merged into them)."""
+PATH_KEYS = (*ONESTEP_WEIGHT_KEYS, "image_folder", "result_folder", "fog_reference_folder")
 
 
 class InferenceSettingsError(ValueError):
@@ -46,6 +48,9 @@ class InferenceSettings:
     controlnet_path: str | None = None
     """ControlNet checkpoint (published: weights/stage1.pt for HazeGen, weights/stage2.pt for DiffDehaze/AccSamp);
     required by the diffusion scripts."""
+    adapter_path: str | None = None
+    """One-step student: the adapter file of a stage-3 distillation (.safetensors), merged into the stage-2 weights at
+    load; required by inference_onestep."""
     image_folder: str | None = None
     """Folder of input images (.png/.jpg/.jpeg); required to run a script over a folder."""
     result_folder: str | None = None
@@ -185,7 +190,9 @@ class InferenceSettings:
         """What ``script`` (a key of :data:`SCRIPT_KEYS`) needs beyond valid values: its required keys set and, for
         AccSamp, τ and ω that leave a step in each phase of ``steps``. InferenceSettingsError otherwise."""
         required = ["image_folder", "result_folder"]
-        if script != "inference_dcp":
+        if script == "inference_onestep":
+            required += [*ONESTEP_WEIGHT_KEYS, "prompt"]
+        elif script != "inference_dcp":
             required += [*WEIGHT_KEYS, "prompt"]
         for key in required:
             if getattr(self, key) is None:
@@ -247,6 +254,7 @@ SCRIPT_KEYS: dict[str, frozenset[str]] = {
     "inference_dcp": _FOLDER | {"save_transmission"},
     "inference_stage2": _DIFFUSION,
     "inference_stage1": _DIFFUSION | {"w", "num_samples", "fog_reference_folder"},
+    "inference_onestep": (_DIFFUSION - {"steps", "sampler", "spacing", "eta"}) | {"adapter_path"},
     "inference_accsamp": _DIFFUSION | {"tau", "omega", "save_intermediates", "align_cover_border", "guidance_every",
                                        "guidance_pullback", "airlight_ties"},
 }

@@ -22,6 +22,7 @@ SCRIPTS = {
     "stage2": ("inference_stage2.py", "configs/inference/stage2.yaml"),
     "accsamp": ("inference_accsamp.py", "configs/inference/stage2_accsamp.yaml"),
     "stage1": ("inference_stage1.py", "configs/inference/stage1.yaml"),
+    "onestep": ("inference_onestep.py", "configs/inference/stage2_onestep.yaml"),
 }
 """Entry script and published config of each diffusion inference job the tests run."""
 

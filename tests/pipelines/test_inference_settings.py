@@ -17,7 +17,7 @@ from utils.common import load_config
 
 CONFIGS = {"stage1.yaml": "inference_stage1", "stage2.yaml": "inference_stage2",
            "stage2_accsamp.yaml": "inference_accsamp", "stage2_accsamp_fast.yaml": "inference_accsamp",
-           "dcp.yaml": "inference_dcp"}
+           "dcp.yaml": "inference_dcp", "stage2_onestep.yaml": "inference_onestep"}
 
 
 def settings_of(config: str = "stage2_accsamp.yaml", *overrides: str) -> InferenceSettings:
