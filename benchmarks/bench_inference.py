@@ -59,6 +59,7 @@ from benchmarks.timing import sync, timed
 from haze.dcp import estimate_transmission
 from model.builder import cldm_config
 from pipelines import accsamp as accsamp_script
+from pipelines import onestep as onestep_script
 from pipelines import stage2 as stage2_script
 from pipelines.folder import run_folder
 from pipelines.runner import DiffusionRunner
@@ -69,6 +70,8 @@ from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.pullback import LinearDecoderPullback
 from sampler.registry import SAMPLERS, make_sampler
 from sampler.spaced import make_spaced_schedule
+from model.onestep import AdapterMeta, LoRADenoiser
+from utils.atomic import atomic_write
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
 from utils.image_io import save_png01
 
@@ -91,6 +94,7 @@ class Row:
     every: int = 1
     pullback: str = "autograd"
     spacing: str = "uniform"
+    onestep: bool = False
 
     def config(self, cfg: DictConfig) -> DictConfig:
         """``cfg`` with this row's ``inference.*`` keys: the config a user runs for it."""
@@ -116,6 +120,7 @@ def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
         Row(f"AccSamp + {f_pull} pull-back", "spaced", 50, accsamp=True, pullback=f_pull),
         Row("AccSamp fast preset", f_sampler, f_steps, accsamp=True, every=f_every, pullback=f_pull,
             spacing=f_spacing),
+        Row("one-step student", "spaced", 50, onestep=True),  # last: its adapters are merged into the model
     ]
 
 
@@ -214,12 +219,29 @@ class Bench:
         cfg = OmegaConf.merge(row.config(self.cfg), {"inference": {
             "image_folder": str(self.script_folder(root)), "result_folder": str(root / "output")}})
         inf = InferenceSettings.from_config(cfg)
-        script = accsamp_script if row.accsamp else stage2_script
+        script = onestep_script if row.onestep else accsamp_script if row.accsamp else stage2_script
+        if row.onestep and self.runner.onestep_timestep is None:
+            self.runner.load_adapters(str(write_random_adapters(self.cfg, root / "adapters.safetensors")))
         self.runner.configure(cfg, inf)
         status = run_folder(inf, script.make_process(cfg, inf, self.runner), script.output_names(inf), False,
                             row.name, self.runner.batch_key)
         if status != 0:
             raise RuntimeError(f"row '{row.name}': the script path failed (status {status})")
+
+
+def write_random_adapters(cfg: DictConfig, path: Path, rank: int = 4, timestep: int = 999) -> Path:
+    """A one-step adapter file of rank ``rank`` for ``cfg``'s model with small random tensors (shapes taken from the
+    model built on the meta device): merged into random weights it costs what a trained student costs."""
+    from safetensors.torch import save
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LoRADenoiser(instantiate_from_config(cldm_config(cfg.model)), rank,
+                                                      train_input_conv=True, in_place=True).adapter_state_dict().items()}
+    gen = torch.Generator().manual_seed(5)
+    tensors = {k: torch.randn(shape, generator=gen) * 0.01 for k, shape in shapes.items()}
+    meta = AdapterMeta(rank, float(rank), timestep).as_metadata()
+    atomic_write(path, lambda handle: handle.write(save(tensors, metadata=meta)))
+    return path
 
 
 def run_row(row: Row, model_fn: Callable, latent: torch.Tensor, hazy01: torch.Tensor, alphas_cumprod: np.ndarray,
@@ -258,7 +280,10 @@ class _CountingGuidance(WeightedMSSSIMGuidance):
 
 def count_calls(row: Row, cfg) -> tuple[int, int]:
     """(denoiser calls, guidance applications) of one image of ``row``, counted by running the row's real sampler
-    code on a tiny latent with a zero model, identity decoder/encoder and a counting guidance."""
+    code on a tiny latent with a zero model, identity decoder/encoder and a counting guidance (the one-step
+    student: one call, by construction)."""
+    if row.onestep:
+        return 1, 0
     diffusion = instantiate_from_config(cfg.model.diffusion)
     guidance = _CountingGuidance(instantiate_from_config(cfg.guidance))
     calls = [0]

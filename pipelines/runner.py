@@ -15,6 +15,7 @@ from model.cldm import ControlLDM
 from model.conditioning import fog_aware_condition
 from model.gaussian_diffusion import Diffusion
 from model.onestep import merge_adapter_file
+from model.unet import Conv2d
 from pipelines.batching import stack_conditions
 from pipelines.geometry import Geometry, from_model_output, plan_geometry, to_model_input
 from pipelines.settings import InferenceSettings
@@ -70,7 +71,9 @@ class DiffusionRunner:
             inf.weight_paths()  # InferenceSettingsError unless both weight files are named
             built = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
         self.model, self.diffusion = built
-        self.onestep_timestep = None if adapter_path is None else merge_adapter_file(self.model, adapter_path)
+        self.onestep_timestep: int | None = None
+        if adapter_path is not None:
+            self.load_adapters(adapter_path)
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
@@ -79,6 +82,15 @@ class DiffusionRunner:
             self.model.unet.compile()
             self.model.controlnet.compile()
         self.configure(cfg, settings)
+
+    def load_adapters(self, path: str) -> None:
+        """Merge the one-step adapter file at ``path`` into the model and keep its timestep t* as
+        ``onestep_timestep``. Packed CPU conv weights made before are dropped (they hold the unmerged weights)."""
+        self.onestep_timestep = merge_adapter_file(self.model, path)
+        packing = [m for m in self.model.modules() if isinstance(m, Conv2d) and m.pack_weights]
+        for conv in packing:
+            conv.set_weight_packing(False)
+            conv.set_weight_packing(True)
 
     def configure(self, cfg: DictConfig, settings: InferenceSettings) -> None:
         """Adopt the per-run settings (steps, tiling, prompt ...; ``settings`` read from ``cfg`` by the caller) for
