@@ -22,9 +22,10 @@ Cases, each in its own subprocess so peak memory belongs to that case alone:
            its packed CPU weights are made before timing, as for the second image of a folder). Run with
            --measure-totals (default: on CUDA only: a CPU run takes minutes per image and row)
 
-Totals are also computed from the parts (at size×size, no resize) for every row: condition + n_model·step(sampler) + [estimate] +
-n_guided·guidance(pull-back) + decode, where the counts n_model (denoiser calls) and n_guided (guidance calls)
-come from running the row's real sampler code with a zero-cost model and guidance (``count_calls``).
+Totals are also computed from the parts (at size×size, no resize) for every row: condition + n_model·step(sampler)
++ [estimate] + n_guided·guidance(pull-back) + decode, where the counts n_model (denoiser calls) and n_guided
+(guidance calls) come from running the row's real sampler code with a zero-cost model and guidance
+(``count_calls``).
 
 Peak memory: torch.cuda.max_memory_allocated on CUDA (weights included); on CPU the subprocess's ru_maxrss
 (weights included; "above weights" subtracts the high-water mark right after building the model).
@@ -235,8 +236,9 @@ def write_random_adapters(cfg: DictConfig, path: Path, rank: int = 4, timestep: 
     from safetensors.torch import save
 
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LoRADenoiser(instantiate_from_config(cldm_config(cfg.model)), rank,
-                                                      train_input_conv=True, in_place=True).adapter_state_dict().items()}
+        ldm = instantiate_from_config(cldm_config(cfg.model))
+        denoiser = LoRADenoiser(ldm, rank, train_input_conv=True, in_place=True)
+        shapes = {k: v.shape for k, v in denoiser.adapter_state_dict().items()}
     gen = torch.Generator().manual_seed(5)
     tensors = {k: torch.randn(shape, generator=gen) * 0.01 for k, shape in shapes.items()}
     meta = AdapterMeta(rank, float(rank), timestep).as_metadata()
@@ -519,8 +521,8 @@ def main() -> None:
     for size, row, n_model, n_guided, total, ratio, peak, source in table:
         print(f"| {size}² | {row.name} | {n_model} | {n_guided} | {total:.2f} | {ratio:.2f} | {_fmt(peak, 0)} | "
               f"{source} |")
-    print("\nmeasured = the inference scripts' per-image path on one size² PNG (resized/padded as the config says); "
-          "computed from parts, at size² without resizing:\ncomputed = condition + n_model·step(sampler) + [AccSamp estimate: decode + align + dcp + encode] + "
+    print("\nmeasured = the inference scripts' per-image path on one size² PNG (resized/padded as the config "
+          "says); computed from parts, at size² without resizing:\ncomputed = condition + n_model·step(sampler) + [AccSamp estimate: decode + align + dcp + encode] + "
           "n_guided·guidance(pull-back) + decode; counts from the rows' real sampler code (count_calls)")
 
 
