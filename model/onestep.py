@@ -40,6 +40,8 @@ LORA_LAYER_PATTERN = re.compile(
 q/k/v/out, feed-forward, proj_in/out, ResBlock and resampling convolutions, output conv) in the UNet and the
 ControlNet, plus the ControlNet's input conv, zero convs and middle output. Not adapted: time embeddings, the UNet's
 input conv (trained in full by the student) and the YCbCr fusion of the HCD-YC extension."""
+FROZEN_PREFIXES = ("controlnet.ycbcr.",)
+"""Layers never adapted although their names match: the YCbCr fusion of the HCD-YC extension."""
 UNET_INPUT_CONV = "unet.input_blocks.0.0"
 ADAPTER_NAME = "default"
 
@@ -47,7 +49,8 @@ ADAPTER_NAME = "default"
 def lora_targets(module: nn.Module) -> list[str]:
     """Names of the Linear / Conv2d layers of ``module`` that :data:`LORA_LAYER_PATTERN` matches."""
     return [name for name, sub in module.named_modules()
-            if isinstance(sub, (nn.Linear, nn.Conv2d)) and LORA_LAYER_PATTERN.fullmatch(name)]
+            if isinstance(sub, (nn.Linear, nn.Conv2d)) and LORA_LAYER_PATTERN.fullmatch(name)
+            and not name.startswith(FROZEN_PREFIXES)]
 
 
 class LoRADenoiser(nn.Module):

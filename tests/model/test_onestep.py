@@ -12,7 +12,7 @@ from torch import nn
 from model.builder import cldm_config
 from model.onestep import (UNET_INPUT_CONV, AdapterMeta, LoRADenoiser, OneStepStudent, lora_targets,
                            merge_adapter_file, one_step_x0, read_adapter_file)
-from tests.helpers import ROOT, randomize_adapters_, teacher_and_diffusion
+from tests.helpers import ROOT, build_tiny, randomize_adapters_, teacher_and_diffusion, tiny_config
 from utils.checkpoint import CheckpointError, save_state_dict_atomic
 from utils.common import instantiate_from_config, load_config
 
@@ -44,6 +44,12 @@ def test_adapters_at_init_leave_outputs_bit_identical(tiny):
     assert adapted == set(lora_targets(teacher)) and len(adapted) > 100
     assert any(".attn2.to_k" in n for n in adapted) and any(n.startswith("controlnet.zero_convs") for n in adapted)
     assert not any("time_embed" in n or n.startswith(UNET_INPUT_CONV) for n in adapted)
+
+
+def test_ycbcr_fusion_of_the_extension_gets_no_adapter():
+    ldm = build_tiny(cfg=tiny_config(**{"model.cldm.params.controlnet_cfg.params.ycbcr_fusion": True}))
+    names = lora_targets(ldm)
+    assert ldm.controlnet.ycbcr is not None and names and not any(".ycbcr." in n for n in names)
 
 
 def test_student_one_step_at_init_equals_teacher_x0_at_its_timestep(tiny):
