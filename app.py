@@ -85,7 +85,7 @@ class Dehazer:
         img01 = load_rgb01(image_path, self.max_pixels)
         cancel = self.flag(session)
         cancel.clear()
-        total = settings.steps
+        total = getattr(mode.script, "NETWORK_STEPS", settings.steps)
 
         def on_step(info: dict) -> None:
             if cancel.is_set():
@@ -93,7 +93,8 @@ class Dehazer:
             progress(int(info.get("step", 0)) + 1, total)
 
         stem = Path(image_path).stem
-        runner, lock = self.runners.get(cfg, settings) if mode.needs_runner else (None, contextlib.nullcontext())
+        runner, lock = (self.runners.get(cfg, settings, mode.weight_paths.get("adapter_path")) if mode.needs_runner
+                        else (None, contextlib.nullcontext()))
         with lock:
             if runner is not None:
                 runner.configure(cfg, settings)

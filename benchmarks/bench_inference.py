@@ -13,19 +13,26 @@ Cases, each in its own subprocess so peak memory belongs to that case alone:
   guided_linear  the same with the linear-surrogate pull-back (decode without grad, MS-SSIM, no decoder backward)
   once     the per-image work outside the steps: condition (text encoding + condition-latent encode), final
            decode, and the AccSamp estimate (decode x0, AlignOp, DCP transmission, encode the estimate)
-  rows     measured end-to-end sampling of one image (condition + sampling + final decode) for every row of
-           ``ROWS``, in one subprocess (CUDA peak memory per row); run with --measure-totals (default: on CUDA
-           only: a CPU run takes minutes per image and row)
+  rows     every row of ``make_rows`` measured the way a user meets it, in one subprocess (CUDA peak memory per
+           row): the inference scripts' own per-image path (``pipelines.folder.run_folder`` with the batch function
+           of ``inference_stage2.py`` or ``inference_accsamp.py`` on the loaded model) over a folder holding one
+           size×size PNG: reading, resize/pad to the config's geometry (a 256² photo is upscaled to the published
+           min_short_side 512), condition encoding, both AccSamp phases with AlignOp and DCP, decoding, cropping
+           back and saving the PNG. Model loading is excluded (the model is built once, with random weights, and
+           its packed CPU weights are made before timing, as for the second image of a folder). Run with
+           --measure-totals (default: on CUDA only: a CPU run takes minutes per image and row)
 
-Totals are also computed from the parts for every row: condition + n_model·step(sampler) + [estimate] +
-n_guided·guidance(pull-back) + decode, where the counts n_model (denoiser calls) and n_guided (guidance calls)
-come from running the row's real sampler code with a zero-cost model and guidance (``count_calls``).
+Totals are also computed from the parts (at size×size, no resize) for every row: condition + n_model·step(sampler)
++ [estimate] + n_guided·guidance(pull-back) + decode, where the counts n_model (denoiser calls) and n_guided
+(guidance calls) come from running the row's real sampler code with a zero-cost model and guidance
+(``count_calls``).
 
 Peak memory: torch.cuda.max_memory_allocated on CUDA (weights included); on CPU the subprocess's ru_maxrss
 (weights included; "above weights" subtracts the high-water mark right after building the model).
 
 Usage: python -m benchmarks.bench_inference [--device auto|cpu|cuda] [--sizes 256 512] [--repeats N]
            [--precision auto|fp32|fp16|bf16] [--measure-totals auto|yes|no] [--threads N] [--quick]
+           [--set inference.KEY=VALUE ...]
 --quick: only the measured rows (no parts), one warm-up and one timed call each: the whole table on one CUDA GPU
 in a few minutes. The closing markdown table has one line per (size, row): seconds per image and the ratio to
 50-step spaced sampling of the same size and source.
@@ -37,6 +44,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -46,9 +54,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from omegaconf import DictConfig, OmegaConf
+
 from benchmarks.timing import sync, timed
 from haze.dcp import estimate_transmission
 from model.builder import cldm_config
+from pipelines import accsamp as accsamp_script
+from pipelines import onestep as onestep_script
+from pipelines import stage2 as stage2_script
+from pipelines.folder import run_folder
+from pipelines.runner import DiffusionRunner
 from pipelines.settings import InferenceSettings
 from sampler.accsamp import accsamp_steps, sample_accsamp
 from sampler.align import align_op
@@ -56,7 +71,10 @@ from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.pullback import LinearDecoderPullback
 from sampler.registry import SAMPLERS, make_sampler
 from sampler.spaced import make_spaced_schedule
+from model.onestep import AdapterMeta, LoRADenoiser
+from utils.atomic import atomic_write
 from utils.common import choose_device, choose_dtype, instantiate_from_config, load_config
+from utils.image_io import save_png01
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
@@ -76,12 +94,21 @@ class Row:
     accsamp: bool = False
     every: int = 1
     pullback: str = "autograd"
+    spacing: str = "uniform"
+    onestep: bool = False
+
+    def config(self, cfg: DictConfig) -> DictConfig:
+        """``cfg`` with this row's ``inference.*`` keys: the config a user runs for it."""
+        return OmegaConf.merge(cfg, {"inference": {"sampler": self.sampler, "steps": self.steps,
+                                                   "spacing": self.spacing, "guidance_every": self.every,
+                                                   "guidance_pullback": self.pullback}})
 
 
 def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
     """The benchmark rows; the fast preset and its levers are read from ``fast_config``."""
     fast = InferenceSettings.from_config(load_config(fast_config))
     f_sampler, f_steps, f_every, f_pull = fast.sampler, fast.steps, fast.guidance_every, fast.guidance_pullback
+    f_spacing = fast.spacing
     return [
         Row("spaced 50 (published)", "spaced", 50),
         Row("dpmpp_2m 10", "dpmpp_2m", 10),
@@ -89,10 +116,12 @@ def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
         Row("dpmpp_2m 25", "dpmpp_2m", 25),
         Row("ddim 25", "ddim", 25),
         Row("AccSamp (published)", "spaced", 50, accsamp=True),
-        Row(f"AccSamp + {f_sampler} {f_steps}", f_sampler, f_steps, accsamp=True),
+        Row(f"AccSamp + {f_sampler} {f_steps}", f_sampler, f_steps, accsamp=True, spacing=f_spacing),
         Row(f"AccSamp + guidance every {f_every}", "spaced", 50, accsamp=True, every=f_every),
         Row(f"AccSamp + {f_pull} pull-back", "spaced", 50, accsamp=True, pullback=f_pull),
-        Row("AccSamp fast preset", f_sampler, f_steps, accsamp=True, every=f_every, pullback=f_pull),
+        Row("AccSamp fast preset", f_sampler, f_steps, accsamp=True, every=f_every, pullback=f_pull,
+            spacing=f_spacing),
+        Row("one-step student", "spaced", 50, onestep=True),  # last: its adapters are merged into the model
     ]
 
 
@@ -101,18 +130,21 @@ def _rss_mb() -> float:
 
 
 class Bench:
-    """The model, schedule and random inputs of one (size, device, precision) setting."""
+    """The model, schedule and random inputs of one (size, device, precision) setting.
 
-    def __init__(self, cfg, size: int, device: torch.device, dtype: torch.dtype):
+    The model is loaded as the scripts load it (:class:`pipelines.runner.DiffusionRunner`: device, precision,
+    channels-last and packed-weight settings of the config), with random weights instead of the weight files."""
+
+    def __init__(self, cfg: DictConfig, size: int, device: torch.device, precision: str):
         torch.manual_seed(0)
-        self.cfg, self.device, self.size = cfg, device, size
-        self.model = instantiate_from_config(cldm_config(cfg.model)).eval().to(device)
-        if dtype != torch.float32:
-            self.model.cast_denoiser(dtype)
+        self.cfg = cfg = OmegaConf.merge(cfg, {"inference": {"device": str(device), "precision": precision}})
+        self.device, self.size = device, size
         diffusion = instantiate_from_config(cfg.model.diffusion)
+        inf = InferenceSettings.from_config(cfg)
+        self.runner = DiffusionRunner(cfg, inf, built=(instantiate_from_config(cldm_config(cfg.model)), diffusion))
+        self.model = self.runner.model
         self.parameterization = diffusion.parameterization
         self.alphas_cumprod = diffusion.alphas_cumprod_np
-        inf = InferenceSettings.from_config(cfg)
         self.schedule = make_spaced_schedule(self.alphas_cumprod, inf.steps)
         self.tau, self.omega = inf.tau, inf.omega
         self.guidance = instantiate_from_config(cfg.guidance)
@@ -121,6 +153,15 @@ class Bench:
         self.latent = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(device)
         self.c_txt = torch.randn(1, 77, cfg.model.cldm.params.unet_cfg.params.context_dim, generator=gen).to(device)
         self.c_img = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(device)
+        self.prepare_weights((size // 8, size // 8))
+
+    def prepare_weights(self, latent_hw: tuple[int, int]) -> None:
+        """One untimed denoiser call at ``latent_hw``: it makes the packed fp32 CPU conv weights of that size
+        (``inference.pack_weights``), a one-off cost that every later step and image of the size reuses."""
+        latent = torch.zeros(1, 4, *latent_hw, device=self.device)
+        with torch.no_grad():
+            self.runner.denoiser(latent_hw)(latent, torch.zeros(1, dtype=torch.long, device=self.device),
+                                            {"c_txt": self.c_txt, "c_img": latent})
 
     def condition(self) -> dict:
         with torch.no_grad():
@@ -161,17 +202,56 @@ class Bench:
 
         return x0_fn
 
-    def run_row(self, row: Row) -> None:
-        """One image end to end: condition, the row's sampling, final decode."""
-        run_row(row, self.model, self.latent, self.hazy01, self.alphas_cumprod, self.parameterization, self.tau,
-                self.omega, self.guidance, self.model.vae_decode, self.encode, self.condition)
+    def script_folder(self, root: Path) -> Path:
+        """A folder under ``root`` holding one random size×size PNG (the scripts' input), created once; before the
+        first timed run the denoiser runs once at the scripts' latent size (:meth:`prepare_weights`)."""
+        folder = root / "input"
+        if not folder.is_dir():
+            save_png01(torch.rand(3, self.size, self.size, generator=torch.Generator().manual_seed(3)),
+                       folder / "hazy.png")
+            hh, ww = self.runner.geometry(self.size, self.size).padded_hw
+            self.prepare_weights((hh // 8, ww // 8))
+        return folder
+
+    def run_script(self, row: Row, root: Path) -> None:
+        """One image through the scripts' per-image path (``run_folder`` + the script's batch function, on the
+        loaded model reconfigured with the row's settings): read, resize/pad, condition, sample (AccSamp: both
+        phases, AlignOp, DCP, guidance), decode, crop back, save. RuntimeError when the image fails."""
+        cfg = OmegaConf.merge(row.config(self.cfg), {"inference": {
+            "image_folder": str(self.script_folder(root)), "result_folder": str(root / "output")}})
+        inf = InferenceSettings.from_config(cfg)
+        script = onestep_script if row.onestep else accsamp_script if row.accsamp else stage2_script
+        if row.onestep and self.runner.onestep_timestep is None:
+            self.runner.load_adapters(str(write_random_adapters(self.cfg, root / "adapters.safetensors")))
+        self.runner.configure(cfg, inf)
+        status = run_folder(inf, script.make_process(cfg, inf, self.runner), script.output_names(inf), False,
+                            row.name, self.runner.batch_key)
+        if status != 0:
+            raise RuntimeError(f"row '{row.name}': the script path failed (status {status})")
+
+
+def write_random_adapters(cfg: DictConfig, path: Path, rank: int = 4, timestep: int = 999) -> Path:
+    """A one-step adapter file of rank ``rank`` for ``cfg``'s model with small random tensors (shapes taken from the
+    model built on the meta device): merged into random weights it costs what a trained student costs."""
+    from safetensors.torch import save
+
+    with torch.device("meta"):
+        ldm = instantiate_from_config(cldm_config(cfg.model))
+        denoiser = LoRADenoiser(ldm, rank, train_input_conv=True, in_place=True)
+        shapes = {k: v.shape for k, v in denoiser.adapter_state_dict().items()}
+    gen = torch.Generator().manual_seed(5)
+    tensors = {k: torch.randn(shape, generator=gen) * 0.01 for k, shape in shapes.items()}
+    meta = AdapterMeta(rank, float(rank), timestep).as_metadata()
+    atomic_write(path, lambda handle: handle.write(save(tensors, metadata=meta)))
+    return path
 
 
 def run_row(row: Row, model_fn: Callable, latent: torch.Tensor, hazy01: torch.Tensor, alphas_cumprod: np.ndarray,
             parameterization: str, tau: float, omega: float, guidance: WeightedMSSSIMGuidance,
             decode_fn: Callable, encode_fn: Callable, condition_fn: Callable) -> None:
-    """Condition + the row's sampler (or AccSamp with its options) + final decode, as the inference scripts do."""
-    schedule = make_spaced_schedule(alphas_cumprod, row.steps)
+    """Condition + the row's sampler (or AccSamp with its options) + final decode on the given functions: the
+    sampling code of the row, which :func:`count_calls` runs with a zero-cost model to count its calls."""
+    schedule = make_spaced_schedule(alphas_cumprod, row.steps, row.spacing)
     sampler = make_sampler(row.sampler)
     with torch.no_grad():
         cond = condition_fn()
@@ -202,7 +282,10 @@ class _CountingGuidance(WeightedMSSSIMGuidance):
 
 def count_calls(row: Row, cfg) -> tuple[int, int]:
     """(denoiser calls, guidance applications) of one image of ``row``, counted by running the row's real sampler
-    code on a tiny latent with a zero model, identity decoder/encoder and a counting guidance."""
+    code on a tiny latent with a zero model, identity decoder/encoder and a counting guidance (the one-step
+    student: one call, by construction)."""
+    if row.onestep:
+        return 1, 0
     diffusion = instantiate_from_config(cfg.model.diffusion)
     guidance = _CountingGuidance(instantiate_from_config(cfg.guidance))
     calls = [0]
@@ -274,13 +357,14 @@ def run_case(case: str, bench: Bench, warmup: int, repeats: int, rows: list[Row]
             }
             return {name: _best_time(fn, dev, warmup, repeats) for name, fn in parts.items()}
     if case == "rows":
-        out = {}
-        for k, row in enumerate(rows or make_rows()):
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            out[f"row{k}_s"] = _best_time(partial(bench.run_row, row), dev, warmup, repeats)
-            if dev.type == "cuda":
-                out[f"row{k}_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        out = {"script_hw": list(bench.runner.geometry(bench.size, bench.size).padded_hw)}
+        with tempfile.TemporaryDirectory(prefix="bench_inference_") as root:
+            for k, row in enumerate(rows or make_rows()):
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                out[f"row{k}_s"] = _best_time(partial(bench.run_script, row, Path(root)), dev, warmup, repeats)
+                if dev.type == "cuda":
+                    out[f"row{k}_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         return out
     raise ValueError(f"unknown case '{case}'")
 
@@ -288,9 +372,8 @@ def run_case(case: str, bench: Bench, warmup: int, repeats: int, rows: list[Row]
 def worker(args: argparse.Namespace) -> None:
     """Run one case in this process and print its result as one JSON line."""
     device = choose_device(args.device)
-    dtype = choose_dtype(args.precision, device)
-    cfg = load_config(args.config)
-    bench = Bench(cfg, args.size, device, dtype)
+    cfg = load_config(args.config, args.set)
+    bench = Bench(cfg, args.size, device, args.precision)
     sync(device)
     weights_mb = _rss_mb()
     if device.type == "cuda":
@@ -313,6 +396,8 @@ def spawn(case: str, size: int, args: argparse.Namespace) -> dict | str:
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if args.rows is not None:
         cmd += ["--rows", *map(str, args.rows)]
+    if args.set:
+        cmd += ["--set", *args.set]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -353,6 +438,8 @@ def main() -> None:
                         help="row indices to run (0 = spaced 50, always included; see make_rows; default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="measured rows only (no parts; default warm-up 1, repeats 1): the CUDA table in minutes")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as the scripts take them (e.g. inference.min_short_side=256)")
     parser.add_argument("--worker", choices=CASES + ("rows",), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -371,7 +458,7 @@ def main() -> None:
         worker(args)
         return
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     dtype = choose_dtype(args.precision, device)
     measure = args.quick or args.measure_totals == "yes" or (args.measure_totals == "auto" and on_cuda)
     try:
@@ -410,7 +497,9 @@ def main() -> None:
                 detail = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in res.items() if k.endswith("_s"))
                 line = f"{'':>9} {mem}  per image (s): {detail}"
             else:
-                line = f"{'':>9} {mem}  {len(rows)} rows measured end-to-end (condition + sampling + decode)"
+                hw = "×".join(map(str, res["script_hw"]))
+                line = (f"{'':>9} {mem}  {len(rows)} rows measured through the scripts' per-image path "
+                        f"(read, resize/pad to {hw}, condition, sampling, decode, save)")
             params_m = res["params_m"]
             parts.update({k: v for k, v in res.items() if k.endswith("_s") or k.endswith("_peak_mb")})
             print(f"{label} {line}", flush=True)
@@ -432,7 +521,8 @@ def main() -> None:
     for size, row, n_model, n_guided, total, ratio, peak, source in table:
         print(f"| {size}² | {row.name} | {n_model} | {n_guided} | {total:.2f} | {ratio:.2f} | {_fmt(peak, 0)} | "
               f"{source} |")
-    print("\ncomputed = condition + n_model·step(sampler) + [AccSamp estimate: decode + align + dcp + encode] + "
+    print("\nmeasured = the inference scripts' per-image path on one size² PNG (resized/padded as the config "
+          "says); computed from parts, at size² without resizing:\ncomputed = condition + n_model·step(sampler) + [AccSamp estimate: decode + align + dcp + encode] + "
           "n_guided·guidance(pull-back) + decode; counts from the rows' real sampler code (count_calls)")
 
 

@@ -6,7 +6,10 @@ guided-diffusion respacing of SD's 1000 timesteps that every script uses) and a 
 the same end points. Prints a markdown table (max-abs error and the empirical order per step doubling) for
 docs/samplers.md. ``tests/sampler/test_sampler_solvers.py`` asserts the orders from the same functions.
 
-    python -m benchmarks.solver_convergence [--parameterization eps|v]
+    python -m benchmarks.solver_convergence [--parameterization eps|v] [--spacings]
+
+``--spacings``: the error of both solvers on the timesteps each ``inference.spacing`` keeps (uniform, logsnr,
+karras) at 5-40 steps instead (``tests/sampler/test_contract.py`` pins the 10- and 20-step values).
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import torch
 
 from model.gaussian_diffusion import Diffusion
 from sampler.ddim import sample_ddim
-from sampler.dpm_solver import half_log_snr, sample_dpmpp_2m
-from sampler.spaced import SpacedSchedule, make_spaced_schedule
+from sampler.dpm_solver import sample_dpmpp_2m
+from sampler.spaced import SPACINGS, SpacedSchedule, half_log_snr, make_spaced_schedule
 
 SD_ALPHAS_CUMPROD = Diffusion().alphas_cumprod_np
 MU, S = 0.3, 0.5  # Gaussian data x0 ~ N(MU, S² I)
@@ -100,13 +103,28 @@ def error_table(parameterization: str = "eps") -> str:
     return "\n".join(lines)
 
 
+def spacing_table(parameterization: str = "eps", steps: tuple[int, ...] = (5, 10, 20, 40)) -> str:
+    """Markdown table of max-abs errors of both solvers on the model's timesteps kept by each ``inference.spacing``
+    (``sampler.spaced.kept_timesteps``): what the scripts run."""
+    lines = ["| spacing | steps | DDIM (η=0) error | DPM++ 2M error |", "|---|---:|---:|---:|"]
+    for spacing in SPACINGS:
+        for n in steps:
+            sched = make_spaced_schedule(SD_ALPHAS_CUMPROD, n, spacing)
+            errs = [solver_error(fn, sched, SD_ALPHAS_CUMPROD, parameterization) for fn in (sample_ddim,
+                                                                                             sample_dpmpp_2m)]
+            lines.append(f"| {spacing} | {n} | {errs[0]:.3g} | {errs[1]:.3g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parameterization", choices=("eps", "v"), default="eps")
+    parser.add_argument("--spacings", action="store_true",
+                        help="the error of each solver × inference.spacing instead of the convergence orders")
     args = parser.parse_args()
     print(f"x0 ~ N({MU}, {S}²·I), x_T ~ N(0, I) (1,4,8,8) seed 0, float64, {args.parameterization}-prediction; "
           "error = max |solver output − exact ODE solution followed by the common last step x̂0(·, t=0)|")
-    print(error_table(args.parameterization))
+    print(spacing_table(args.parameterization) if args.spacings else error_table(args.parameterization))
 
 
 if __name__ == "__main__":

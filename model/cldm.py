@@ -14,6 +14,19 @@ SD_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "c
 FUSION_PREFIX = "ycbcr."
 
 
+def controlled_denoise(unet: nn.Module, controlnet: nn.Module, control_scales: list[float] | None,
+                       x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+    """The denoiser of a ControlLDM (also of its LoRA copies, ``model.onestep``): the ControlNet's 13 residuals of
+    (x_noisy, hint ``cond["c_img"]``, t, ``cond["c_txt"]``, optional ``cond["c_ycbcr"]``), times ``control_scales``
+    when given, added to the UNet's skips. Returns eps (or v) (B,4,h,w) float32."""
+    control = controlnet(x_noisy, cond["c_img"], t, cond["c_txt"], cond.get("c_ycbcr"))
+    if control_scales is not None:
+        if len(control_scales) != len(control):
+            raise ValueError(f"control_scales has {len(control_scales)} entries, ControlNet gives {len(control)}")
+        control = [c * s for c, s in zip(control, control_scales)]
+    return unet(x_noisy, t, cond["c_txt"], control)
+
+
 class ControlLDM(nn.Module):
     """eps = forward(x_noisy (B,4,h,w) scaled latent, t (B,), cond from :meth:`prepare_condition`).
 
@@ -189,12 +202,7 @@ class ControlLDM(nn.Module):
     # ------------------------------------------------------------------ denoiser
     def forward(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         """Predicted eps (or v) (B,4,h,w) float32 for scaled noisy latents at integer timesteps t (B,)."""
-        control = self.controlnet(x_noisy, cond["c_img"], t, cond["c_txt"], cond.get("c_ycbcr"))
-        if self.control_scales is not None:
-            if len(self.control_scales) != len(control):
-                raise ValueError(f"control_scales has {len(self.control_scales)} entries, ControlNet gives {len(control)}")
-            control = [c * s for c, s in zip(control, self.control_scales)]
-        return self.unet(x_noisy, t, cond["c_txt"], control)
+        return controlled_denoise(self.unet, self.controlnet, self.control_scales, x_noisy, t, cond)
 
     def set_channels_last(self, enabled: bool) -> "ControlLDM":
         """Store the UNet and ControlNet conv weights channels-last (NHWC) or back in the default layout.

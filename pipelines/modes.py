@@ -141,15 +141,17 @@ class RunnerCache:
         self._guard = threading.Lock()
 
     @staticmethod
-    def key(cfg: DictConfig, inf: InferenceSettings) -> str:
+    def key(cfg: DictConfig, inf: InferenceSettings, adapter_path: str | None = None) -> str:
         return OmegaConf.to_yaml({"model": cfg.model, "weights": [str(inf.sd_path), str(inf.controlnet_path)],
-                                  "device": inf.device, "precision": inf.precision})
+                                  "adapters": adapter_path, "device": inf.device, "precision": inf.precision})
 
-    def get(self, cfg: DictConfig, inf: InferenceSettings) -> tuple[DiffusionRunner, threading.Lock]:
+    def get(self, cfg: DictConfig, inf: InferenceSettings,
+            adapter_path: str | None = None) -> tuple[DiffusionRunner, threading.Lock]:
         """The runner (loaded on first use) and its lock for ``cfg``'s model (``inf``: the settings read from
-        ``cfg``); the caller configures it under the lock (``runner.configure(cfg, inf)``)."""
-        key = self.key(cfg, inf)
+        ``cfg``), with the one-step adapter file ``adapter_path`` merged in when given (a separate model);
+        the caller configures it under the lock (``runner.configure(cfg, inf)``)."""
+        key = self.key(cfg, inf, adapter_path)
         with self._guard:
             if key not in self._runners:
-                self._runners[key] = (DiffusionRunner(cfg, inf), threading.Lock())
+                self._runners[key] = (DiffusionRunner(cfg, inf, adapter_path=adapter_path), threading.Lock())
             return self._runners[key]

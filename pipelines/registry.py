@@ -16,6 +16,7 @@ SCRIPT_PIPELINES: dict[str, str] = {
     "inference_stage1": "pipelines.stage1",
     "inference_dcp": "pipelines.dcp",
     "inference_baseline": "pipelines.baseline",
+    "inference_onestep": "pipelines.onestep",
 }
 
 

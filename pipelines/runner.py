@@ -11,7 +11,11 @@ import torch
 from omegaconf import DictConfig
 
 from model.builder import build_model
+from model.cldm import ControlLDM
 from model.conditioning import fog_aware_condition
+from model.gaussian_diffusion import Diffusion
+from model.onestep import merge_adapter_file
+from model.unet import Conv2d
 from pipelines.batching import stack_conditions
 from pipelines.geometry import Geometry, from_model_output, plan_geometry, to_model_input
 from pipelines.settings import InferenceSettings
@@ -45,7 +49,7 @@ class DiffusionRunner:
     """The model, schedule, sampler, device/precision and (tiled) encode/decode/denoise functions for one config.
 
     ``sample`` is the sampling function chosen by ``inference.sampler`` (``spaced`` default, ``ddim`` with
-    ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps.
+    ``inference.eta``, ``dpmpp_2m``), on the schedule of ``inference.steps`` steps spaced by ``inference.spacing``.
 
     Denoiser speed settings (``benchmarks/bench_step.py`` measures them): ``inference.channels_last`` (default
     true) stores the UNet/ControlNet conv weights NHWC; ``inference.pack_weights`` (default true; fp32 CPU only)
@@ -54,12 +58,22 @@ class DiffusionRunner:
     compiles, which takes minutes).
     """
 
-    def __init__(self, cfg: DictConfig, settings: InferenceSettings):
+    def __init__(self, cfg: DictConfig, settings: InferenceSettings,
+                 built: tuple[ControlLDM, Diffusion] | None = None, adapter_path: str | None = None):
+        """``built``: the model and schedule already built (the benchmarks pass full-size random weights); None
+        (the scripts): built from the weight files ``inference.sd_path`` / ``inference.controlnet_path``.
+        ``adapter_path``: a one-step adapter file merged into the model at load (``inference_onestep``), whose
+        timestep t* becomes ``onestep_timestep``; None otherwise."""
         inf = settings
-        inf.weight_paths()  # InferenceSettingsError unless both weight files are named
         self.device = process_device(inf.device)
         self.dtype = choose_dtype(inf.precision, self.device)
-        self.model, self.diffusion = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
+        if built is None:
+            inf.weight_paths()  # InferenceSettingsError unless both weight files are named
+            built = build_model(cfg.model, inf.sd_path, inf.controlnet_path, "inference.sd_path")
+        self.model, self.diffusion = built
+        self.onestep_timestep: int | None = None
+        if adapter_path is not None:
+            self.load_adapters(adapter_path)
         self.model.eval().to(self.device)
         if self.dtype != torch.float32:
             self.model.cast_denoiser(self.dtype)
@@ -69,6 +83,15 @@ class DiffusionRunner:
             self.model.controlnet.compile()
         self.configure(cfg, settings)
 
+    def load_adapters(self, path: str) -> None:
+        """Merge the one-step adapter file at ``path`` into the model and keep its timestep t* as
+        ``onestep_timestep``. Packed CPU conv weights made before are dropped (they hold the unmerged weights)."""
+        self.onestep_timestep = merge_adapter_file(self.model, path)
+        packing = [m for m in self.model.modules() if isinstance(m, Conv2d) and m.pack_weights]
+        for conv in packing:
+            conv.set_weight_packing(False)
+            conv.set_weight_packing(True)
+
     def configure(self, cfg: DictConfig, settings: InferenceSettings) -> None:
         """Adopt the per-run settings (steps, tiling, prompt ...; ``settings`` read from ``cfg`` by the caller) for
         the loaded model; app.py calls this between runs with another mode's or slider's settings (same model
@@ -77,7 +100,7 @@ class DiffusionRunner:
         self.cfg = cfg
         self.settings = inf = settings
         self.sample = make_sampler(inf.sampler, inf.eta)
-        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.steps)
+        self.schedule = make_spaced_schedule(self.diffusion.alphas_cumprod_np, inf.steps, inf.spacing)
         self.parameterization = self.diffusion.parameterization
         self.tiled = inf.tiled
         self.tile_threshold = inf.tile_threshold

@@ -23,13 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from haze.dcp import AIRLIGHT_TIES
 from sampler.accsamp import PULLBACKS, accsamp_steps
-from sampler.registry import SAMPLERS
+from sampler.registry import FEW_STEP_SOLVERS, SAMPLERS
+from sampler.spaced import SPACINGS
 from utils.common import PRECISIONS
 from utils.rules import Rule, first_violation, is_int, is_number
 
 WEIGHT_KEYS = ("sd_path", "controlnet_path")
 """inference.* weight files of every diffusion script."""
-PATH_KEYS = (*WEIGHT_KEYS, "checkpoint_path", "image_folder", "result_folder", "fog_reference_folder")
+ONESTEP_WEIGHT_KEYS = (*WEIGHT_KEYS, "adapter_path")
+"""inference.* weight files of the one-step student (the stage-2 weights and the adapter file merged into them)."""
+PATH_KEYS = (*ONESTEP_WEIGHT_KEYS, "checkpoint_path", "image_folder", "result_folder", "fog_reference_folder")
 
 
 class InferenceSettingsError(ValueError):
@@ -48,6 +51,9 @@ class InferenceSettings:
     checkpoint_path: str | None = None
     """Weights of a feed-forward baseline (a ``checkpoints/<step>.pt`` of train_baseline.py); required by
     inference_baseline.py, whose ``network`` section names the architecture."""
+    adapter_path: str | None = None
+    """One-step student: the adapter file of a stage-3 distillation (.safetensors), merged into the stage-2 weights at
+    load; required by inference_onestep."""
     image_folder: str | None = None
     """Folder of input images (.png/.jpg/.jpeg); required to run a script over a folder."""
     result_folder: str | None = None
@@ -61,6 +67,10 @@ class InferenceSettings:
     first step's clipped posterior variance from the second step."""
     sampler: str = "spaced"
     """One of sampler.registry.SAMPLERS: spaced (published ancestral DDPM), ddim, dpmpp_2m."""
+    spacing: str = "uniform"
+    """Which timesteps the N steps keep (sampler.spaced.SPACINGS): uniform (published respacing, uniform in t),
+    logsnr (uniform in log-SNR) or karras (Karras et al., ρ = 7); other than uniform only with the few-step solvers
+    ddim and dpmpp_2m (the published spaced sampler keeps its respacing)."""
     eta: float = 0.0
     """DDIM noise in [0, 1]: 0 deterministic, 1 ancestral (= spaced); only with sampler ddim."""
     w: float = 0.85
@@ -173,6 +183,10 @@ class InferenceSettings:
         message = first_violation(self, RULES, "inference")
         if message is not None:
             raise InferenceSettingsError(message)
+        if self.spacing != "uniform" and self.sampler not in FEW_STEP_SOLVERS:
+            raise InferenceSettingsError(f"inference.spacing={self.spacing} needs a few-step solver (inference.sampler "
+                                         f"one of {', '.join(FEW_STEP_SOLVERS)}); the published {self.sampler} "
+                                         "sampler runs on the uniform respacing")
         for kind in ("latent_", "vae_", ""):
             size, stride = getattr(self, f"{kind}tile_size"), getattr(self, f"{kind}tile_stride")
             if stride > size:
@@ -185,6 +199,8 @@ class InferenceSettings:
         required = ["image_folder", "result_folder"]
         if script == "inference_baseline":
             required.append("checkpoint_path")
+        elif script == "inference_onestep":
+            required += [*ONESTEP_WEIGHT_KEYS, "prompt"]
         elif script != "inference_dcp":
             required += [*WEIGHT_KEYS, "prompt"]
         for key in required:
@@ -231,6 +247,7 @@ RULES: tuple[Rule, ...] = (
     (("tau",), lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     (("omega",), lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     (("sampler",), lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+    (("spacing",), lambda v: v in SPACINGS, f"one of {', '.join(SPACINGS)}"),
     (("guidance_pullback",), lambda v: v in PULLBACKS, f"one of {', '.join(PULLBACKS)}"),
     (("airlight_ties",), lambda v: v in AIRLIGHT_TIES, f"one of {', '.join(AIRLIGHT_TIES)}"),
     (("precision",), lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -240,7 +257,7 @@ RULES: tuple[Rule, ...] = (
 """(keys, test, what a valid value is) of every ``inference.*`` key."""
 _FOLDER = frozenset({"image_folder", "result_folder", "device"})
 _DIFFUSION = _FOLDER | {
-    *WEIGHT_KEYS, "prompt", "steps", "sampler", "eta", "seed", "precision", "min_short_side", "pad_multiple",
+    *WEIGHT_KEYS, "prompt", "steps", "sampler", "spacing", "eta", "seed", "precision", "min_short_side", "pad_multiple",
     "max_pixels", "tiled", "tile_threshold", "latent_tile_size", "latent_tile_stride", "vae_tile_size",
     "vae_tile_stride", "dynamic_prompt", "batch_size", "channels_last", "pack_weights", "compile", "max_memory_gb"}
 SCRIPT_KEYS: dict[str, frozenset[str]] = {
@@ -249,6 +266,7 @@ SCRIPT_KEYS: dict[str, frozenset[str]] = {
                                      "save_transmission"},
     "inference_stage2": _DIFFUSION,
     "inference_stage1": _DIFFUSION | {"w", "num_samples", "fog_reference_folder"},
+    "inference_onestep": (_DIFFUSION - {"steps", "sampler", "spacing", "eta"}) | {"adapter_path"},
     "inference_accsamp": _DIFFUSION | {"tau", "omega", "save_intermediates", "align_cover_border", "guidance_every",
                                        "guidance_pullback", "airlight_ties"},
 }

@@ -22,12 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.spaced import Generators, ModelFn, SpacedSchedule, model_x0
-
-
-def half_log_snr(alpha_cumprod: float) -> float:
-    """λ = log(sqrt(ᾱ)/sqrt(1 − ᾱ)) = ½·log(ᾱ/(1 − ᾱ))."""
-    return 0.5 * float(np.log(alpha_cumprod / (1.0 - alpha_cumprod)))
+from sampler.spaced import Generators, ModelFn, SpacedSchedule, half_log_snr, model_x0
 
 
 def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule, cond: Any, *,
@@ -54,7 +49,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: SpacedSchedule
         if a_t >= 1.0:
             x_new = x0
         else:
-            h = half_log_snr(a_t) - half_log_snr(a_s)
+            h = float(half_log_snr(a_t) - half_log_snr(a_s))
             d = x0
             if x0_prev is not None:
                 r = h_prev / h

@@ -11,6 +11,8 @@ from sampler.dpm_solver import sample_dpmpp_2m
 from sampler.spaced import sample_spaced
 
 SAMPLERS = ("spaced", "ddim", "dpmpp_2m")
+FEW_STEP_SOLVERS = ("ddim", "dpmpp_2m")
+"""The ODE solvers that take ``inference.spacing`` other than uniform (the published ``spaced`` sampler does not)."""
 
 
 def make_sampler(name: str = "spaced", eta: float = 0.0) -> Callable:

@@ -47,6 +47,61 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list
     return sorted(set(kept))
 
 
+SPACINGS = ("uniform", "logsnr", "karras")
+"""``inference.spacing``: which of the model's timesteps a schedule of N steps keeps."""
+KARRAS_RHO = 7.0
+"""ρ of the Karras et al. (2022) noise levels (their default, also k-diffusion's)."""
+
+
+def half_log_snr(alpha_cumprod: float | np.ndarray) -> float | np.ndarray:
+    """λ = log(sqrt(ᾱ)/sqrt(1 − ᾱ)) = ½·log(ᾱ/(1 − ᾱ)) (decreasing in t)."""
+    return 0.5 * np.log(alpha_cumprod / (1.0 - alpha_cumprod))
+
+
+def _nearest_distinct(targets: np.ndarray, values: np.ndarray) -> list[int]:
+    """Indices t of ``values`` (strictly decreasing in t) nearest to each of ``targets`` (one per kept step,
+    ordered from t = 0 to t = T−1, first and last hitting the end points), made strictly increasing: a step that
+    rounds onto the previous one moves up by one, and a step pushed into the room of the steps above it moves back
+    down, so N targets always give N distinct timesteps from 0 to T−1."""
+    last = len(values) - 1
+    kept = [int(np.argmin(np.abs(values - v))) for v in targets]
+    for i in range(1, len(kept)):
+        kept[i] = max(kept[i], kept[i - 1] + 1)
+    kept[-1] = last
+    for i in range(len(kept) - 2, -1, -1):
+        kept[i] = min(kept[i], kept[i + 1] - 1)
+    return kept
+
+
+def kept_timesteps(base_alphas_cumprod: np.ndarray, num_steps: int | str, spacing: str = "uniform") -> list[int]:
+    """The timesteps (ascending, from 0 to T−1) a schedule of ``num_steps`` keeps.
+
+    ``uniform``: the published respacing (:func:`space_timesteps`, uniform in t; ``num_steps`` may be its
+    section string). ``logsnr``: uniform in the half log-SNR λ between t = 0 and t = T−1 (the grid on which
+    DPM-Solver's error analysis holds from few steps on). ``karras``: Karras et al.'s noise levels
+    σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ with σ = sqrt((1 − ᾱ)/ᾱ), ρ = :data:`KARRAS_RHO`.
+    The model is trained at integer timesteps only, so the last two pick the nearest ones (kept distinct by
+    :func:`_nearest_distinct`).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"inference.spacing must be one of {', '.join(SPACINGS)}; got '{spacing}'")
+    num_timesteps = len(base_alphas_cumprod)
+    if spacing == "uniform":
+        return space_timesteps(num_timesteps, str(num_steps))
+    n = int(num_steps)
+    if not 2 <= n <= num_timesteps:
+        raise ValueError(f"{spacing} spacing needs 2..{num_timesteps} steps, got {n}")
+    ac = np.asarray(base_alphas_cumprod, dtype=np.float64)
+    lam = half_log_snr(ac)
+    if spacing == "logsnr":
+        return _nearest_distinct(np.linspace(lam[0], lam[-1], n), lam)
+    sigma = np.sqrt((1.0 - ac) / ac)
+    ramp = np.linspace(0.0, 1.0, n)
+    inv_rho = 1.0 / KARRAS_RHO
+    karras = (sigma[-1] ** inv_rho + ramp * (sigma[0] ** inv_rho - sigma[-1] ** inv_rho)) ** KARRAS_RHO
+    return _nearest_distinct(-np.log(karras[::-1]), -np.log(sigma))
+
+
 @dataclass(frozen=True)
 class SpacedSchedule:
     """Coefficients of the respaced chain; index i (0 = least noisy) maps to original timestep ``timesteps[i]``."""
@@ -63,10 +118,12 @@ class SpacedSchedule:
         return len(self.timesteps)
 
 
-def make_spaced_schedule(base_alphas_cumprod: np.ndarray, num_steps: int | str) -> SpacedSchedule:
+def make_spaced_schedule(base_alphas_cumprod: np.ndarray, num_steps: int | str,
+                         spacing: str = "uniform") -> SpacedSchedule:
     """Respaced betas from the kept ``alphas_cumprod`` (β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}) and DDPM posterior terms
-    (float64). The posterior log-variance is clipped by repeating its second value for the first step."""
-    kept = space_timesteps(len(base_alphas_cumprod), str(num_steps))
+    (float64). The posterior log-variance is clipped by repeating its second value for the first step.
+    ``spacing`` picks the kept timesteps (:func:`kept_timesteps`; ``uniform`` is the published respacing)."""
+    kept = kept_timesteps(base_alphas_cumprod, num_steps, spacing)
     ac = np.asarray(base_alphas_cumprod, dtype=np.float64)[kept]
     ac_prev = np.append(1.0, ac[:-1])
     betas = 1.0 - ac / ac_prev

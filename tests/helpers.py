@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from model.builder import cldm_config
 from model.cldm import SD_PREFIXES, ControlLDM
+from model.gaussian_diffusion import Diffusion
+from model.onestep import LoRADenoiser
 from utils.common import instantiate_from_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +22,7 @@ SCRIPTS = {
     "stage2": ("inference_stage2.py", "configs/inference/stage2.yaml"),
     "accsamp": ("inference_accsamp.py", "configs/inference/stage2_accsamp.yaml"),
     "stage1": ("inference_stage1.py", "configs/inference/stage1.yaml"),
+    "onestep": ("inference_onestep.py", "configs/inference/stage2_onestep.yaml"),
 }
 """Entry script and published config of each diffusion inference job the tests run."""
 
@@ -93,3 +96,20 @@ def run_script(which: str, config: Path, *args: str) -> subprocess.CompletedProc
     """``python <script of which> --config <config> <args>`` from the repository root, to the end."""
     return subprocess.run([sys.executable, SCRIPTS[which][0], "--config", str(config), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+
+
+def teacher_and_diffusion(seed: int = 0) -> tuple[ControlLDM, Diffusion]:
+    """A tiny stage-2 ControlLDM with every weight random and non-zero (zero-init layers included)."""
+    ldm = build_tiny(seed)
+    randomize_(ldm.unet, seed + 1)
+    randomize_(ldm.controlnet, seed + 2)
+    return ldm.eval(), instantiate_from_config(tiny_config().model.diffusion)
+
+
+def randomize_adapters_(denoiser: LoRADenoiser, seed: int) -> None:
+    """Add N(0, 0.05²) noise to every trainable tensor of ``denoiser`` (its adapters: B leaves zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)

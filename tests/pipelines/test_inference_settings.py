@@ -17,7 +17,7 @@ from utils.common import load_config
 
 CONFIGS = {"stage1.yaml": "inference_stage1", "stage2.yaml": "inference_stage2",
            "stage2_accsamp.yaml": "inference_accsamp", "stage2_accsamp_fast.yaml": "inference_accsamp",
-           "dcp.yaml": "inference_dcp"}
+           "dcp.yaml": "inference_dcp", "stage2_onestep.yaml": "inference_onestep"}
 
 
 def settings_of(config: str = "stage2_accsamp.yaml", *overrides: str) -> InferenceSettings:
@@ -64,12 +64,23 @@ def test_published_values_are_read_and_absent_keys_take_the_defaults():
     ("tile_threshold", -1), ("latent_tile_size", 0), ("latent_tile_stride", 65), ("vae_tile_size", 500),
     ("vae_tile_stride", 520), ("dynamic_prompt", "yes please"), ("compile", 1), ("device", "gpu"),
     ("precision", "fp8"), ("guidance_every", 0), ("guidance_pullback", "exact"), ("airlight_ties", "first"),
-    ("max_memory_gb", 0), ("prompt", 3),
+    ("max_memory_gb", 0), ("prompt", 3), ("spacing", "cosine"),
 ])
 def test_bad_value_is_refused_naming_the_key(key, value):
     with pytest.raises(InferenceSettingsError, match=rf"^inference\.{key} must be .*got {key}="):
         InferenceSettings.from_config(OmegaConf.merge(load_config(ROOT / "configs/inference/stage2_accsamp.yaml"),
                                                       {"inference": {key: value}}))
+
+
+def test_spacing_is_a_setting_of_the_few_step_solvers_only():
+    for sampler in ("ddim", "dpmpp_2m"):
+        for spacing in ("uniform", "logsnr", "karras"):
+            assert settings_of("stage2.yaml", f"inference.sampler={sampler}", f"inference.spacing={spacing}").spacing \
+                == spacing
+    assert settings_of("stage2.yaml").spacing == "uniform"  # the published respacing is the default
+    with pytest.raises(InferenceSettingsError, match=r"^inference\.spacing=logsnr needs a few-step solver .*ddim, "
+                                                     r"dpmpp_2m.*published spaced sampler"):
+        settings_of("stage2.yaml", "inference.spacing=logsnr")
 
 
 def test_script_requirements_and_accsamp_phases():

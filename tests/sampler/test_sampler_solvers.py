@@ -14,11 +14,11 @@ from haze.dcp import estimate_transmission
 from sampler.accsamp import sample_accsamp
 from sampler.align import align_op
 from sampler.ddim import ddim_sigma, sample_ddim
-from sampler.dpm_solver import half_log_snr, sample_dpmpp_2m
+from sampler.dpm_solver import sample_dpmpp_2m
 from sampler.guidance import WeightedMSSSIMGuidance
 from sampler.pullback import LinearDecoderPullback
 from sampler.registry import make_sampler
-from sampler.spaced import make_spaced_schedule, sample_spaced
+from sampler.spaced import half_log_snr, make_spaced_schedule, sample_spaced
 
 SOLVERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
 
