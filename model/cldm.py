@@ -128,6 +128,12 @@ class ControlLDM(nn.Module):
         self.controlnet.load_state_dict(init_sd, strict=True)
         return extended, scratch
 
+    def sd_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen modules in the SD checkpoint layout (the inverse of :meth:`load_pretrained_sd`): UNet, VAE and
+        text-encoder tensors under their LDM prefixes (:data:`SD_PREFIXES`)."""
+        return {prefix + k: v for name, prefix in SD_PREFIXES.items()
+                for k, v in getattr(self, name).state_dict().items()}
+
     def controlnet_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable weights in the release format: flat ControlNet keys (+ ``text_processor.*`` when enabled)."""
         sd = dict(self.controlnet.state_dict())

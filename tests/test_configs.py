@@ -54,3 +54,58 @@ def test_base_chain_is_merged_under_the_file_and_names_a_missing_base(tmp_path):
     (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_a_list_of_bases_is_merged_in_order(tmp_path):
+    (tmp_path / "stage.yaml").write_text("model: {width: 320, depth: 4}\ntrain: {steps: 100}\n")
+    (tmp_path / "small.yaml").write_text("model: {width: 64}\n")
+    (tmp_path / "run.yaml").write_text("base: [stage.yaml, small.yaml]\ntrain: {steps: 5}\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert OmegaConf.to_container(cfg) == {"model": {"width": 64, "depth": 4}, "train": {"steps": 5}}
+
+
+MINI = ROOT / "configs" / "mini"
+MINI_STAGE_CONFIGS = {
+    # mini config -> (shipped config, keys outside `model` that the mini one may change: paths, budgets, CPU scale)
+    "stage1.yaml": ("train/stage1.yaml", {"dataset.params.syn_folder", "dataset.params.real_folder",
+                                          "dataset.params.crop_size", "train.sd_path", "train.exp_dir",
+                                          "train.resume", "train.learning_rate", "train.num_workers",
+                                          "train.train_steps", "train.log_every", "train.ckpt_every",
+                                          "train.image_every", "train.keep_last", "train.gradient_checkpointing",
+                                          "train.seed"}),
+    "stage2.yaml": ("train/stage2.yaml", {"dataset.params.hazy_folder", "dataset.params.clean_folder",
+                                          "dataset.params.crop_size", "train.sd_path", "train.exp_dir",
+                                          "train.resume", "train.learning_rate", "train.lr_schedule",
+                                          "train.num_workers", "train.train_steps", "train.log_every",
+                                          "train.ckpt_every", "train.image_every", "train.keep_last",
+                                          "train.gradient_checkpointing", "train.seed"}),
+    **{f"infer_{n}.yaml": (f"inference/{b}.yaml", {"inference.sd_path", "inference.controlnet_path",
+                                                   "inference.result_folder", "inference.device",
+                                                   "inference.min_short_side"})
+       for n, b in (("stage1", "stage1"), ("stage2", "stage2"), ("accsamp", "stage2_accsamp"),
+                    ("accsamp_fast", "stage2_accsamp_fast"))},
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MINI_STAGE_CONFIGS))
+def test_mini_configs_are_the_shipped_ones_on_the_mini_model(name):
+    """The chain runs the shipped stage configs: only the model section, paths and budgets differ."""
+    shipped, allowed = MINI_STAGE_CONFIGS[name]
+    mini = OmegaConf.to_container(load_config(MINI / name), resolve=True)
+    ref = OmegaConf.to_container(load_config(ROOT / "configs" / shipped), resolve=True)
+    assert mini.pop("model") == OmegaConf.to_container(load_config(MINI / "model.yaml").model)
+    ref.pop("model")
+    mini_flat, ref_flat = _flat(mini), _flat(ref)
+    assert set(mini_flat) == set(ref_flat)
+    changed = {k for k in ref_flat if mini_flat[k] != ref_flat[k]}
+    assert changed <= allowed, changed - allowed

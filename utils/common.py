@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -33,16 +33,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Load a YAML config and apply OmegaConf dotlist overrides (``["inference.tau=0.7", ...]``).
 
     A top-level ``base: <path relative to this file>`` is loaded first (recursively) and merged under the file, so
-    ablation configs only state what they change.
+    ablation configs only state what they change; ``base: [a.yaml, b.yaml]`` merges several in order (later ones
+    win), e.g. a stage config and a model section of another size.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     cfg = OmegaConf.load(path)
     if "base" in cfg:
-        base_path = os.path.join(os.path.dirname(os.fspath(path)), str(cfg.base))
-        if not os.path.isfile(base_path):
-            raise FileNotFoundError(f"{path}: base config not found: {base_path}")
-        cfg = OmegaConf.merge(load_config(base_path), {k: v for k, v in cfg.items() if k != "base"})
+        bases = cfg.base if isinstance(cfg.base, ListConfig) else [cfg.base]
+        merged = []
+        for base in bases:
+            base_path = os.path.join(os.path.dirname(os.fspath(path)), str(base))
+            if not os.path.isfile(base_path):
+                raise FileNotFoundError(f"{path}: base config not found: {base_path}")
+            merged.append(load_config(base_path))
+        cfg = OmegaConf.merge(*merged, {k: v for k, v in cfg.items() if k != "base"})
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
