@@ -121,6 +121,8 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
     max_grad_norm: float | None = None
+    max_nonfinite_steps: int = 10
+    max_bad_sample_fraction: float = 0.01
     ema_decay: float | None = None
     seed: int = 231
     log_with: str | None = "tensorboard"
@@ -150,7 +152,8 @@ LOOP_RULES: tuple[Rule, ...] = (
     (("sd_path", "exp_dir"), lambda v: isinstance(v, str), "a path"),
     (("resume", "log_with"), optional(lambda v: isinstance(v, str)), "a string or null"),
     (("train_steps", "log_every", "ckpt_every", "sample_steps", "keep_last", "gradient_accumulation_steps",
-      "num_preview"), lambda v: is_int(v) and v > 0, "a positive integer"),
+      "num_preview", "max_nonfinite_steps"), lambda v: is_int(v) and v > 0, "a positive integer"),
+    (("max_bad_sample_fraction",), lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     (("batch_size", "per_process_batch_size", "image_every"), optional(lambda v: is_int(v) and v > 0),
      "a positive integer or null"),
     (("num_workers",), lambda v: is_int(v) and v >= 0, "an integer >= 0"),

@@ -29,7 +29,8 @@ from model.builder import build_model as build_model_from_section
 from model.builder import text_processor_on
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
-from training.data import GlobalBatchSampler, build_dataset, plan_batches, to_device
+from training.data import UNREADABLE_KEY, GlobalBatchSampler, SkipUnreadable, build_dataset, plan_batches, to_device
+from training.guard import NonFiniteGuard, TrainingStopped, UnreadableSamples, nonfinite_keys, refuse_nonfinite
 from training.preview import preview_grid
 from training.settings import ExtensionSettings, TrainSettings, resolve_aliases, split_settings
 from training.state import (EMA, EMA_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS, ExpDirLock,
@@ -105,6 +106,10 @@ def run_training(cfg: DictConfig, stage: int) -> int:
     lock = ExpDirLock()
     try:
         return Trainer(cfg, stage, lock).run()
+    except TrainingStopped as err:
+        if is_main_rank():
+            log.error("%s", err)
+        return err.exit_code
     except TrainError as err:
         if is_main_rank():
             log.error("%s", err)
@@ -156,7 +161,7 @@ class Trainer:
         try:
             if acc.is_main_process:
                 lock.acquire(self.exp_dir)
-            self.dataset = build_dataset(cfg, loop.seed, check_images=acc.is_main_process)
+            self.dataset = SkipUnreadable(build_dataset(cfg, loop.seed, check_images=acc.is_main_process))
         except TrainError as err:
             error = str(err)
         agree_on_error(acc, error)
@@ -171,6 +176,8 @@ class Trainer:
         self.ema = EMA(self.ldm.controlnet_state_dict(), loop.ema_decay) if loop.ema_decay else None
         self.progress = Progress()
         self.window = LogWindow()
+        self.guard = NonFiniteGuard(loop.max_nonfinite_steps, acc.is_main_process)
+        self.unreadable = UnreadableSamples(len(self.dataset), loop.max_bad_sample_fraction, acc.is_main_process)
         if self.resume_dir is not None:
             self._resume(self.resume_dir)
 
@@ -182,13 +189,16 @@ class Trainer:
             raise TrainError(f"{state_dir} was saved with a global batch of {saved['global_batch']}, this run has "
                              f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         self.accelerator.load_state(str(state_dir))
+        refuse_nonfinite(self.ldm.controlnet_state_dict(), f"training state {state_dir}")
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
                 raise TrainError(f"train.ema_decay is set but {state_dir} holds no {EMA_FILE}")
             from safetensors.torch import load_file
 
-            self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+            ema = load_file(str(state_dir / EMA_FILE))
+            refuse_nonfinite(ema, f"training state {state_dir / EMA_FILE}")
+            self.ema.load_state_dict(ema)
         window_file = state_dir / LOG_WINDOW_FILE.format(rank=self.accelerator.process_index)
         if window_file.is_file() and saved.get("num_processes") == self.accelerator.num_processes:
             self.window = LogWindow.load(window_file, self.accelerator.device)
@@ -204,34 +214,43 @@ class Trainer:
     def _loader(self) -> tuple[Iterator[dict[str, Any]], GlobalBatchSampler]:
         """Micro-batch iterator of this process from the current data position."""
         acc, p = self.accelerator, self.progress
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(p.epoch)
+        self.dataset.set_epoch(p.epoch)
         sampler = GlobalBatchSampler(len(self.dataset), self.plan.per_process, acc.num_processes, acc.process_index,
                                      self.accum, self.loop.seed, p.epoch, p.batch_in_epoch)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
                             pin_memory=acc.device.type == "cuda")
         return iter(loader), sampler
 
-    def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step
-        -> (last micro-batch, logs per micro-batch)."""
+    def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step,
+        unless a loss term or gradient is not finite on some process (:class:`training.guard.NonFiniteGuard`)
+        -> (last micro-batch, logs per micro-batch, the offending names; [] when the step was taken)."""
         acc, loop = self.accelerator, self.loop
         for group in self.optimizer.param_groups:
             group["lr"] = loop.lr_at(self.progress.step)
-        logs = []
+        logs, offending = [], []
         for a in range(self.accum):
-            batch = to_device(next(data_iter), acc.device)
+            batch = next(data_iter)
+            self.unreadable.note(batch.pop(UNREADABLE_KEY))
+            batch = to_device(batch, acc.device)
             seed = step_seed(loop.seed, self.progress.step, a, acc.process_index)
             gen = torch.Generator(device=acc.device).manual_seed(seed)
             with acc.accumulate(self.model):
                 out = self.model(batch, self.progress.step, gen, random.Random(seed))
                 acc.backward(out["loss"])
-                if acc.sync_gradients and loop.max_grad_norm is not None:
-                    acc.clip_grad_norm_(trainable_parameters(self.step_module), loop.max_grad_norm)
-                self.optimizer.step()
+                self.guard.watch_terms(out["terms"])
+                if acc.sync_gradients:
+                    params = trainable_parameters(self.step_module)
+                    offending = self.guard.decide(acc, out["terms"], params, check_gradients=acc.scaler is None)
+                    if not offending:
+                        if loop.max_grad_norm is not None:
+                            acc.clip_grad_norm_(params, loop.max_grad_norm)
+                        self.optimizer.step()
+                        self.guard.took_step(self.optimizer.step_was_skipped)
                 self.optimizer.zero_grad(set_to_none=True)
             logs.append(out["logs"])
-        return batch, logs
+        return batch, logs, offending
 
     def run(self) -> int:
         from tqdm.auto import tqdm
@@ -254,14 +273,18 @@ class Trainer:
         while p.step < loop.train_steps:
             if data_iter is None:
                 data_iter, sampler = self._loader()
-            batch, logs = self._optimizer_step(data_iter)
+            batch, logs, offending = self._optimizer_step(data_iter)
+            self.unreadable.sync(acc, p.step + 1)
             p.step += 1
             p.batch_in_epoch += 1
             if p.batch_in_epoch == sampler.batches_per_epoch:
                 p.epoch, p.batch_in_epoch, data_iter = p.epoch + 1, 0, None
-            if self.ema is not None:
-                self.ema.update(self.ldm.controlnet_state_dict())
-            window.add(logs)
+            if offending:
+                self.guard.skip(p.step, offending, loop.lr_at(p.step - 1))
+            else:
+                if self.ema is not None:
+                    self.ema.update(self.ldm.controlnet_state_dict())
+                window.add(logs)
             bar.update(1)
             bar.set_postfix(loss=f"{logs[-1]['loss'].item():.4f}")
             if not warned_align and any(entry.get("align_skipped", 0) > 0 for entry in logs) and acc.is_main_process:
@@ -272,11 +295,14 @@ class Trainer:
                              {"train/lr": loop.lr_at(p.step - 1)})
             if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
                 self._preview(batch)
-            if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
+            if (p.step % loop.ckpt_every == 0 or p.step == loop.train_steps) and self._may_save():
                 self._save_checkpoint()
                 save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
                                     window)
         bar.close()
+        for line in (self.guard.summary(), self.unreadable.summary()):
+            if line and acc.is_main_process:
+                log.warning("%s", line)
         acc.end_training()
         return 0
 
@@ -295,6 +321,25 @@ class Trainer:
                     tracker.log({"preview_prompts": "\n\n".join(f"{i}: {text}" for i, text in enumerate(prompts))},
                                 step=self.progress.step)
         acc.wait_for_everyone()
+
+    def _may_save(self) -> bool:
+        """Whether this step's checkpoint and state may be written: not while the last steps were skipped as
+        non-finite, and only when every weight (and EMA) tensor is finite, so ``keep_last`` never rotates a good
+        checkpoint out for a bad one. The weights are the same on every process, so all decide alike."""
+        step, main = self.progress.step, self.accelerator.is_main_process
+        if self.guard.consecutive:
+            if main:
+                log.warning("step %d: no checkpoint written, the last %d step(s) were skipped as non-finite", step,
+                            self.guard.consecutive)
+            return False
+        bad = nonfinite_keys(self.ldm.controlnet_state_dict())
+        bad += nonfinite_keys(self.ema.state_dict()) if self.ema is not None else []
+        if bad:
+            if main:
+                log.warning("step %d: no checkpoint written, %d weight tensor(s) are not finite (e.g. '%s')", step,
+                            len(bad), bad[0])
+            return False
+        return True
 
     def _save_checkpoint(self) -> None:
         """Release-format ControlNet weights (+ EMA copy, + alignment image encoder) at the current step."""
