@@ -37,7 +37,9 @@ from training.state import (EMA, EMA_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRE
                             LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state, install_state_hooks,
                             is_main_rank, save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
-from utils.checkpoint import WEIGHTS_HELP, CheckpointError, save_state_dict_atomic
+from losses.vgg import vgg_weight_file
+from model.builder import sd_weight_file
+from utils.checkpoint import CheckpointError, WeightFile, check_weight_files, save_state_dict_atomic
 from utils.common import load_config, seed_everything
 from utils.distributed import launched_world_size, use_cpu_backend_if_needed
 
@@ -61,14 +63,25 @@ def set_gradient_checkpointing(ldm: ControlLDM, enabled: bool) -> int:
 def build_model(cfg: DictConfig, loop: TrainSettings) -> tuple[ControlLDM, Diffusion]:
     """ControlLDM of ``cfg.model`` (:func:`model.builder.build_model`) with SD weights from ``train.sd_path``, the
     ControlNet initialised from the UNet and ``train.gradient_checkpointing`` applied."""
-    if not Path(loop.sd_path).is_file():
-        raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
     try:
+        check_weight_files([sd_weight_file("train.sd_path", loop.sd_path)])
         ldm, diffusion = build_model_from_section(cfg.model, loop.sd_path, sd_key="train.sd_path")
     except CheckpointError as err:
         raise TrainError(str(err)) from None
     set_gradient_checkpointing(ldm, loop.gradient_checkpointing)
     return ldm, diffusion
+
+
+def weight_files(loop: TrainSettings, ext: ExtensionSettings, resume_dir: Path | None) -> list[WeightFile]:
+    """Every weight file a run reads, for the door check: the SD checkpoint, VGG-16 when the cycle loss uses it, and
+    the model weights of the state it resumes from."""
+    files = [sd_weight_file("train.sd_path", loop.sd_path)]
+    if ext.cycle_enabled and ext.vgg_path is not None and (ext.feature_weight or ext.semantic_weight):
+        files.append(vgg_weight_file("train.vgg_path", ext.vgg_path))
+    if resume_dir is not None:
+        files.append(WeightFile("train.resume", str(resume_dir / "model.safetensors"),
+                                "the trainable weights of an accelerate training state (safetensors)"))
+    return files
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -131,16 +144,15 @@ class Trainer:
         self.cfg, self.stage = cfg, stage
         self.loop, self.ext = loop, ext = split_settings(cfg)
         use_cpu_backend_if_needed()
+        self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
         try:
+            check_weight_files(weight_files(loop, ext, self.resume_dir))
             cycle_loss = build_cycle_loss(ext)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
             raise TrainError(str(err)) from None
         if ext.align_enabled and not ext.use_dynamic_prompt:
             log.warning("train.text_align_weight > 0 without train.use_dynamic_prompt: %s", ALIGN_SKIP_REASON)
-        if not Path(loop.sd_path).is_file():
-            raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
         self.exp_dir = Path(loop.exp_dir)
-        self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
 
         self.accelerator = acc = Accelerator(
             mixed_precision=loop.mixed_precision,
