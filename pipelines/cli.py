@@ -11,12 +11,14 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from model.builder import controlnet_weight_file, sd_weight_file
+from pipelines.config_check import check_inference_config
 from pipelines.folder import Process, run_folder
 from pipelines.runner import DiffusionRunner
-from pipelines.settings import InferenceSettings, InferenceSettingsError
+from pipelines.settings import InferenceSettings
 from utils.checkpoint import CheckpointError, check_weight_files
 from utils.common import load_config
-from utils.distributed import init_processes
+from utils.rules import SettingsError
+from utils.distributed import init_processes, is_launch_main, report_to_launcher
 
 log = logging.getLogger("hcdyc")
 EXIT_MISSING_WEIGHTS = 2
@@ -68,17 +70,19 @@ def run_script(cfg: DictConfig, settings: InferenceSettings, args: argparse.Name
 def main_wrapper(fn: Callable[[DictConfig, InferenceSettings, argparse.Namespace], int], description: str,
                  default_config: str, script: str) -> None:
     """Parse arguments, load the config, read and check the ``inference.*`` settings once for ``script`` (a key of
-    pipelines.settings.SCRIPT_KEYS; a bad one exits 2 with one line naming the key, before any weight file
-    is looked for), join the ``accelerate launch`` processes (only the main one logs INFO) and exit with the status
+    pipelines.settings.SCRIPT_KEYS; every section by :mod:`pipelines.config_check`: a bad one exits 2 with one line
+    naming the key, before any weight file is looked for), join the ``accelerate launch`` processes (only the main one
+    logs INFO) and exit with the status
     of ``fn(cfg, settings, args)``, which passes the one settings object down."""
     setup_logging()
     args = parse_args(description, default_config)
-    cfg = load_config(args.config, args.set)
     try:
-        settings = InferenceSettings.from_config(cfg)
-        settings.check_script(script)
-    except InferenceSettingsError as err:
-        log.error("%s", err)
+        cfg = load_config(args.config, args.set)
+        settings = check_inference_config(cfg, script)
+    except (FileNotFoundError, SettingsError) as err:
+        if is_launch_main():
+            log.error("%s", err)
+        report_to_launcher(str(err))
         sys.exit(EXIT_BAD_CONFIG)
     if not init_processes().is_main:
         logging.getLogger().setLevel(logging.WARNING)

@@ -33,15 +33,15 @@ from training.data import UNREADABLE_KEY, GlobalBatchSampler, SkipUnreadable, bu
 from training.guard import NonFiniteGuard, TrainingStopped, UnreadableSamples, nonfinite_keys, refuse_nonfinite
 from training.preview import preview_grid
 from training.settings import ExtensionSettings, TrainSettings, resolve_aliases, split_settings
-from training.state import (EMA, EMA_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS, ExpDirLock,
-                            LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state, install_state_hooks,
-                            is_main_rank, save_training_state)
+from training.state import (EMA, EMA_FILE, LOCK_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS,
+                            ExpDirLock, LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state,
+                            install_state_hooks, is_main_rank, lock_holder_alive, save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
 from losses.vgg import vgg_weight_file
 from model.builder import sd_weight_file
 from utils.checkpoint import CheckpointError, WeightFile, check_weight_files, save_state_dict_atomic
 from utils.common import load_config, seed_everything
-from utils.distributed import launched_world_size, use_cpu_backend_if_needed
+from utils.distributed import launched_world_size, report_to_launcher, use_cpu_backend_if_needed
 
 log = logging.getLogger("hcdyc.train")
 
@@ -119,18 +119,42 @@ def run_training(cfg: DictConfig, stage: int) -> int:
     lock = ExpDirLock()
     try:
         return Trainer(cfg, stage, lock).run()
-    except TrainingStopped as err:
-        if is_main_rank():
-            log.error("%s", err)
-        return err.exit_code
     except TrainError as err:
         if is_main_rank():
             log.error("%s", err)
-        return 2
+        report_to_launcher(str(err))
+        return err.exit_code if isinstance(err, TrainingStopped) else 2
     finally:
         lock.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def check_startup(cfg: DictConfig, processes: int = 1) -> int:
+    """``--check``: every start-up check of a run in this one process, without training or building the model:
+    settings (all sections), the resume state, the weight files, the exp_dir lock, the batch plan for ``processes``
+    processes and the data (every image decoded). Returns 0 (one INFO line) or 2 (one ERROR line)."""
+    try:
+        cfg = resolve_aliases(cfg)
+        loop, ext = split_settings(cfg)
+        resume_dir = find_resume_state(loop.exp_dir, loop.resume)
+        try:
+            check_weight_files(weight_files(loop, ext, resume_dir))
+        except CheckpointError as err:
+            raise TrainError(str(err)) from None
+        if ext.cycle_enabled and ext.vgg_path is None and (ext.feature_weight or ext.semantic_weight):
+            build_cycle_loss(ext)  # raises naming train.vgg_path; reads no file
+        lock = Path(loop.exp_dir) / LOCK_FILE
+        if lock.is_file() and lock_holder_alive(ExpDirLock._holder(lock)):
+            raise TrainError(f"train.exp_dir {loop.exp_dir} is in use by another training run (lock {lock})")
+        plan = plan_batches(loop, processes, loop.gradient_accumulation_steps)
+        dataset = build_dataset(cfg, loop.seed, check_images=True)
+    except (TrainError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    log.info("start-up checks passed: settings, weights, %d samples (every image decoded), %s%s", len(dataset),
+             plan.describe(), f", resuming from {resume_dir}" if resume_dir else "")
+    return 0
 
 
 class Trainer:
@@ -375,6 +399,11 @@ def main(stage: int, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help="training YAML (model / dataset / train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.batch_size=8 train.resume=latest")
+    parser.add_argument("--check", action="store_true",
+                        help="run every start-up check (settings, weights, data, batch plan) in this one process "
+                             "without training; exit 0 or 2")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="with --check: the number of processes the run will be launched with")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -383,5 +412,6 @@ def main(stage: int, default_config: str) -> None:
     except (FileNotFoundError, ValueError) as err:
         if is_main_rank():
             log.error("%s", err)
+        report_to_launcher(str(err))
         sys.exit(2)
-    sys.exit(run_training(cfg, stage))
+    sys.exit(check_startup(cfg, args.processes) if args.check else run_training(cfg, stage))

@@ -8,7 +8,11 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from utils.rules import SettingsError
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -33,21 +37,33 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Load a YAML config and apply OmegaConf dotlist overrides (``["inference.tau=0.7", ...]``).
 
     A top-level ``base: <path relative to this file>`` is loaded first (recursively) and merged under the file, so
-    ablation configs only state what they change.
+    ablation configs only state what they change. A missing file raises FileNotFoundError, a file that is not a YAML
+    mapping or an override that is not ``key=value`` (with a valid key path) utils.rules.SettingsError; both one line.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    cfg = OmegaConf.load(path)
+        what = "is a folder, not a YAML file" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"config file {what}: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as err:
+        raise SettingsError(f"config file {path} is not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise SettingsError(f"config file {path} must hold a mapping of sections, got a list")
     if "base" in cfg:
         base_path = os.path.join(os.path.dirname(os.fspath(path)), str(cfg.base))
         if not os.path.isfile(base_path):
             raise FileNotFoundError(f"{path}: base config not found: {base_path}")
         cfg = OmegaConf.merge(load_config(base_path), {k: v for k, v in cfg.items() if k != "base"})
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
+        bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
         if bad:
-            raise ValueError(f"--set expects key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            raise SettingsError(f"--set expects key=value (e.g. inference.tau=0.7), got {' '.join(bad)}")
+        for override in overrides:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+            except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+                raise SettingsError(f"--set {override}: not a valid override "
+                                    f"({' '.join(str(err).split()).split(' full_key')[0][:200]})") from None
     return cfg
 
 
