@@ -22,7 +22,7 @@ from haze.dcp import DcpSettings
 from model.builder import cldm_config
 from pipelines.settings import InferenceSettings
 from utils.common import get_obj_from_str, instantiate_from_config
-from utils.rules import SettingsError, check_section_keys, check_target_block
+from utils.rules import SettingsError, check_section_keys, check_target_block, check_top_level
 
 INFERENCE_SECTIONS = ("model", "inference", "guidance", "dcp")
 """Top-level keys of an inference config (``base`` is merged away by utils.common.load_config)."""
@@ -59,7 +59,7 @@ def check_folders(settings: InferenceSettings) -> None:
 def check_inference_config(cfg: DictConfig, script: str) -> InferenceSettings:
     """Every section of ``cfg`` for ``script`` (a key of pipelines.settings.SCRIPT_KEYS) -> its inference settings.
     SettingsError (one line naming the key path) for the first problem."""
-    check_section_keys(cfg, INFERENCE_SECTIONS, "")
+    check_top_level(cfg, INFERENCE_SECTIONS)
     settings = InferenceSettings.from_config(cfg)
     settings.check_script(script)
     if script != "inference_dcp":

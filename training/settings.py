@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from training.state import TrainError
 from utils.common import get_obj_from_str
-from utils.rules import (Rule, SettingsError, check_section_keys, check_target_block, first_violation, is_int,
-                         is_number, optional, unknown_keys_message)
+from utils.rules import (Rule, SettingsError, check_section_keys, check_target_block, check_top_level, first_violation,
+                         is_int, is_number, optional, unknown_keys_message)
 
 TRAIN_SECTIONS = ("model", "dataset", "train", "run")
 """Top-level keys of a training config (``run``: what the trainer writes into ``<exp_dir>/config.yaml``)."""
@@ -218,7 +218,7 @@ def check_sections(cfg: DictConfig) -> None:
     switch, ``diffusion``) and the ``dataset`` as target blocks (:func:`utils.rules.check_target_block`); TrainError
     naming the key path."""
     try:
-        check_section_keys(cfg, TRAIN_SECTIONS, "")
+        check_top_level(cfg, TRAIN_SECTIONS)
         for section in ("model", "dataset", "train"):
             if section not in cfg:
                 raise SettingsError(f"config has no '{section}' section")

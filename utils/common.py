@@ -12,7 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.rules import SettingsError
+from utils.rules import SettingsError, shown_key
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -55,15 +55,20 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             raise FileNotFoundError(f"{path}: base config not found: {base_path}")
         cfg = OmegaConf.merge(load_config(base_path), {k: v for k, v in cfg.items() if k != "base"})
     if overrides:
-        bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+        bad = [o for o in overrides if "=" not in o or shown_key(o.split("=", 1)[0]) != o.split("=", 1)[0]]
         if bad:
-            raise SettingsError(f"--set expects key=value (e.g. inference.tau=0.7), got {' '.join(bad)}")
+            raise SettingsError(f"--set expects key=value with a dotted key path (e.g. inference.tau=0.7), got "
+                                f"{', '.join(map(repr, bad))}")
         for override in overrides:
             try:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
             except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
-                raise SettingsError(f"--set {override}: not a valid override "
+                raise SettingsError(f"--set {override!r}: not a valid override "
                                     f"({' '.join(str(err).split()).split(' full_key')[0][:200]})") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise SettingsError(f"{path}: {' '.join(str(err).split()).split(' object_type')[0][:200]}") from None
     return cfg
 
 

@@ -46,6 +46,11 @@ class SettingsError(ValueError):
     """A bad config key or value; the message is one line naming its key path."""
 
 
+def shown_key(key: str) -> str:
+    """A key as a one-line message shows it: as written, or quoted (repr) when empty or not printable."""
+    return key if key and key.isprintable() and key.strip() == key else repr(key)
+
+
 def unknown_keys_message(given: Iterable[str], known: Iterable[str], section: str) -> str | None:
     """'unknown <section>.* key(s) a (did you mean b?); valid keys: ...' for the keys of ``given`` not in ``known``,
     or None. ``section`` '' is the top level."""
@@ -53,8 +58,8 @@ def unknown_keys_message(given: Iterable[str], known: Iterable[str], section: st
     unknown = sorted(str(k) for k in set(given) - set(known))
     if not unknown:
         return None
-    hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else
-             (key or "'' (an empty key)") for key in unknown]
+    hints = [f"{shown_key(key)} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1))
+             else shown_key(key) for key in unknown]
     where = f"{section}.* key(s)" if section else "top-level key(s)"
     return f"unknown {where} {', '.join(hints)}; valid keys: {', '.join(known)}"
 
@@ -66,6 +71,14 @@ def check_section_keys(values: Any, known: Iterable[str], section: str) -> None:
     message = unknown_keys_message(values, known, section)
     if message is not None:
         raise SettingsError(message)
+
+
+def check_top_level(cfg: Any, known: Iterable[str]) -> None:
+    """The top level of a config: only ``known`` sections (did-you-mean), each a mapping of keys or null."""
+    check_section_keys(cfg, known, "")
+    for name in cfg:
+        if cfg[name] is not None and not isinstance(cfg[name], Mapping):
+            raise SettingsError(f"{name} must be a section (a mapping of keys), got {name}={cfg[name]!r}")
 
 
 def check_target_block(block: Any, path: str, resolve: Callable[[str], Any]) -> None:
