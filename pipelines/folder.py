@@ -43,7 +43,7 @@ def _first_line(err: BaseException) -> str:
 def _fail(report: FolderReport, name: str, err: BaseException) -> None:
     report.failed.append((name, _first_line(err)))
     log.debug("%s", traceback.format_exc())
-    log.error("failed: %s: %s", name, report.failed[-1][1])
+    log.warning("failed: %s: %s", name, report.failed[-1][1])
 
 
 def _process_batch(paths: list[Path], process: Callable[[Batch], dict[str, torch.Tensor]],
@@ -130,11 +130,12 @@ def run_folder(inf: InferenceSettings, process: Callable[[Batch], dict[str, torc
     failed = sorted(f for r in reports for f in r.failed)
     if info.is_main:
         processes = f" by {info.count} processes" if info.count > 1 else ""
-        log.info("summary: %d done, %d skipped, %d failed%s (results in %s)", len(done), len(skipped), len(failed),
-                 processes, dst)
+        level = logging.WARNING if failed else logging.INFO
+        log.log(level, "summary: %d done, %d skipped, %d failed%s (results in %s)", len(done), len(skipped),
+                len(failed), processes, dst)
         for label, names in (("done", done), ("skipped", skipped)):
             if names:
                 log.info("  %s: %s", label, ", ".join(names))
         for name, reason in failed:
-            log.info("  failed %s: %s", name, reason)
+            log.warning("  failed %s: %s", name, reason)
     return 1 if failed else 0

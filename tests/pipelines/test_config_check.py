@@ -21,6 +21,8 @@ ACCSAMP = ROOT / "configs" / "inference" / "stage2_accsamp.yaml"
 DCP = ROOT / "configs" / "inference" / "dcp.yaml"
 TRAIN2 = ROOT / "configs" / "train" / "stage2.yaml"
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):

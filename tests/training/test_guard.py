@@ -24,6 +24,8 @@ STAGE2 = ROOT / "configs" / "train" / "stage2.yaml"
 ONE = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
 STOP_LINE = "ERROR training stopped at step "
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

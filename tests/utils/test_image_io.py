@@ -101,6 +101,7 @@ def test_missing_file_raises(tmp_path: Path) -> None:
         load_rgb01(tmp_path / "missing.jpg")
 
 
+@pytest.mark.faults
 def test_truncated_jpeg_raises(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "f.jpg", quality=95)
@@ -119,6 +120,7 @@ def test_save_clamps_rounds_and_leaves_no_temp(tmp_path: Path) -> None:
     assert os.listdir(out.parent) == ["o.png"]
 
 
+@pytest.mark.faults
 def test_save_failure_keeps_existing_file(tmp_path: Path) -> None:
     out = tmp_path / "o.png"
     save_png01(torch.zeros(3, 2, 2), out)

@@ -2,6 +2,7 @@
 line with their size and what was expected, all at once, from the header only; the scripts exit 2 on them."""
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 
@@ -12,7 +13,10 @@ from safetensors.torch import save_file
 from losses.vgg import vgg_weight_file
 from model.builder import controlnet_weight_file, sd_weight_file
 from tests.helpers import ROOT, build_tiny, write_release_checkpoints
-from utils.checkpoint import CheckpointError, check_weight_files, weight_file_problem
+from utils.checkpoint import (CheckpointError, check_weight_files, load_state_dict, save_state_dict_atomic,
+                              weight_file_problem)
+
+pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,20 @@ def test_script_names_every_bad_weight_file_in_one_line_exit_2(good, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"{empty}: empty (0 bytes)" in lines[0] and f"{tmp_path}/stage2.pt: missing" in lines[0]
+
+
+def test_disk_full_during_a_checkpoint_save_keeps_the_previous_one_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "0000002.pt"
+    save_state_dict_atomic({"w": torch.ones(3)}, path)
+
+    def full(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_state_dict_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_state_dict(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["0000002.pt"]
+    assert "wrong key set" in weight_file_problem(controlnet_weight_file("k", str(path)))  # complete, readable
