@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from pipelines.batching import group_batches
 from pipelines.settings import InferenceSettings
 from utils.distributed import init_processes
-from utils.image_io import ImageReadError, list_images, load_rgb01, save_png01
+from utils.image_io import ImageReadError, list_images, load_rgb01, save_png01, sixteen_bit
 
 log = logging.getLogger("hcdyc")
 
@@ -102,6 +102,10 @@ def run_folder(inf: InferenceSettings, process: Callable[[Batch], dict[str, torc
     if not images:
         log.error("no .png/.jpg/.jpeg images in %s", src)
         return 1
+    deep = [path.name for path in images if path.suffix.lower() == ".png" and sixteen_bit(path)]
+    if deep and info.is_main:
+        log.warning("%d input(s) have 16 bits per channel (e.g. %s): they are read at full precision, the results are "
+                    "written as 8-bit PNGs", len(deep), deep[0])
     report = FolderReport([], [], [])
     owner: dict[str, str] = {}
     unique = []

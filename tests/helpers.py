@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -93,3 +94,17 @@ def run_script(which: str, config: Path, *args: str) -> subprocess.CompletedProc
     """``python <script of which> --config <config> <args>`` from the repository root, to the end."""
     return subprocess.run([sys.executable, SCRIPTS[which][0], "--config", str(config), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+
+
+def write_png16(path: Path, rgb: np.ndarray) -> Path:
+    """(H,W,3) uint16 RGB -> a 16-bit colour PNG (OpenCV writes BGR order)."""
+    import cv2
+
+    assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))
+    return path
+
+
+def sixteen_bit_gradient(width: int = 1024) -> np.ndarray:
+    """(8,width,3) uint16: a horizontal 0..65535 ramp per channel (channels offset), finer than 8-bit steps."""
+    ramp = np.round(np.linspace(0, 65535, width)).astype(np.uint16)
+    return np.stack([np.tile(ramp, (8, 1)), np.tile(ramp[::-1], (8, 1)), np.tile((ramp // 2) + 1000, (8, 1))], -1)
