@@ -7,8 +7,8 @@ the loss is the eps MSE of :class:`training.step.TrainingStep`; checkpoints
 
 Added here: exact resume (the training state on disk, the exp_dir lock and the metrics bookkeeping are in
 :mod:`training.state`), mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard
-logging, a tqdm bar on the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC
-extension losses. Settings: :mod:`training.settings`; data and sample order: :mod:`training.data`. Every random draw
+logging, a tqdm bar on the main process, start-up data/weight checks, CPU multi-process (gloo) runs, the HCD-YC
+extension losses, and the non-finite guard and mid-run unreadable-sample skip of :mod:`training.guard`. Settings: :mod:`training.settings`; data and sample order: :mod:`training.data`. Every random draw
 of a step comes from a generator seeded by (seed, step, micro-step, process), so a resumed run continues exactly.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from losses.vgg import vgg_weight_file
 from model.builder import build_model as build_model_from_section
-from model.builder import text_processor_on
+from model.builder import sd_weight_file, text_processor_on
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
 from training.data import UNREADABLE_KEY, GlobalBatchSampler, SkipUnreadable, build_dataset, plan_batches, to_device
@@ -37,8 +38,6 @@ from training.state import (EMA, EMA_FILE, LOCK_FILE, LOG_WINDOW_FILE, METRICS_F
                             ExpDirLock, LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state,
                             install_state_hooks, is_main_rank, lock_holder_alive, save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
-from losses.vgg import vgg_weight_file
-from model.builder import sd_weight_file
 from utils.checkpoint import CheckpointError, WeightFile, check_weight_files, save_state_dict_atomic
 from utils.common import load_config, seed_everything
 from utils.distributed import launched_world_size, report_to_launcher, use_cpu_backend_if_needed
