@@ -108,7 +108,7 @@ def report_to_launcher(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    line = f"StartupError: {message}"
-    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                          "timestamp": str(int(time.time()))}}}
     with open(path, "w") as handle:
         json.dump(data, handle)

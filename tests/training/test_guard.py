@@ -168,12 +168,15 @@ def test_image_truncated_mid_run_is_skipped_named_and_listed(world, tmp_path, fr
 @pytest.mark.multiprocess
 def test_diverging_run_under_accelerate_launch_two_processes(world):
     """The same divergence under ``accelerate launch --num_processes 2``: both processes skip the same steps (the
-    flags are reduced), the main one prints the ERROR line once, each exits 3; only finite checkpoints."""
+    flags are reduced), the main one prints the ERROR line once, each exits 3 and the launcher's report names the
+    line as the root cause; only finite checkpoints."""
     exp = world["root"] / "diverge2"
     proc = launch("train_stage2.py", _diverging_config(world, "diverge2"))
     assert proc.stderr.count(STOP_LINE) == 1, proc.stderr[-3000:]
     assert f"{STOP_LINE}11: 10 consecutive steps" in proc.stderr
     assert proc.stderr.count("WARNING step 2 skipped") == 1
-    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr or proc.returncode == EXIT_DIVERGED
+    # the launcher exits 1; its report gives each process's status and names the line as the root cause
+    assert proc.returncode == 1 and proc.stderr.count("exitcode  : 3") == 2, proc.stderr[-3000:]
+    assert f"traceback : {STOP_LINE[len('ERROR '):]}11: 10 consecutive" in proc.stderr
     files = _assert_every_checkpoint_finite(exp)
     assert [f.name for f in files] == ["0000001.pt", "0000001_ema.pt"]
