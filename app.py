@@ -35,10 +35,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from metrics.iqa import density_map_png, fade_score  # noqa: E402
 from pipelines.cli import EXIT_BAD_CONFIG, check_weights, log, setup_logging  # noqa: E402
+from pipelines.config_check import check_config_sections  # noqa: E402
 from pipelines.modes import SLIDERS, Mode, ModeError, RunnerCache, load_modes  # noqa: E402
-from pipelines.settings import InferenceSettings, InferenceSettingsError  # noqa: E402
+from pipelines.settings import InferenceSettings  # noqa: E402
 from utils.common import load_config  # noqa: E402
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, save_png01  # noqa: E402
+from utils.rules import SettingsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SLIDER_LABELS = {"tau": "τ (estimate at step (1−τ)·N)", "omega": "ω (restart at step (1−ω)·N)",
@@ -250,13 +252,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    cfg = load_config(args.config, args.set)
     try:
-        settings = InferenceSettings.from_config(cfg)
+        cfg = load_config(args.config, args.set)
+        settings = check_config_sections(cfg)
         if settings.sd_path is not None:
             check_weights(settings.weight_paths())
         modes = load_modes(args.modes, cfg, ROOT)
-    except (InferenceSettingsError, ModeError) as err:
+    except (FileNotFoundError, SettingsError, ModeError) as err:
         log.error("%s", err)
         return EXIT_BAD_CONFIG
     if not modes:

@@ -56,15 +56,12 @@ def check_folders(settings: InferenceSettings) -> None:
         raise SettingsError(f"inference.result_folder is a file, not a folder: {settings.result_folder}")
 
 
-def check_inference_config(cfg: DictConfig, script: str) -> InferenceSettings:
-    """Every section of ``cfg`` for ``script`` (a key of pipelines.settings.SCRIPT_KEYS) -> its inference settings.
-    SettingsError (one line naming the key path) for the first problem."""
+def check_config_sections(cfg: DictConfig) -> InferenceSettings:
+    """The sections every inference config may have (top level, inference, model when present, guidance, dcp) ->
+    its inference settings; what app.py checks before the page starts. SettingsError for the first problem."""
     check_top_level(cfg, INFERENCE_SECTIONS)
     settings = InferenceSettings.from_config(cfg)
-    settings.check_script(script)
-    if script != "inference_dcp":
-        if "model" not in cfg:
-            raise SettingsError(f"{script}.py needs a model section (or base: a config that has one)")
+    if cfg.get("model") is not None:
         check_model_section(cfg.model)
     if cfg.get("guidance") is not None:
         guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
@@ -77,5 +74,16 @@ def check_inference_config(cfg: DictConfig, script: str) -> InferenceSettings:
             raise SettingsError(f"guidance.params: {err}") from None
     if cfg.get("dcp") is not None:
         DcpSettings.from_section(OmegaConf.to_container(cfg.dcp, resolve=True))
+    return settings
+
+
+def check_inference_config(cfg: DictConfig, script: str) -> InferenceSettings:
+    """Every section of ``cfg`` for ``script`` (a key of pipelines.settings.SCRIPT_KEYS) -> its inference settings:
+    :func:`check_config_sections`, what the script needs and its folders. SettingsError (one line naming the key
+    path) for the first problem."""
+    settings = check_config_sections(cfg)
+    settings.check_script(script)
+    if script != "inference_dcp" and cfg.get("model") is None:
+        raise SettingsError(f"{script}.py needs a model section (or base: a config that has one)")
     check_folders(settings)
     return settings

@@ -161,5 +161,5 @@ def check_weight_files(specs: list[WeightFile]) -> None:
         if problem is not None:
             problems.append(f"{spec.key} {spec.path}: {problem}; expected {spec.expected}")
     if problems:
-        raise CheckpointError(f"{len(problems)} weight file(s) not usable: {' | '.join(problems)} ({WEIGHTS_HELP}; "
-                              "weights/README.md lists sizes and checksums)")
+        raise CheckpointError(f"{len(problems)} weight file(s) not usable: {' | '.join(problems)} ({WEIGHTS_HELP}, "
+                              "with sizes and checksums)")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.config_check import check_inference_config
+from pipelines.config_check import check_config_sections, check_inference_config
 from tests.helpers import ROOT
 from training.settings import split_settings
 from training.state import TrainError
@@ -154,3 +154,11 @@ def test_script_prints_one_line_and_exits_2(args, message):
                           timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_app_check_needs_no_folders_but_checks_every_section():
+    """app.py's check (no script, no folders): the shipped configs pass, a bad section is refused by key."""
+    for name in ("dcp.yaml", "stage2_accsamp.yaml"):
+        check_config_sections(load_config(ROOT / "configs" / "inference" / name, ["inference.image_folder=null"]))
+    with pytest.raises(SettingsError, match=r"unknown dcp\.\* key\(s\) pach"):
+        check_config_sections(load_config(DCP, ["dcp.pach=3"]))
