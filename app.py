@@ -35,10 +35,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from metrics.iqa import density_map_png, fade_score  # noqa: E402
 from pipelines.cli import EXIT_BAD_CONFIG, check_weights, log, setup_logging  # noqa: E402
+from pipelines.config_check import check_config_sections  # noqa: E402
 from pipelines.modes import SLIDERS, Mode, ModeError, RunnerCache, load_modes  # noqa: E402
-from pipelines.settings import InferenceSettings, InferenceSettingsError  # noqa: E402
+from pipelines.settings import InferenceSettings  # noqa: E402
 from utils.common import load_config  # noqa: E402
 from utils.image_io import IMAGE_EXTS, ImageReadError, list_images, load_rgb01, save_png01  # noqa: E402
+from utils.rules import SettingsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SLIDER_LABELS = {"tau": "τ (estimate at step (1−τ)·N)", "omega": "ω (restart at step (1−ω)·N)",
@@ -130,16 +132,32 @@ def describe_run(info: dict[str, Any], device: str) -> str:
         f" in {info['seconds']:.2f} s on {device}." + fade
 
 
+def header_text(mode: Mode) -> str:
+    """The page's header for ``mode``: it names only the controls that mode has (no τ/ω for DCP or HazeGen)."""
+    named = {"tau": "τ", "omega": "ω", "guidance": "guidance", "steps": "steps", "seed": "seed"}
+    controls = [named[name] for name in SLIDERS if name in mode.sliders]
+    adjust = f"adjust {', '.join(controls)}, " if controls else ""
+    return ("## HCD-YC: dehaze a photo\nUpload a hazy photo (or pick one from `inputs/`), choose a mode, "
+            f"{adjust}and run. HazeGen turns a *clean* photo hazy.")
+
+
+CLEARED = (None, [], None)
+"""The result area (before/after, extras, download) after a run that failed or was cancelled: emptied, so no result
+of an earlier run stays on screen."""
+
+
 def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
     """The Gradio page: input (upload or pick from inputs/), mode, controls, before/after, extras, download."""
     labels = list(dehazer.modes)
     first = dehazer.modes[labels[0]]
 
     def control_updates(label: str) -> list:
-        """Show the controls mode ``label`` maps, set to its configured values; hide the others."""
+        """Show the controls mode ``label`` maps, set to its configured values; hide the others; the header names
+        only those controls."""
         mode = dehazer.modes[label]
-        return [gr.update(visible=True, value=OmegaConf.select(mode.cfg, mode.sliders[name]))
-                if name in mode.sliders else gr.update(visible=False) for name in SLIDERS]
+        return [gr.update(value=header_text(mode))] + [
+            gr.update(visible=True, value=OmegaConf.select(mode.cfg, mode.sliders[name]))
+            if name in mode.sliders else gr.update(visible=False) for name in SLIDERS]
 
     def on_upload(file_path: str | None):
         """Check an uploaded file; the upload box is emptied either way (the preview shows what was loaded)."""
@@ -160,17 +178,17 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
     def on_run(image_path, label, tau, omega, guidance, steps, seed, request: gr.Request,
                progress=gr.Progress()):
         if not image_path:
-            return gr.update(), [], None, "**Error**: upload an image or pick one from inputs/ first."
+            return *CLEARED, "**Error**: upload an image or pick one from inputs/ first."
         values = {"tau": tau, "omega": omega, "guidance": guidance,
                   "steps": int(steps) if steps is not None else None, "seed": int(seed) if seed is not None else None}
         try:
             info = dehazer.run(image_path, label, values, request.session_hash,
                                lambda k, n: progress((k, n), desc="sampling", unit="steps"))
         except RunCancelled as err:
-            return gr.update(), [], None, f"**Cancelled**: {err}"
+            return *CLEARED, f"**Cancelled**: {err}"
         except (ImageReadError, ValueError, RuntimeError, OSError, KeyError) as err:
             log.warning("run failed: %s", err)
-            return gr.update(), [], None, f"**Error**: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            return *CLEARED, f"**Error**: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         return ((image_path, info["result"]), [(path, caption) for path, caption in info["extras"]], info["result"],
                 describe_run(info, device))
 
@@ -178,8 +196,7 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
         dehazer.flag(request.session_hash).set()
 
     with gr.Blocks(title="HCD-YC dehazing", analytics_enabled=False) as page:
-        gr.Markdown("## HCD-YC: dehaze a photo\nUpload a hazy photo (or pick one from `inputs/`), choose a mode, "
-                    "adjust τ/ω and the other controls, and run. HazeGen turns a *clean* photo hazy.")
+        header = gr.Markdown(header_text(first), elem_id="header")
         image_path = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -213,7 +230,7 @@ def build_ui(dehazer: Dehazer, examples: list[Path], device: str):
 
         upload.upload(on_upload, upload, [upload, image_path, preview, status])
         example.change(on_example, example, [image_path, preview, status])
-        mode.change(control_updates, mode, [controls[n] for n in SLIDERS])
+        mode.change(control_updates, mode, [header, *[controls[n] for n in SLIDERS]])
         run_button.click(on_run, [image_path, mode, *[controls[n] for n in SLIDERS]],
                          [compare, extras, download, status], concurrency_limit=1, concurrency_id="model")
         cancel_button.click(on_cancel, None, None, concurrency_limit=None)
@@ -236,13 +253,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    cfg = load_config(args.config, args.set)
     try:
-        settings = InferenceSettings.from_config(cfg)
+        cfg = load_config(args.config, args.set)
+        settings = check_config_sections(cfg)
         if settings.sd_path is not None:
             check_weights(settings.weight_paths())
         modes = load_modes(args.modes, cfg, ROOT)
-    except (InferenceSettingsError, ModeError) as err:
+    except (FileNotFoundError, SettingsError, ModeError) as err:
         log.error("%s", err)
         return EXIT_BAD_CONFIG
     if not modes:
@@ -260,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         # Local fonts only: the default theme would make the browser fetch web fonts from the internet.
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                   font_mono=["ui-monospace", "monospace"])
+        # quiet: Gradio's start-up text suggests share=True, a public link a local model should not get
+        log.info("serving on http://%s:%d (this machine only; no share link)", args.host, args.port)
         page.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=args.max_file_size,
-                    allowed_paths=[str(ROOT / "inputs")], show_error=True, ssr_mode=False, theme=theme)
+                    allowed_paths=[str(ROOT / "inputs")], show_error=True, ssr_mode=False, theme=theme, quiet=True)
     return 0
 
 

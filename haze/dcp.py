@@ -8,12 +8,14 @@ from the top 0.1 % dark-channel pixels, t = 1 - 0.95 * dark(I / A) clamped to [0
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from haze.filters import guided_filter, min_filter
 from haze.scattering import recover
+from utils.rules import Rule, is_int, is_number, optional, read_section
 
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 _MIN_AIRLIGHT = 1e-6
@@ -171,3 +173,33 @@ def dcp_dehaze(
     r = default_guided_radius(h, w) if radius is None else radius
     t = guided_filter(gray, t_coarse, r, eps).clamp(t0, 1.0)
     return recover(img01, t, airlight).clamp(0.0, 1.0), t, airlight
+
+
+@dataclass(frozen=True)
+class DcpSettings:
+    """The ``dcp`` section of a config: the keyword arguments of :func:`dcp_dehaze`, with its defaults."""
+
+    patch: int = 15
+    omega: float = 0.95
+    top: float = 0.001
+    radius: Optional[int] = None
+    eps: float = 1e-3
+    t0: float = 0.1
+    t_min: float = 0.05
+    ties: str = "all"
+
+    @classmethod
+    def from_section(cls, values: Any) -> "DcpSettings":
+        """The settings of a ``dcp`` mapping (None: the defaults); utils.rules.SettingsError naming the key of an
+        unknown key (did-you-mean) or a bad value."""
+        return read_section(cls, values or {}, DCP_RULES, "dcp")
+
+
+DCP_RULES: tuple[Rule, ...] = (
+    (("patch",), lambda v: is_int(v) and v >= 1, "a positive integer (pixels)"),
+    (("radius",), optional(lambda v: is_int(v) and v >= 1), "a positive integer or null"),
+    (("omega", "top", "t0", "t_min"), lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    (("eps",), lambda v: is_number(v) and v > 0, "a number > 0"),
+    (("ties",), lambda v: v in AIRLIGHT_TIES, f"one of {', '.join(AIRLIGHT_TIES)}"),
+)
+"""(keys, test, what a valid value is) of every ``dcp.*`` key."""

@@ -11,8 +11,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from utils.checkpoint import WeightFile
+
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+
+def vgg_weight_file(key: str, path: str) -> WeightFile:
+    """The door check (:func:`utils.checkpoint.check_weight_files`) of torchvision's VGG-16 weights."""
+    return WeightFile(key, path, f"torchvision's VGG-16 state dict {VGG16_WEIGHTS_FILE} (528 MB, features.* tensors; "
+                                 f"{VGG16_WEIGHTS_URL})", ("features.",))
 
 # torchvision vgg16 ``features`` layout (configuration "D"): conv3x3 widths, "M" = 2x2 max-pool.
 _VGG16_CFG: tuple[int | str, ...] = (

@@ -19,12 +19,29 @@ from omegaconf import DictConfig, OmegaConf
 from haze.fog import FOG_FEATURE_DIM
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
-from utils.checkpoint import CheckpointError, load_state_dict
+from utils.checkpoint import CheckpointError, WeightFile, load_state_dict
 from utils.common import instantiate_from_config
 
 log = logging.getLogger("hcdyc")
 
 TEXT_PROCESSOR_TARGET = "model.text_processor.TextConditionProcessor"
+SD_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+"""The LDM prefixes of the SD-2.1 checkpoint's UNet, VAE and text encoder (tensors under its ``state_dict``)."""
+CONTROLNET_PREFIXES = ("input_blocks.", "middle_block.", "zero_convs.", "middle_block_out.")
+"""The release ControlNet format (published ``stage*.pt``, our checkpoints): a flat, unprefixed state dict."""
+
+
+def sd_weight_file(key: str, path: str) -> WeightFile:
+    """The door check (:func:`utils.checkpoint.check_weight_files`) of the SD-2.1 checkpoint named by ``key``."""
+    return WeightFile(key, path, "the SD-2.1-base checkpoint v2-1_512-ema-pruned.ckpt (5.2 GB, UNet/VAE/text "
+                                 f"encoder under {', '.join(p.rstrip('.') for p in SD_PREFIXES)})", SD_PREFIXES)
+
+
+def controlnet_weight_file(key: str, path: str) -> WeightFile:
+    """The door check of a release-format ControlNet checkpoint (stage1.pt, stage2.pt, a trained one)."""
+    return WeightFile(key, path, "a ControlNet checkpoint in the release format (stage1.pt / stage2.pt, a flat state "
+                                 "dict with input_blocks.*, zero_convs.*)", CONTROLNET_PREFIXES,
+                      refused=("model.diffusion_model.",))
 
 
 def text_processor_on(model_cfg: Mapping[str, Any] | DictConfig) -> bool:

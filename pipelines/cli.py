@@ -6,17 +6,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig
 
+from model.builder import controlnet_weight_file, sd_weight_file
+from pipelines.config_check import check_inference_config
 from pipelines.folder import Process, run_folder
 from pipelines.runner import DiffusionRunner
-from pipelines.settings import InferenceSettings, InferenceSettingsError
-from utils.checkpoint import WEIGHTS_HELP
+from pipelines.settings import InferenceSettings
+from utils.checkpoint import CheckpointError, check_weight_files
 from utils.common import load_config
-from utils.distributed import init_processes
+from utils.rules import SettingsError
+from utils.distributed import init_processes, is_launch_main, report_to_launcher
 
 log = logging.getLogger("hcdyc")
 EXIT_MISSING_WEIGHTS = 2
@@ -38,11 +40,15 @@ def setup_logging() -> None:
 
 
 def check_weights(paths: dict[str, str]) -> None:
-    """Exit with status 2 and a clear message if a weight file is missing (before any heavy work)."""
-    for key, path in paths.items():
-        if not Path(path).is_file():
-            log.error("weight file for '%s' not found: %s (%s)", key, path, WEIGHTS_HELP)
-            sys.exit(EXIT_MISSING_WEIGHTS)
+    """Exit with status 2 and one line naming every weight file (``{inference key: path}``) that is missing, empty,
+    truncated, of the wrong format or of the wrong key set (:func:`utils.checkpoint.check_weight_files`), before any
+    heavy work."""
+    kinds = {"sd_path": sd_weight_file, "controlnet_path": controlnet_weight_file}
+    try:
+        check_weight_files([kinds[key](f"inference.{key}", path) for key, path in paths.items()])
+    except CheckpointError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_MISSING_WEIGHTS)
 
 
 def run_script(cfg: DictConfig, settings: InferenceSettings, args: argparse.Namespace,
@@ -51,7 +57,11 @@ def run_script(cfg: DictConfig, settings: InferenceSettings, args: argparse.Name
     """A diffusion script's ``run``: check the weight files, load the model once, run its batch function
     ``make_process(cfg, settings, runner, show_steps)`` over the folder. Returns the exit status."""
     check_weights(settings.weight_paths())
-    runner = DiffusionRunner(cfg, settings)
+    try:
+        runner = DiffusionRunner(cfg, settings)
+    except CheckpointError as err:  # the key set fits, the shapes do not (another model variant)
+        log.error("%s", err)
+        return EXIT_MISSING_WEIGHTS
     return run_folder(settings, make_process(cfg, settings, runner, args.show_steps), output_names(settings),
                       args.skip_existing, desc,
                       runner.batch_key)
@@ -60,17 +70,19 @@ def run_script(cfg: DictConfig, settings: InferenceSettings, args: argparse.Name
 def main_wrapper(fn: Callable[[DictConfig, InferenceSettings, argparse.Namespace], int], description: str,
                  default_config: str, script: str) -> None:
     """Parse arguments, load the config, read and check the ``inference.*`` settings once for ``script`` (a key of
-    pipelines.settings.SCRIPT_KEYS; a bad one exits 2 with one line naming the key, before any weight file
-    is looked for), join the ``accelerate launch`` processes (only the main one logs INFO) and exit with the status
+    pipelines.settings.SCRIPT_KEYS; every section by :mod:`pipelines.config_check`: a bad one exits 2 with one line
+    naming the key, before any weight file is looked for), join the ``accelerate launch`` processes (only the main one
+    logs INFO) and exit with the status
     of ``fn(cfg, settings, args)``, which passes the one settings object down."""
     setup_logging()
     args = parse_args(description, default_config)
-    cfg = load_config(args.config, args.set)
     try:
-        settings = InferenceSettings.from_config(cfg)
-        settings.check_script(script)
-    except InferenceSettingsError as err:
-        log.error("%s", err)
+        cfg = load_config(args.config, args.set)
+        settings = check_inference_config(cfg, script)
+    except (FileNotFoundError, SettingsError) as err:
+        if is_launch_main():
+            log.error("%s", err)
+        report_to_launcher(str(err))
         sys.exit(EXIT_BAD_CONFIG)
     if not init_processes().is_main:
         logging.getLogger().setLevel(logging.WARNING)

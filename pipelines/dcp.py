@@ -8,30 +8,26 @@ Unreadable images are skipped and reported; the exit status is 1 if any image fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from haze.dcp import dcp_dehaze
+from haze.dcp import DcpSettings, dcp_dehaze
 from pipelines.cli import main_wrapper
 from pipelines.folder import Batch, Process, run_folder
 from pipelines.settings import InferenceSettings
 from utils.distributed import process_device
 
-DCP_KEYS = ("patch", "omega", "top", "radius", "eps", "t0", "t_min", "ties")
-
-
 WEIGHT_KEYS: tuple[str, ...] = ()  # no weight files; app.py builds no diffusion model for this script
 
 
 def dcp_params(cfg: DictConfig) -> dict:
-    """The ``dcp`` section as keyword arguments of haze.dcp.dcp_dehaze; unknown keys are refused."""
-    params = OmegaConf.to_container(cfg.get("dcp", {}) or {}, resolve=True)
-    unknown = sorted(set(params) - set(DCP_KEYS))
-    if unknown:
-        raise KeyError(f"unknown dcp keys {unknown}; allowed: {list(DCP_KEYS)}")
-    return params
+    """The ``dcp`` section as keyword arguments of haze.dcp.dcp_dehaze (:class:`haze.dcp.DcpSettings`: unknown keys
+    and bad values refused naming the key)."""
+    values = OmegaConf.to_container(cfg.dcp, resolve=True) if cfg.get("dcp") is not None else {}
+    return dataclasses.asdict(DcpSettings.from_section(values))
 
 
 def output_names(inf: InferenceSettings) -> Callable[[str], list[str]]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from pipelines.batching import group_batches
 from pipelines.settings import InferenceSettings
 from utils.distributed import init_processes
-from utils.image_io import ImageReadError, list_images, load_rgb01, save_png01
+from utils.image_io import ImageReadError, list_images, load_rgb01, save_png01, sixteen_bit
 
 log = logging.getLogger("hcdyc")
 
@@ -43,7 +43,7 @@ def _first_line(err: BaseException) -> str:
 def _fail(report: FolderReport, name: str, err: BaseException) -> None:
     report.failed.append((name, _first_line(err)))
     log.debug("%s", traceback.format_exc())
-    log.error("failed: %s: %s", name, report.failed[-1][1])
+    log.warning("failed: %s: %s", name, report.failed[-1][1])
 
 
 def _process_batch(paths: list[Path], process: Callable[[Batch], dict[str, torch.Tensor]],
@@ -102,6 +102,10 @@ def run_folder(inf: InferenceSettings, process: Callable[[Batch], dict[str, torc
     if not images:
         log.error("no .png/.jpg/.jpeg images in %s", src)
         return 1
+    deep = [path.name for path in images if path.suffix.lower() == ".png" and sixteen_bit(path)]
+    if deep and info.is_main:
+        log.warning("%d input(s) have 16 bits per channel (e.g. %s): they are read at full precision, the results are "
+                    "written as 8-bit PNGs", len(deep), deep[0])
     report = FolderReport([], [], [])
     owner: dict[str, str] = {}
     unique = []
@@ -130,11 +134,12 @@ def run_folder(inf: InferenceSettings, process: Callable[[Batch], dict[str, torc
     failed = sorted(f for r in reports for f in r.failed)
     if info.is_main:
         processes = f" by {info.count} processes" if info.count > 1 else ""
-        log.info("summary: %d done, %d skipped, %d failed%s (results in %s)", len(done), len(skipped), len(failed),
-                 processes, dst)
+        level = logging.WARNING if failed else logging.INFO
+        log.log(level, "summary: %d done, %d skipped, %d failed%s (results in %s)", len(done), len(skipped),
+                len(failed), processes, dst)
         for label, names in (("done", done), ("skipped", skipped)):
             if names:
                 log.info("  %s: %s", label, ", ".join(names))
         for name, reason in failed:
-            log.info("  failed %s: %s", name, reason)
+            log.warning("  failed %s: %s", name, reason)
     return 1 if failed else 0

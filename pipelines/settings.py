@@ -13,7 +13,6 @@ any other and then ignored, and the script says so in one INFO line (:meth:`Infe
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from sampler.accsamp import PULLBACKS, accsamp_steps
 from sampler.registry import FEW_STEP_SOLVERS, SAMPLERS
 from sampler.spaced import SPACINGS
 from utils.common import PRECISIONS
-from utils.rules import Rule, first_violation, is_int, is_number
+from utils.rules import Rule, SettingsError, first_violation, is_int, is_number, unknown_keys_message
 
 WEIGHT_KEYS = ("sd_path", "controlnet_path")
 """inference.* weight files of every diffusion script."""
@@ -35,7 +34,7 @@ ONESTEP_WEIGHT_KEYS = (*WEIGHT_KEYS, "adapter_path")
 PATH_KEYS = (*ONESTEP_WEIGHT_KEYS, "checkpoint_path", "image_folder", "result_folder", "fog_reference_folder")
 
 
-class InferenceSettingsError(ValueError):
+class InferenceSettingsError(SettingsError):
     """A bad ``inference.*`` key or value; the message is one line naming the key."""
 
 
@@ -156,12 +155,9 @@ class InferenceSettings:
         values = OmegaConf.to_container(section, resolve=True) if section is not None else {}
         if not isinstance(values, dict):
             raise InferenceSettingsError(f"the inference section must be a mapping of keys, got {values!r}")
-        unknown = sorted(set(values) - set(KEYS))
-        if unknown:
-            hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, KEYS, 1)) else key
-                     for key in unknown]
-            raise InferenceSettingsError(f"unknown inference.* key(s) {', '.join(hints)}; valid keys: "
-                                         f"{', '.join(sorted(KEYS))}")
+        message = unknown_keys_message(values, KEYS, "inference")
+        if message is not None:
+            raise InferenceSettingsError(message)
         for key in PATH_KEYS:
             if isinstance(values.get(key), os.PathLike):
                 values[key] = os.fspath(values[key])

@@ -6,6 +6,7 @@ from typing import Callable, Protocol
 import torch
 
 from metrics.ssim import ms_ssim, ms_ssim_grad_tiled
+from utils.rules import Rule, SettingsError, first_violation, is_int, is_number
 
 GRADIENT_GAIN = 3000.0
 
@@ -16,6 +17,16 @@ class LazyMap(Protocol):
     shape: torch.Size
 
     def __getitem__(self, index: tuple) -> torch.Tensor: ...
+
+
+GUIDANCE_RULES: tuple[Rule, ...] = (
+    (("scale",), lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    (("t_start", "t_stop"), is_int, "an integer (original timestep)"),
+    (("space",), lambda v: v == "rgb", "rgb (only pixel-space guidance is implemented)"),
+    (("repeat",), lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    (("tile_size",), lambda v: is_int(v) and v >= 16, "an integer >= 16 (pixels)"),
+)
+"""(keys, test, what a valid value is) of every ``guidance.params.*`` key of :class:`WeightedMSSSIMGuidance`."""
 
 
 class WeightedMSSSIMGuidance:
@@ -35,14 +46,11 @@ class WeightedMSSSIMGuidance:
 
     def __init__(self, scale: float = 0.1, t_start: int = 601, t_stop: int = -1, space: str = "rgb",
                  repeat: int = 1, tile_size: int = 512):
-        if space != "rgb":
-            raise ValueError(f"only pixel-space ('rgb') guidance is implemented, got space='{space}'")
-        if repeat < 1:
-            raise ValueError("repeat must be >= 1")
-        if tile_size < 16:
-            raise ValueError(f"tile_size must be >= 16 (pixels), got {tile_size}")
         self.scale, self.t_start, self.t_stop, self.repeat = scale, t_start, t_stop, repeat
-        self.tile_size = tile_size
+        self.space, self.tile_size = space, tile_size
+        message = first_violation(self, GUIDANCE_RULES, "guidance.params")
+        if message is not None:
+            raise SettingsError(message)
         self.target_pm1: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
 

@@ -110,11 +110,13 @@ class Page:
                                                                                           "Cancelled")))
         return self.status()
 
-    def wait_images(self, selector: str, count: int) -> None:
-        """Wait until at least ``count`` images under ``selector`` have finished loading (decoded, non-empty)."""
+    def wait_images(self, selector: str, count: int, most: bool = False) -> None:
+        """Wait until at least (``most``: at most) ``count`` images under ``selector`` have finished loading (decoded,
+        non-empty)."""
         script = ("return Array.from(document.querySelectorAll(arguments[0] + ' img'))"
                   ".filter(img => img.complete && img.naturalWidth > 0).length;")
-        self.wait.until(lambda d: d.execute_script(script, selector) >= count)
+        self.wait.until(lambda d: (d.execute_script(script, selector) <= count) if most else
+                        (d.execute_script(script, selector) >= count))
 
     def download(self, folder: Path) -> Path:
         """Click the download button; wait for the file to land in ``folder`` (Chromium's download directory)."""

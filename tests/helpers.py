@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -113,3 +114,17 @@ def randomize_adapters_(denoiser: LoRADenoiser, seed: int) -> None:
         for p in denoiser.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def write_png16(path: Path, rgb: np.ndarray) -> Path:
+    """(H,W,3) uint16 RGB -> a 16-bit colour PNG (OpenCV writes BGR order)."""
+    import cv2
+
+    assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))
+    return path
+
+
+def sixteen_bit_gradient(width: int = 1024) -> np.ndarray:
+    """(8,width,3) uint16: a horizontal 0..65535 ramp per channel (channels offset), finer than 8-bit steps."""
+    ramp = np.round(np.linspace(0, 65535, width)).astype(np.uint16)
+    return np.stack([np.tile(ramp, (8, 1)), np.tile(ramp[::-1], (8, 1)), np.tile((ramp // 2) + 1000, (8, 1))], -1)

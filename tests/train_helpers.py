@@ -104,6 +104,21 @@ class RecordingPairs(StaticPairedData):
         return super().__getitem__(index)
 
 
+class TruncatingPairs(StaticPairedData):
+    """StaticPairedData that, on its first sample (after the start-up check decoded every file), cuts the file
+    ``truncate`` to half its bytes: a training image that breaks while the run goes on."""
+
+    def __init__(self, truncate: str, **params) -> None:
+        super().__init__(**params)
+        self.truncate = Path(truncate)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        data = self.truncate.read_bytes()
+        if data.endswith(b"IEND\xaeB`\x82"):  # still a whole PNG
+            self.truncate.write_bytes(data[:len(data) // 2])
+        return super().__getitem__(index)
+
+
 def tiny_train_config(config: Path, exp_dir: Path, sd_path: Path, dataset: dict | None = None, **train) -> Path:
     """A repository training config with the tiny model merged in (its switches kept), small CPU settings and the
     given ``dataset.params`` / ``train`` keys; written next to ``exp_dir`` and returned."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from losses.restoration import (DATA_LOSSES, PerceptualLoss, critic_loss, data_loss, generator_adversarial_loss,
                                 ssl_beta, ssl_consistency)
-from training.data import to_device
+from training.data import UNREADABLE_KEY, to_device
 from training.settings import TrainSettings
 from training.state import TrainError, is_main_rank
 from training.task import Part, TrainTask
@@ -269,7 +269,9 @@ def gan_step(trainer, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, An
     for optimizer in (trainer.optimizer, critic_optimizer):
         for group in optimizer.param_groups:
             group["lr"] = loop.lr_at(step)
-    batch = to_device(next(data_iter), acc.device)
+    batch = next(data_iter)
+    trainer.unreadable.note(batch.pop(UNREADABLE_KEY))
+    batch = to_device(batch, acc.device)
     seed = step_seed(loop.seed, step, 0, acc.process_index)
     gen = torch.Generator(device=acc.device).manual_seed(seed)
     hazy, clean, _, _ = restoration_views(batch)

@@ -18,6 +18,12 @@ from dataset.checks import DataError
 from training.settings import TrainSettings
 from training.state import TrainError
 from utils.common import instantiate_from_config
+from utils.image_io import ImageReadError
+
+UNREADABLE_KEY = "unreadable"
+"""Batch key of :class:`SkipUnreadable`: per sample, the '<file>: <reason>' lines of the samples it replaced."""
+UNREADABLE_ERRORS = (ImageReadError, DataError, OSError, EOFError, ValueError)
+"""What reading a broken sample file raises (Pillow, numpy's .npy reader, the dataset checks)."""
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -119,6 +125,41 @@ def build_dataset(cfg: DictConfig, seed: int, check_images: bool = True) -> Data
         raise TrainError(f"training data error: {err}") from None
     except (TypeError, ValueError) as err:
         raise TrainError(f"dataset config ({ds_cfg.get('target')}): {err}") from None
+
+
+class SkipUnreadable(Dataset):
+    """A training dataset whose samples that cannot be read (a file truncated or removed after start-up) are
+    replaced by the next readable index, each replaced one reported in ``sample[UNREADABLE_KEY]`` ('' when none;
+    the trainer counts, warns and lists them, :class:`training.trainer.Trainer`). ``set_epoch`` is passed on."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        failures = []
+        for offset in range(len(self.dataset)):
+            try:
+                sample = dict(self.dataset[(index + offset) % len(self.dataset)])
+            except UNREADABLE_ERRORS as err:
+                failures.append(describe_unreadable(err, (index + offset) % len(self.dataset)))
+                continue
+            sample[UNREADABLE_KEY] = "\n".join(failures)
+            return sample
+        raise TrainError(f"no training sample can be read any more: {failures[0]}")
+
+
+def describe_unreadable(err: BaseException, index: int) -> str:
+    """'<file>: <reason>' of a sample read failure (the dataset index when the error names no file)."""
+    path = getattr(err, "path", None) or getattr(err, "filename", None)
+    reason = getattr(err, "reason", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return f"{path}: {reason}" if path else f"sample {index}: {reason}"
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -19,7 +19,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from training.state import TrainError
-from utils.rules import Rule, first_violation, is_int, is_number, optional
+from utils.common import get_obj_from_str
+from utils.rules import (Rule, SettingsError, check_section_keys, check_target_block, check_top_level, first_violation,
+                         is_int, is_number, optional, unknown_keys_message)
+
+TRAIN_SECTIONS = ("model", "dataset", "train", "run")
+"""Top-level keys of a training config (``run``: what the trainer writes into ``<exp_dir>/config.yaml``)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,8 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
     max_grad_norm: float | None = None
+    max_nonfinite_steps: int = 10
+    max_bad_sample_fraction: float = 0.01
     ema_decay: float | None = None
     seed: int = 231
     log_with: str | None = "tensorboard"
@@ -152,7 +159,8 @@ LOOP_RULES: tuple[Rule, ...] = (
     (("sd_path",), optional(lambda v: isinstance(v, str)), "a path or null"),
     (("resume", "log_with"), optional(lambda v: isinstance(v, str)), "a string or null"),
     (("train_steps", "log_every", "ckpt_every", "sample_steps", "keep_last", "gradient_accumulation_steps",
-      "num_preview"), lambda v: is_int(v) and v > 0, "a positive integer"),
+      "num_preview", "max_nonfinite_steps"), lambda v: is_int(v) and v > 0, "a positive integer"),
+    (("max_bad_sample_fraction",), lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     (("batch_size", "per_process_batch_size", "image_every"), optional(lambda v: is_int(v) and v > 0),
      "a positive integer or null"),
     (("num_workers",), lambda v: is_int(v) and v >= 0, "an integer >= 0"),
@@ -207,18 +215,43 @@ def resolve_aliases(cfg: DictConfig) -> DictConfig:
     return out
 
 
+def check_sections(cfg: DictConfig) -> None:
+    """The top level (known sections, did-you-mean), the ``model`` section (``cldm`` with its ``text_processor``
+    switch, ``diffusion``) and the ``dataset`` as target blocks (:func:`utils.rules.check_target_block`); TrainError
+    naming the key path."""
+    try:
+        check_top_level(cfg, TRAIN_SECTIONS)
+        for section in ("model", "dataset", "train"):
+            if section not in cfg:
+                raise SettingsError(f"config has no '{section}' section")
+        check_section_keys(cfg.model, ("cldm", "diffusion"), "model")
+        for key in ("cldm", "diffusion"):
+            block = OmegaConf.to_container(cfg.model[key], resolve=True) if key in cfg.model else None
+            if block is None:
+                raise SettingsError(f"model.{key} is required (a target + params block)")
+            if key == "cldm" and isinstance(block.get("params"), dict):
+                switch = block["params"].pop("text_processor", False)
+                if not isinstance(switch, bool):
+                    raise SettingsError(f"model.cldm.params.text_processor must be true or false, got {switch!r}")
+            check_target_block(block, f"model.{key}", get_obj_from_str)
+        check_target_block(OmegaConf.to_container(cfg.dataset, resolve=True), "dataset", get_obj_from_str)
+    except SettingsError as err:
+        raise TrainError(str(err)) from None
+
+
 def split_settings(cfg: DictConfig) -> tuple[TrainSettings, ExtensionSettings]:
-    """``cfg.train`` -> (loop settings, extension settings); unknown or missing keys raise TrainError. The keys of
-    :data:`ALIASES` are model switches (:func:`resolve_aliases`), checked here and not part of either object."""
-    for section in ("model", "dataset", "train"):
-        if section not in cfg:
-            raise TrainError(f"config has no '{section}' section")
+    """``cfg.train`` -> (loop settings, extension settings), after :func:`check_sections`; unknown (did-you-mean)
+    or missing keys raise TrainError. The keys of :data:`ALIASES` are model switches (:func:`resolve_aliases`),
+    checked here and not part of either object."""
+    check_sections(cfg)
     train = OmegaConf.to_container(resolve_aliases(cfg).train, resolve=True)
+    if not isinstance(train, dict):
+        raise TrainError(f"the train section must be a mapping of keys, got {train!r}")
     loop_keys = {f.name for f in dataclasses.fields(TrainSettings)}
     ext_keys = {f.name for f in dataclasses.fields(ExtensionSettings)}
-    unknown = sorted(set(train) - loop_keys - ext_keys)
-    if unknown:
-        raise TrainError(f"unknown train.* keys {unknown}; known: {sorted(loop_keys | ext_keys)}")
+    message = unknown_keys_message(train, loop_keys | ext_keys, "train")
+    if message is not None:
+        raise TrainError(message)
     for key in ("sd_path", "exp_dir"):
         if train.get(key) is None:
             raise TrainError(f"train.{key} is required")

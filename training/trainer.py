@@ -9,8 +9,8 @@ the loss is the eps MSE of :class:`training.step.TrainingStep`; checkpoints
 
 Added here: exact resume (the training state on disk, the exp_dir lock and the metrics bookkeeping are in
 :mod:`training.state`), mixed precision, gradient accumulation, gradient checkpointing, clipping, EMA, TensorBoard
-logging, a tqdm bar on the main process, start-up data/weight checks, CPU multi-process (gloo) runs, and the HCD-YC
-extension losses. Settings: :mod:`training.settings`; data and sample order: :mod:`training.data`. Every random draw
+logging, a tqdm bar on the main process, start-up data/weight checks, CPU multi-process (gloo) runs, the HCD-YC
+extension losses, and the non-finite guard and mid-run unreadable-sample skip of :mod:`training.guard`. Settings: :mod:`training.settings`; data and sample order: :mod:`training.data`. Every random draw
 of a step comes from a generator seeded by (seed, step, micro-step, process), so a resumed run continues exactly.
 """
 from __future__ import annotations
@@ -28,21 +28,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from losses.vgg import vgg_weight_file
 from model.builder import build_model as build_model_from_section
-from model.builder import text_processor_on
+from model.builder import sd_weight_file, text_processor_on
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
-from training.data import GlobalBatchSampler, build_dataset, plan_batches, to_device
+from training.data import UNREADABLE_KEY, GlobalBatchSampler, SkipUnreadable, build_dataset, plan_batches, to_device
+from training.guard import NonFiniteGuard, TrainingStopped, UnreadableSamples, nonfinite_keys, refuse_nonfinite
 from training.preview import preview_grid
 from training.settings import ExtensionSettings, TrainSettings, resolve_aliases, split_settings
-from training.state import (EMA, EMA_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS, ExpDirLock,
-                            LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state, install_state_hooks,
-                            is_main_rank, save_training_state)
+from training.state import (EMA, EMA_FILE, LOCK_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS,
+                            ExpDirLock, LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state,
+                            install_state_hooks, is_main_rank, lock_holder_alive, save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
 from training.task import Part, TrainTask
-from utils.checkpoint import WEIGHTS_HELP, CheckpointError, save_state_dict_atomic
+from utils.checkpoint import CheckpointError, WeightFile, check_weight_files, save_state_dict_atomic
 from utils.common import load_config, seed_everything
-from utils.distributed import launched_world_size, use_cpu_backend_if_needed
+from utils.distributed import launched_world_size, report_to_launcher, use_cpu_backend_if_needed
 
 log = logging.getLogger("hcdyc.train")
 
@@ -64,14 +66,25 @@ def set_gradient_checkpointing(ldm: ControlLDM, enabled: bool) -> int:
 def build_model(cfg: DictConfig, loop: TrainSettings) -> tuple[ControlLDM, Diffusion]:
     """ControlLDM of ``cfg.model`` (:func:`model.builder.build_model`) with SD weights from ``train.sd_path``, the
     ControlNet initialised from the UNet and ``train.gradient_checkpointing`` applied."""
-    if not Path(loop.sd_path).is_file():
-        raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
     try:
+        check_weight_files([sd_weight_file("train.sd_path", loop.sd_path)])
         ldm, diffusion = build_model_from_section(cfg.model, loop.sd_path, sd_key="train.sd_path")
     except CheckpointError as err:
         raise TrainError(str(err)) from None
     set_gradient_checkpointing(ldm, loop.gradient_checkpointing)
     return ldm, diffusion
+
+
+def weight_files(loop: TrainSettings, ext: ExtensionSettings, resume_dir: Path | None) -> list[WeightFile]:
+    """Every weight file a run reads, for the door check: the SD checkpoint, VGG-16 when the cycle loss uses it, and
+    the model weights of the state it resumes from."""
+    files = [sd_weight_file("train.sd_path", loop.sd_path)]
+    if ext.cycle_enabled and ext.vgg_path is not None and (ext.feature_weight or ext.semantic_weight):
+        files.append(vgg_weight_file("train.vgg_path", ext.vgg_path))
+    if resume_dir is not None:
+        files.append(WeightFile("train.resume", str(resume_dir / "model.safetensors"),
+                                "the trainable weights of an accelerate training state (safetensors)"))
+    return files
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -119,11 +132,39 @@ def run_task(make_task: Callable[[], TrainTask]) -> int:
     except TrainError as err:
         if is_main_rank():
             log.error("%s", err)
-        return 2
+        report_to_launcher(str(err))
+        return err.exit_code if isinstance(err, TrainingStopped) else 2
     finally:
         lock.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def check_startup(cfg: DictConfig, processes: int = 1) -> int:
+    """``--check``: every start-up check of a run in this one process, without training or building the model:
+    settings (all sections), the resume state, the weight files, the exp_dir lock, the batch plan for ``processes``
+    processes and the data (every image decoded). Returns 0 (one INFO line) or 2 (one ERROR line)."""
+    try:
+        cfg = resolve_aliases(cfg)
+        loop, ext = split_settings(cfg)
+        resume_dir = find_resume_state(loop.exp_dir, loop.resume)
+        try:
+            check_weight_files(weight_files(loop, ext, resume_dir))
+        except CheckpointError as err:
+            raise TrainError(str(err)) from None
+        if ext.cycle_enabled and ext.vgg_path is None and (ext.feature_weight or ext.semantic_weight):
+            build_cycle_loss(ext)  # raises naming train.vgg_path; reads no file
+        lock = Path(loop.exp_dir) / LOCK_FILE
+        if lock.is_file() and lock_holder_alive(ExpDirLock._holder(lock)):
+            raise TrainError(f"train.exp_dir {loop.exp_dir} is in use by another training run (lock {lock})")
+        plan = plan_batches(loop, processes, loop.gradient_accumulation_steps)
+        dataset = build_dataset(cfg, loop.seed, check_images=True)
+    except (TrainError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    log.info("start-up checks passed: settings, weights, %d samples (every image decoded), %s%s", len(dataset),
+             plan.describe(), f", resuming from {resume_dir}" if resume_dir else "")
+    return 0
 
 
 class DiffusionTask(TrainTask):
@@ -136,13 +177,12 @@ class DiffusionTask(TrainTask):
         self.loop, self.ext = loop, ext = split_settings(cfg)
         self.label, self.run_name = f"stage {stage}", f"stage{stage}"
         try:
+            check_weight_files(weight_files(loop, ext, find_resume_state(loop.exp_dir, loop.resume)))
             self.cycle_loss = build_cycle_loss(ext)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
             raise TrainError(str(err)) from None
         if ext.align_enabled and not ext.use_dynamic_prompt:
             log.warning("train.text_align_weight > 0 without train.use_dynamic_prompt: %s", ALIGN_SKIP_REASON)
-        if not Path(loop.sd_path).is_file():
-            raise TrainError(f"train.sd_path: weight file not found: {loop.sd_path} ({WEIGHTS_HELP})")
         # the alignment encoder (skipped steps) and the text processor (before its start) can get no gradient
         self.find_unused_parameters = ext.has_idle_parameters(text_processor_on(cfg.model))
 
@@ -189,8 +229,8 @@ class Trainer:
         self.task, self.cfg, self.loop = task, task.cfg, task.loop
         loop, cfg = self.loop, self.cfg
         use_cpu_backend_if_needed()
-        self.exp_dir = Path(loop.exp_dir)
         self.resume_dir = find_resume_state(loop.exp_dir, loop.resume)
+        self.exp_dir = Path(loop.exp_dir)
 
         self.accelerator = acc = Accelerator(
             mixed_precision=loop.mixed_precision,
@@ -210,7 +250,7 @@ class Trainer:
         try:
             if acc.is_main_process:
                 lock.acquire(self.exp_dir)
-            self.dataset = build_dataset(cfg, loop.seed, check_images=acc.is_main_process)
+            self.dataset = SkipUnreadable(build_dataset(cfg, loop.seed, check_images=acc.is_main_process))
         except TrainError as err:
             error = str(err)
         agree_on_error(acc, error)
@@ -225,6 +265,8 @@ class Trainer:
         self.ema = EMA(task.released_weights(), loop.ema_decay) if loop.ema_decay else None
         self.progress = Progress()
         self.window = LogWindow()
+        self.guard = NonFiniteGuard(loop.max_nonfinite_steps, acc.is_main_process)
+        self.unreadable = UnreadableSamples(len(self.dataset), loop.max_bad_sample_fraction, acc.is_main_process)
         if self.resume_dir is not None:
             self._resume(self.resume_dir)
 
@@ -236,13 +278,16 @@ class Trainer:
             raise TrainError(f"{state_dir} was saved with a global batch of {saved['global_batch']}, this run has "
                              f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         self.accelerator.load_state(str(state_dir))
+        refuse_nonfinite(self.task.released_weights(), f"training state {state_dir}")
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
                 raise TrainError(f"train.ema_decay is set but {state_dir} holds no {EMA_FILE}")
             from safetensors.torch import load_file
 
-            self.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+            ema = load_file(str(state_dir / EMA_FILE))
+            refuse_nonfinite(ema, f"training state {state_dir / EMA_FILE}")
+            self.ema.load_state_dict(ema)
         window_file = state_dir / LOG_WINDOW_FILE.format(rank=self.accelerator.process_index)
         if window_file.is_file() and saved.get("num_processes") == self.accelerator.num_processes:
             self.window = LogWindow.load(window_file, self.accelerator.device)
@@ -258,34 +303,43 @@ class Trainer:
     def _loader(self) -> tuple[Iterator[dict[str, Any]], GlobalBatchSampler]:
         """Micro-batch iterator of this process from the current data position."""
         acc, p = self.accelerator, self.progress
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(p.epoch)
+        self.dataset.set_epoch(p.epoch)
         sampler = GlobalBatchSampler(len(self.dataset), self.plan.per_process, acc.num_processes, acc.process_index,
                                      self.accum, self.loop.seed, p.epoch, p.batch_in_epoch)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.loop.num_workers,
                             pin_memory=acc.device.type == "cuda")
         return iter(loader), sampler
 
-    def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step
-        -> (last micro-batch, logs per micro-batch)."""
+    def _optimizer_step(self, data_iter: Iterator[dict[str, Any]]
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        """Accumulate ``accum`` micro-batches and step the optimizer at ``train.lr_schedule``'s rate for this step,
+        unless a loss term or gradient is not finite on some process (:class:`training.guard.NonFiniteGuard`)
+        -> (last micro-batch, logs per micro-batch, the offending names; [] when the step was taken)."""
         acc, loop = self.accelerator, self.loop
         for group in self.optimizer.param_groups:
             group["lr"] = loop.lr_at(self.progress.step)
-        logs = []
+        logs, offending = [], []
         for a in range(self.accum):
-            batch = to_device(next(data_iter), acc.device)
+            batch = next(data_iter)
+            self.unreadable.note(batch.pop(UNREADABLE_KEY))
+            batch = to_device(batch, acc.device)
             seed = step_seed(loop.seed, self.progress.step, a, acc.process_index)
             gen = torch.Generator(device=acc.device).manual_seed(seed)
             with acc.accumulate(self.model):
                 out = self.model(batch, self.progress.step, gen, random.Random(seed))
                 acc.backward(out["loss"])
-                if acc.sync_gradients and loop.max_grad_norm is not None:
-                    acc.clip_grad_norm_(trainable_parameters(self.step_module), loop.max_grad_norm)
-                self.optimizer.step()
+                self.guard.watch_terms(out["terms"])
+                if acc.sync_gradients:
+                    params = trainable_parameters(self.step_module)
+                    offending = self.guard.decide(acc, out["terms"], params, check_gradients=acc.scaler is None)
+                    if not offending:
+                        if loop.max_grad_norm is not None:
+                            acc.clip_grad_norm_(params, loop.max_grad_norm)
+                        self.optimizer.step()
+                        self.guard.took_step(self.optimizer.step_was_skipped)
                 self.optimizer.zero_grad(set_to_none=True)
             logs.append(out["logs"])
-        return batch, logs
+        return batch, logs, offending
 
     def run(self) -> int:
         from tqdm.auto import tqdm
@@ -304,20 +358,25 @@ class Trainer:
                    disable=not acc.is_main_process, dynamic_ncols=True)
         window = self.window
         warned, data_iter = False, None
-        optimizer_step = self._optimizer_step if self.task.custom_step is None else (
-            lambda it: self.task.custom_step(self, it))
         self.model.train()
         while p.step < loop.train_steps:
             if data_iter is None:
                 data_iter, sampler = self._loader()
-            batch, logs = optimizer_step(data_iter)
+            if self.task.custom_step is None:
+                batch, logs, offending = self._optimizer_step(data_iter)
+            else:
+                (batch, logs), offending = self.task.custom_step(self, data_iter), []
+            self.unreadable.sync(acc, p.step + 1)
             p.step += 1
             p.batch_in_epoch += 1
             if p.batch_in_epoch == sampler.batches_per_epoch:
                 p.epoch, p.batch_in_epoch, data_iter = p.epoch + 1, 0, None
-            if self.ema is not None:
-                self.ema.update(self.task.released_weights())
-            window.add(logs)
+            if offending:
+                self.guard.skip(p.step, offending, loop.lr_at(p.step - 1))
+            else:
+                if self.ema is not None:
+                    self.ema.update(self.task.released_weights())
+                window.add(logs)
             bar.update(1)
             bar.set_postfix(loss=f"{logs[-1]['loss'].item():.4f}")
             warning = None if warned else self.task.warning(logs)
@@ -329,11 +388,14 @@ class Trainer:
                              {"train/lr": loop.lr_at(p.step - 1)})
             if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
                 self._preview(batch)
-            if p.step % loop.ckpt_every == 0 or p.step == loop.train_steps:
+            if (p.step % loop.ckpt_every == 0 or p.step == loop.train_steps) and self._may_save():
                 self._save_checkpoint()
                 save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
                                     window)
         bar.close()
+        for line in (self.guard.summary(), self.unreadable.summary()):
+            if line and acc.is_main_process:
+                log.warning("%s", line)
         acc.end_training()
         return 0
 
@@ -355,6 +417,25 @@ class Trainer:
                                     step=self.progress.step)
         acc.wait_for_everyone()
 
+    def _may_save(self) -> bool:
+        """Whether this step's checkpoint and state may be written: not while the last steps were skipped as
+        non-finite, and only when every weight (and EMA) tensor is finite, so ``keep_last`` never rotates a good
+        checkpoint out for a bad one. The weights are the same on every process, so all decide alike."""
+        step, main = self.progress.step, self.accelerator.is_main_process
+        if self.guard.consecutive:
+            if main:
+                log.warning("step %d: no checkpoint written, the last %d step(s) were skipped as non-finite", step,
+                            self.guard.consecutive)
+            return False
+        bad = nonfinite_keys(self.task.released_weights())
+        bad += nonfinite_keys(self.ema.state_dict()) if self.ema is not None else []
+        if bad:
+            if main:
+                log.warning("step %d: no checkpoint written, %d weight tensor(s) are not finite (e.g. '%s')", step,
+                            len(bad), bad[0])
+            return False
+        return True
+
     def _save_checkpoint(self) -> None:
         """The task's checkpoint files (the release, its EMA copy, ...) at the current step."""
         if not self.accelerator.is_main_process:
@@ -375,6 +456,11 @@ def main(stage: int, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help="training YAML (model / dataset / train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.batch_size=8 train.resume=latest")
+    parser.add_argument("--check", action="store_true",
+                        help="run every start-up check (settings, weights, data, batch plan) in this one process "
+                             "without training; exit 0 or 2")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="with --check: the number of processes the run will be launched with")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -383,5 +469,6 @@ def main(stage: int, default_config: str) -> None:
     except (FileNotFoundError, ValueError) as err:
         if is_main_rank():
             log.error("%s", err)
+        report_to_launcher(str(err))
         sys.exit(2)
-    sys.exit(run_training(cfg, stage))
+    sys.exit(check_startup(cfg, args.processes) if args.check else run_training(cfg, stage))

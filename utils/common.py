@@ -8,7 +8,11 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from utils.rules import SettingsError, shown_key
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -34,11 +38,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
     A top-level ``base: <path relative to this file>`` is loaded first (recursively) and merged under the file, so
     ablation configs only state what they change; ``base: [a.yaml, b.yaml]`` merges several in order (later ones
-    win), e.g. a stage config and a model section of another size.
+    win), e.g. a stage config and a model section of another size. A missing file raises FileNotFoundError, a file
+    that is not a YAML mapping or an override that is not ``key=value`` (with a valid key path)
+    utils.rules.SettingsError; both one line.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    cfg = OmegaConf.load(path)
+        what = "is a folder, not a YAML file" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"config file {what}: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as err:
+        raise SettingsError(f"config file {path} is not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise SettingsError(f"config file {path} must hold a mapping of sections, got a list")
     if "base" in cfg:
         bases = cfg.base if isinstance(cfg.base, ListConfig) else [cfg.base]
         merged = []
@@ -49,10 +61,20 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             merged.append(load_config(base_path))
         cfg = OmegaConf.merge(*merged, {k: v for k, v in cfg.items() if k != "base"})
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
+        bad = [o for o in overrides if "=" not in o or shown_key(o.split("=", 1)[0]) != o.split("=", 1)[0]]
         if bad:
-            raise ValueError(f"--set expects key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            raise SettingsError(f"--set expects key=value with a dotted key path (e.g. inference.tau=0.7), got "
+                                f"{', '.join(map(repr, bad))}")
+        for override in overrides:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+            except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+                raise SettingsError(f"--set {override!r}: not a valid override "
+                                    f"({' '.join(str(err).split()).split(' full_key')[0][:200]})") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise SettingsError(f"{path}: {' '.join(str(err).split()).split(' object_type')[0][:200]}") from None
     return cfg
 
 

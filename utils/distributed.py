@@ -7,7 +7,9 @@ process would run alone (:func:`use_cpu_backend_if_needed`). A plain ``python sc
 from __future__ import annotations
 
 import functools
+import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
@@ -91,3 +93,22 @@ def process_device(name: str | None) -> torch.device:
     if own is not None and device.type == "cuda" and device.index is None:
         return own
     return device
+
+
+def is_launch_main() -> bool:
+    """Whether this is the main process of the launch (``RANK`` 0 or unset); usable before any process group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def report_to_launcher(message: str) -> None:
+    """Write ``message`` to torch elastic's error file of this process (``TORCHELASTIC_ERROR_FILE``, set by
+    ``accelerate launch`` / ``torchrun``; the JSON layout of torch's ``ErrorHandler.record_exception``, with the one
+    line as its call stack), so the launcher's failure report shows that line as the root cause instead of a
+    traceback. Nothing outside such a launch."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                          "timestamp": str(int(time.time()))}}}
+    with open(path, "w") as handle:
+        json.dump(data, handle)

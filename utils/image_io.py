@@ -25,6 +25,8 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_COLOUR_RAWMODES = ("RGB;16B", "RGBA;16B")
+"""Pillow's raw modes of 16-bit colour PNGs, which it would decode to 8 bits; read by torchvision instead."""
 
 
 class ImageReadError(Exception):
@@ -89,15 +91,16 @@ def tensor01_to_pil(img01: torch.Tensor) -> Image.Image:
 def conversion_note(path: PathLike) -> str:
     """How load_rgb01 turns this file into 8-bit-range RGB, read from the header only ('' for plain RGB).
 
-    E.g. 'grayscale->RGB', 'alpha dropped', '16-bit grayscale->RGB'. Raises ImageReadError like load_rgb01.
+    E.g. 'grayscale->RGB', 'alpha dropped', '16-bit grayscale->RGB', '16-bit RGB (full precision)'. Raises
+    ImageReadError like load_rgb01.
     """
     p = Path(path)
     try:
         with Image.open(p) as img:
-            mode, has_transparency = img.mode, "transparency" in img.info
+            mode, has_transparency, deep = img.mode, "transparency" in img.info, is_sixteen_bit_colour(img)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(p, f"corrupt, truncated or unsupported image ({exc})") from exc
-    notes = []
+    notes = ["16-bit RGB (full precision)"] if deep else []
     if mode in _SIXTEEN_BIT_MODES:
         notes.append("16-bit grayscale->RGB")
     elif mode in ("L", "LA", "1", "La"):
@@ -111,19 +114,46 @@ def conversion_note(path: PathLike) -> str:
     return ", ".join(notes)
 
 
+def is_sixteen_bit_colour(img: Image.Image) -> bool:
+    """Whether an opened (not yet loaded) image is a 16-bit-per-channel RGB(A) PNG."""
+    return img.format == "PNG" and bool(img.tile) and img.tile[0][3] in _SIXTEEN_BIT_COLOUR_RAWMODES
+
+
+def sixteen_bit(path: PathLike) -> bool:
+    """Whether ``path`` holds 16 bits per channel (16-bit grey or colour PNG), read from the header only."""
+    try:
+        with Image.open(path) as img:
+            return img.mode in _SIXTEEN_BIT_MODES or is_sixteen_bit_colour(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _decode_png16(path: Path) -> torch.Tensor:
+    """A 16-bit colour PNG at full precision (torchvision's libpng decoder): (3,H,W) float32 = value / 65535, alpha
+    dropped."""
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    try:
+        raw = decode_png(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise ImageReadError(path, f"corrupt or truncated 16-bit PNG ({(str(exc).splitlines() or [''])[0]})") from exc
+    return raw.to(torch.int32).float().div_(65535.0)
+
+
 def load_rgb01(path: PathLike, max_pixels: int | None = None) -> torch.Tensor:
     """Read an image file -> (3,H,W) float32 in [0,1].
 
     Raises ImageReadError(path, reason) for missing, non-image, truncated or unsupported files, and
     for images of more than ``max_pixels`` pixels (checked from the header, before decoding).
-    16-bit greyscale PNGs keep full precision; Pillow decodes 16-bit RGB(A) PNGs to 8 bits
-    per channel (high byte), so those are correctly scaled but quantised to 1/255.
+    16-bit PNGs (grey and colour) keep full precision (value / 65535); 8-bit files give multiples of 1/255.
     """
     p = Path(path)
     try:
         with Image.open(p) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageReadError(p, f"{img.width}x{img.height} image is above the limit of {max_pixels} pixels")
+            if is_sixteen_bit_colour(img):
+                return _decode_png16(p)
             img.load()
             return pil_to_tensor01(img)
     except FileNotFoundError as exc:

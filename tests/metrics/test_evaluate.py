@@ -174,3 +174,23 @@ def test_results_pointing_at_a_file_says_so(tmp_path: Path, caplog) -> None:
         assert evaluate.main(["--results", str(file), "--out", str(tmp_path / "eval"), "--quiet"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [f"--results must be a folder of images, got a file: {file}"]
+
+
+def test_sixteen_bit_pairs_are_compared_at_full_precision(tmp_path: Path) -> None:
+    """A 16-bit result that differs from its 16-bit reference by 64/65535 everywhere (below one 8-bit step): PSNR =
+    20 log10(65535 / 64) at full precision; read at 8 bits the pair would mostly be identical."""
+    import cv2
+
+    ramp = np.round(np.linspace(2000, 60000, 256)).astype(np.uint16)
+    ref = np.stack([np.tile(ramp, (24, 1))] * 3, -1)
+    res = ref + np.uint16(64)
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "res").mkdir()
+    cv2.imwrite(str(tmp_path / "refs" / "g.png"), ref)
+    cv2.imwrite(str(tmp_path / "res" / "g.png"), res)
+    out = tmp_path / "eval"
+    assert evaluate.main(["--results", str(tmp_path / "res"), "--references", str(tmp_path / "refs"), "--out",
+                          str(out), "--quiet"]) == 0
+    row = _read_csv(out / "per_image.csv")["g.png"]
+    assert float(row["psnr"]) == pytest.approx(20 * math.log10(65535 / 64), abs=1e-3)
+    assert row["converted"] == "16-bit RGB (full precision)"

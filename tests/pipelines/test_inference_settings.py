@@ -108,6 +108,7 @@ def test_key_of_another_script_is_validated_then_ignored():
     ("inference_stage2.py", "inference.tua=0.3", "tua (did you mean tau?)"),
     ("inference_dcp.py", "inference.save_transmission=maybe", "inference.save_transmission"),
 ])
+@pytest.mark.faults
 @pytest.mark.slow
 def test_script_refuses_a_bad_setting_before_looking_for_weights(tmp_path, script, override, key):
     """The real script, with weight files and an image folder that do not exist: one line naming the key, exit 2."""

@@ -96,6 +96,15 @@ def small_photo(tmp_path) -> Path:
     return path
 
 
+def test_header_names_only_the_controls_of_the_mode(dehazer):
+    import app
+
+    accsamp, dcp = dehazer.modes["AccSamp"], dehazer.modes["DCP baseline"]
+    assert "adjust τ, ω, guidance, steps, seed, and run" in app.header_text(accsamp)
+    assert "τ" not in app.header_text(dcp) and "ω" not in app.header_text(dcp)
+    assert app.CLEARED == (None, [], None)
+
+
 @pytest.mark.slow
 def test_backend_run_reports_every_step_and_cancel_stops_at_the_next(dehazer, small_photo):
     import app
@@ -183,6 +192,10 @@ def test_page_in_chromium_equals_script_output_and_survives_a_bad_upload(app_con
         if os.environ.get("HCDYC_APP_SCREENSHOT"):
             shutil.copy(screenshot, os.environ["HCDYC_APP_SCREENSHOT"])
         downloaded = page.download(downloads)
+        page.set_number("seed", 10**20)  # beyond torch's 64-bit seeds: the run fails
+        status = page.run()
+        assert status.startswith("Error: "), status
+        page.wait_images("#compare", 0, most=True)  # the earlier result is cleared, not left on screen
         assert proc.poll() is None, "the server stopped"
     finally:
         if driver is not None:

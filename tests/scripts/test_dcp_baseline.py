@@ -17,6 +17,7 @@ from pipelines.settings import InferenceSettings
 from tools import compare_grid, make_benchmark, run_benchmark
 from utils.common import load_config
 from utils.image_io import load_rgb01, save_png01
+from utils.rules import SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
 DCP_CONFIG = ROOT / "configs" / "inference" / "dcp.yaml"
@@ -111,7 +112,7 @@ def test_dcp_driver_bad_input_refusal_and_skip_existing(source: Path, tmp_path: 
     caplog.clear()
     run_dcp(_dcp_cfg(images, dst, "inference.save_transmission=True"), True)
     assert "0 done, 1 skipped, 1 failed" in caplog.text and (dst / "good.png").stat().st_mtime_ns == stamp
-    with pytest.raises(KeyError, match="omgea"):
+    with pytest.raises(SettingsError, match=r"unknown dcp\.\* key\(s\) omgea \(did you mean omega\?\)"):
         run_dcp(_dcp_cfg(images, dst, "dcp.omgea=0.9"), False)
 
 

@@ -61,6 +61,7 @@ def _bad_corpus(folder: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (20, 10000, 3), dtype=np.uint8)).save(folder / "strip.png")
 
 
+@pytest.mark.faults
 def test_bad_inputs_are_reported_and_batch_continues(tmp_path, weights):
     images, results = tmp_path / "bad", tmp_path / "res"
     _bad_corpus(images)
@@ -78,6 +79,7 @@ def test_bad_inputs_are_reported_and_batch_continues(tmp_path, weights):
     assert "3 done, 0 skipped, 3 failed" in proc.stderr
 
 
+@pytest.mark.faults
 def test_missing_weights_exit_2_and_same_folder_refused(tmp_path, weights, real_images):
     cfg = make_config(tmp_path, "stage2", (tmp_path / "none.ckpt", weights[1]), real_images, tmp_path / "r")
     proc = run_script("stage2", cfg)

@@ -120,6 +120,7 @@ def test_stage1_two_process_run(world, stage1_run):
     assert after < 0.95 * before, (before, after)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_resume_continues_exactly_and_ignores_a_killed_save(world, stage1_run):
@@ -270,6 +271,7 @@ def _config(world, tmp_path, stage: int, data: dict, sd: Path | None = None, **t
     return OmegaConf.load(tiny_train_config(base, tmp_path / "exp", sd or world["sd"], data, **train))
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("case", ["missing_depth", "unpaired_hazy", "unreadable", "missing_folder"])
 def test_bad_data_fails_at_start_up_naming_the_path(world, tmp_path, caplog, case):
     if case == "missing_depth":
@@ -292,6 +294,7 @@ def test_bad_data_fails_at_start_up_naming_the_path(world, tmp_path, caplog, cas
     assert "training data error" in caplog.text and bad in caplog.text
 
 
+@pytest.mark.faults
 def test_truncated_jpeg_fails_the_start_up_check_naming_it(tmp_path):
     root = make_stage2_data(tmp_path / "d", n=2)
     (root / "clean" / "s1.png").unlink()
@@ -300,6 +303,7 @@ def test_truncated_jpeg_fails_the_start_up_check_naming_it(tmp_path):
         StaticPairedData(root / "hazy", root / "clean", crop_size=S)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_start_up_error_prints_once_with_exit_status_2(world, tmp_path):
@@ -360,6 +364,7 @@ def _gone(pid: int) -> bool:
     return fields is None or fields[0] == "Z"
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigkill_of_every_process_then_resume_matches_an_uninterrupted_run(world, tmp_path):
@@ -425,6 +430,7 @@ def test_sigkill_of_every_process_then_resume_matches_an_uninterrupted_run(world
     assert [e.step for e in events.Scalars("train/loss")] == rows
 
 
+@pytest.mark.faults
 def test_missing_weights_and_bad_keys_fail_clearly(world, tmp_path, caplog):
     data = {"syn_folder": world["syn"], "real_folder": world["real"]}
     cfg = _config(world, tmp_path, 1, data, sd=tmp_path / "no_sd.ckpt")

@@ -9,6 +9,7 @@ import pytest
 from utils.atomic import atomic_write, write_text_atomic
 
 
+@pytest.mark.faults
 def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "out.txt"
     write_text_atomic(target, "good")

@@ -6,14 +6,17 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from tests.helpers import sixteen_bit_gradient, write_png16
 from utils.image_io import (
     IMAGE_EXTS,
     ImageReadError,
+    conversion_note,
     list_images,
     load_rgb01,
     pil_to_tensor01,
     resize01,
     save_png01,
+    sixteen_bit,
     tensor01_to_pil,
 )
 
@@ -55,6 +58,26 @@ def test_sixteen_bit_png_scaled_by_65535(tmp_path: Path) -> None:
     assert img.shape == (3, 2, 2)
     for c in range(3):
         assert torch.allclose(img[c], expected, atol=1e-7)
+
+
+def test_sixteen_bit_colour_png_keeps_full_precision(tmp_path: Path) -> None:
+    """A 16-bit RGB gradient reads as value / 65535 exactly; Pillow's own decode (what was used before) quantises it
+    to 8 bits, an error of up to ~1/510 that this test can measure."""
+    rgb = sixteen_bit_gradient()
+    path = write_png16(tmp_path / "g16.png", rgb)
+    img = load_rgb01(path)
+    expected = torch.from_numpy(rgb.astype(np.float32) / 65535.0).permute(2, 0, 1)
+    assert img.shape == (3, 8, 1024) and (img - expected).abs().max() < 1e-6
+    with Image.open(path) as im:
+        eight_bit = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    assert (eight_bit - expected).abs().max() > 1e-3
+    assert sixteen_bit(path) and not sixteen_bit(save_and_return(tmp_path / "e8.png"))
+    assert conversion_note(path) == "16-bit RGB (full precision)"
+
+
+def save_and_return(path: Path) -> Path:
+    save_png01(torch.rand(3, 4, 4), path)
+    return path
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "1"])
@@ -101,6 +124,7 @@ def test_missing_file_raises(tmp_path: Path) -> None:
         load_rgb01(tmp_path / "missing.jpg")
 
 
+@pytest.mark.faults
 def test_truncated_jpeg_raises(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "f.jpg", quality=95)
@@ -119,6 +143,7 @@ def test_save_clamps_rounds_and_leaves_no_temp(tmp_path: Path) -> None:
     assert os.listdir(out.parent) == ["o.png"]
 
 
+@pytest.mark.faults
 def test_save_failure_keeps_existing_file(tmp_path: Path) -> None:
     out = tmp_path / "o.png"
     save_png01(torch.zeros(3, 2, 2), out)
