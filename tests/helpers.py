@@ -28,6 +28,15 @@ SCRIPTS = {
 """Entry script and published config of each diffusion inference job the tests run."""
 
 
+def manifest(name: str) -> dict[str, list[int]]:
+    """A key manifest of ``tests/data`` (name, shape, dtype per line) as {tensor name: shape}."""
+    out = {}
+    for line in (ROOT / "tests" / "data" / name).read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        out[key] = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+    return out
+
+
 def tiny_config(base: str = "configs/inference/stage2.yaml", **overrides):
     """A published config (its ``base:`` chain resolved) with its ``model`` section replaced by the tiny model;
     dotlist-style overrides."""

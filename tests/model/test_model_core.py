@@ -12,17 +12,9 @@ from safetensors.torch import save_file
 
 from model.attention import set_attention_backend
 from model.gaussian_diffusion import Diffusion
-from tests.helpers import ROOT, build_tiny, ldm_state_dict, randomize_, tiny_config, write_release_checkpoints
+from tests.helpers import ROOT, build_tiny, ldm_state_dict, manifest, randomize_, tiny_config, write_release_checkpoints
 from utils.checkpoint import CheckpointError, load_state_dict
 from utils.common import instantiate_from_config, load_config
-
-
-def _manifest(name: str) -> dict[str, list[int]]:
-    out = {}
-    for line in (ROOT / "tests" / "data" / name).read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        out[key] = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
-    return out
 
 
 def test_full_size_keys_and_shapes_match_published_manifests():
@@ -30,9 +22,9 @@ def test_full_size_keys_and_shapes_match_published_manifests():
     with torch.device("meta"):
         model = instantiate_from_config(cfg.model.cldm)
     ours = {k: list(v.shape) for k, v in ldm_state_dict(model).items()}
-    assert ours == _manifest("sd21_keys.tsv")
+    assert ours == manifest("sd21_keys.tsv")
     control = {k: list(v.shape) for k, v in model.controlnet.state_dict().items()}
-    assert control == _manifest("controlnet_keys.tsv")
+    assert control == manifest("controlnet_keys.tsv")
 
 
 def _inputs(model, seed=0):

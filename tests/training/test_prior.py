@@ -9,26 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from model.builder import build_model, cldm_config
 from model.vae import DiagonalGaussian
-from tests.helpers import ROOT
+from tests.helpers import ROOT, manifest
 from training.prior import (kl_to_standard_normal, read_settings, rescale_latents, save_sd_checkpoint, train_prior,
                             vae_loss)
 from utils.checkpoint import load_state_dict
 from utils.common import instantiate_from_config, load_config
 
 MINI = ROOT / "configs" / "mini"
-
-
-def _manifest(name: str) -> dict[str, list[int]]:
-    out = {}
-    for line in (ROOT / "tests" / "data" / name).read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        out[key] = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
-    return out
 
 
 def _mini_vae(seed: int = 0):
@@ -90,8 +81,8 @@ def test_mini_checkpoint_matches_manifests_and_loads_through_the_model_builder(t
     save_sd_checkpoint(ldm, path)
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert list(raw) == ["state_dict"]
-    assert {k: list(v.shape) for k, v in raw["state_dict"].items()} == _manifest("mini_sd_keys.tsv")
-    assert {k: list(v.shape) for k, v in ldm.controlnet.state_dict().items()} == _manifest("mini_controlnet_keys.tsv")
+    assert {k: list(v.shape) for k, v in raw["state_dict"].items()} == manifest("mini_sd_keys.tsv")
+    assert {k: list(v.shape) for k, v in ldm.controlnet.state_dict().items()} == manifest("mini_controlnet_keys.tsv")
     loaded, _ = build_model(cfg.model, str(path))  # raises on any missing key
     assert set(load_state_dict(path)) == set(loaded.sd_state_dict())
     for key, value in loaded.sd_state_dict().items():
@@ -102,7 +93,7 @@ def test_mini_model_uses_the_published_schema():
     """Every mini tensor name is a full-size SD-2.1 / IRControlNet name up to block indices: same classes and keys,
     fewer and narrower blocks."""
     def patterns(name):
-        return {re.sub(r"\.\d+\.", ".#.", re.sub(r"\.\d+\.", ".#.", k)) for k in _manifest(name)}
+        return {re.sub(r"\.\d+\.", ".#.", re.sub(r"\.\d+\.", ".#.", k)) for k in manifest(name)}
 
     assert patterns("mini_sd_keys.tsv") <= patterns("sd21_keys.tsv")
     assert patterns("mini_controlnet_keys.tsv") <= patterns("controlnet_keys.tsv")
