@@ -12,7 +12,6 @@ predicts a map (MSCNN's t) turns the whole map into the image afterwards (one ai
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,12 +20,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipelines.cli import EXIT_BAD_CONFIG, check_weights, log, main_wrapper
+from pipelines.config_check import check_inference_config
 from pipelines.folder import Batch, Process, run_folder
 from pipelines.settings import InferenceSettings, InferenceSettingsError
 from pipelines.tiling import tiled_apply
 from utils.checkpoint import check_shapes, load_state_dict
 from utils.common import instantiate_from_config, load_config
 from utils.distributed import process_device
+from utils.rules import SettingsError
 
 WEIGHT_KEYS: tuple[str, ...] = ("checkpoint_path",)
 USES_DIFFUSION_RUNNER = False  # app.py: this script loads its own network in make_process
@@ -109,17 +110,16 @@ def dehaze_folder(config: str, overrides: list[str] | None = None, skip_existing
     """What ``inference_baseline.py --config config --set overrides...`` does, from Python (e.g. a driver that
     evaluates several baselines): returns the exit status (2: bad settings or missing weights, logged as one line;
     1: some image failed)."""
-    cfg = load_config(config, overrides)
     try:
-        inf = InferenceSettings.from_config(cfg)
-        inf.check_script("inference_baseline")
-    except InferenceSettingsError as err:
+        cfg = load_config(config, overrides)
+        inf = check_inference_config(cfg, "inference_baseline")
+    except (SettingsError, FileNotFoundError) as err:
         log.error("%s", err)
         return EXIT_BAD_CONFIG
-    if not Path(inf.checkpoint_path).is_file():
-        log.error("weight file for 'checkpoint_path' not found: %s", inf.checkpoint_path)
-        return EXIT_BAD_CONFIG
-    return run(cfg, inf, argparse.Namespace(skip_existing=skip_existing))
+    try:
+        return run(cfg, inf, argparse.Namespace(skip_existing=skip_existing))
+    except SystemExit as stop:  # run()'s weight-file door check exits with its status after its one line
+        return int(stop.code)
 
 
 def main() -> None:

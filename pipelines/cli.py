@@ -15,7 +15,7 @@ from pipelines.config_check import check_inference_config
 from pipelines.folder import Process, run_folder
 from pipelines.runner import DiffusionRunner
 from pipelines.settings import InferenceSettings
-from utils.checkpoint import CheckpointError, check_weight_files
+from utils.checkpoint import CheckpointError, WeightFile, check_weight_files
 from utils.common import load_config
 from utils.rules import SettingsError
 from utils.distributed import init_processes, is_launch_main, report_to_launcher
@@ -43,7 +43,10 @@ def check_weights(paths: dict[str, str]) -> None:
     """Exit with status 2 and one line naming every weight file (``{inference key: path}``) that is missing, empty,
     truncated, of the wrong format or of the wrong key set (:func:`utils.checkpoint.check_weight_files`), before any
     heavy work."""
-    kinds = {"sd_path": sd_weight_file, "controlnet_path": controlnet_weight_file}
+    kinds = {"sd_path": sd_weight_file, "controlnet_path": controlnet_weight_file,
+             "checkpoint_path": lambda key, path: WeightFile(key, path, "a baseline checkpoint of train_baseline.py "
+                                                                      "(checkpoints/<step>.pt, a flat state dict)"),
+             "adapter_path": lambda key, path: WeightFile(key, path, "a stage-3 adapter file (.safetensors)")}
     try:
         check_weight_files([kinds[key](f"inference.{key}", path) for key, path in paths.items()])
     except CheckpointError as err:

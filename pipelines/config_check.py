@@ -24,7 +24,7 @@ from pipelines.settings import InferenceSettings
 from utils.common import get_obj_from_str, instantiate_from_config
 from utils.rules import SettingsError, check_section_keys, check_target_block, check_top_level
 
-INFERENCE_SECTIONS = ("model", "inference", "guidance", "dcp")
+INFERENCE_SECTIONS = ("model", "network", "inference", "guidance", "dcp")
 """Top-level keys of an inference config (``base`` is merged away by utils.common.load_config)."""
 
 
@@ -72,6 +72,8 @@ def check_config_sections(cfg: DictConfig) -> InferenceSettings:
             raise
         except (TypeError, ValueError) as err:
             raise SettingsError(f"guidance.params: {err}") from None
+    if cfg.get("network") is not None:
+        check_target_block(OmegaConf.to_container(cfg.network, resolve=True), "network", get_obj_from_str)
     if cfg.get("dcp") is not None:
         DcpSettings.from_section(OmegaConf.to_container(cfg.dcp, resolve=True))
     return settings
@@ -83,7 +85,10 @@ def check_inference_config(cfg: DictConfig, script: str) -> InferenceSettings:
     path) for the first problem."""
     settings = check_config_sections(cfg)
     settings.check_script(script)
-    if script != "inference_dcp" and cfg.get("model") is None:
+    if script == "inference_baseline":
+        if cfg.get("network") is None:
+            raise SettingsError("inference_baseline.py needs a network section (target + params of the baseline)")
+    elif script != "inference_dcp" and cfg.get("model") is None:
         raise SettingsError(f"{script}.py needs a model section (or base: a config that has one)")
     check_folders(settings)
     return settings
