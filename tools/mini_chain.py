@@ -189,7 +189,8 @@ def make_data(out: Path, kodak: Path, real: Path, plan: Plan, broken: str | None
         "real_held_out": list(REAL_HELD_OUT),
         "photo_size": f"Kodak: centre square, bicubic to {plan.size}x{plan.size}; real: short side {plan.size}",
         "ridcp": "dataset.degradation.degrade (published RIDCP ranges) with the depth proxy "
-                 "dataset.degradation.depth_proxy (brightness/saturation cue plus a vertical ramp), numpy seed [2025, plan.seed]",
+                 "dataset.degradation.depth_proxy (brightness/saturation cue plus a vertical ramp), "
+                 "numpy seed [2025, plan.seed]",
         "test_synthetic": {k: bench[k] for k in ("model", "depth_proxy", "levels")},
         "broken": broken,
     }
@@ -353,16 +354,18 @@ class Chain:
         p = self.plan
         return run_logged([*launch_cmd("train_stage1.py", 2), "--config", str(MINI / "stage1.yaml"),
                            *sets(train__sd_path=self.sd, train__exp_dir=self.out / "stage1",
-                                 train__train_steps=p.stage1_steps, train__ckpt_every=p.stage1_steps, train__seed=p.seed,
+                                 train__train_steps=p.stage1_steps, train__ckpt_every=p.stage1_steps,
+                                 train__seed=p.seed,
                                  dataset__params__syn_folder=self.data / "ridcp_syn",
                                  dataset__params__real_folder=self.data / "real_train")],
                           self.out / "logs" / "stage1.log")
 
     def stage_pairs(self) -> float:
         results = self.data / "hazegen_pairs"
-        return run_logged([*launch_cmd("inference_stage1.py", self.plan.jobs), "--config", str(MINI / "infer_stage1.yaml"),
-                           "--skip-existing",
-                           *sets(inference__sd_path=self.sd, inference__controlnet_path=checkpoint_of(self.out / "stage1"),
+        return run_logged([*launch_cmd("inference_stage1.py", self.plan.jobs),
+                           "--config", str(MINI / "infer_stage1.yaml"), "--skip-existing",
+                           *sets(inference__sd_path=self.sd,
+                                 inference__controlnet_path=checkpoint_of(self.out / "stage1"),
                                  inference__image_folder=self.data / "clean_train", inference__result_folder=results,
                                  inference__num_samples=self.plan.pairs_per_photo,
                                  inference__min_short_side=self.plan.size)],
@@ -375,7 +378,8 @@ class Chain:
         p = self.plan
         return run_logged([sys.executable, "train_stage2.py", "--config", str(MINI / v.config),
                            *sets(train__sd_path=self.sd, train__exp_dir=self.stage2_root / v.name,
-                                 train__seed=v.seed, train__train_steps=p.stage2_steps, train__ckpt_every=p.stage2_steps,
+                                 train__seed=v.seed, train__train_steps=p.stage2_steps,
+                                 train__ckpt_every=p.stage2_steps,
                                  dataset__params__hazy_folder=hazy, dataset__params__clean_folder=clean)],
                           self.out / "logs" / f"stage2_{v.name}.log")
 
@@ -495,8 +499,8 @@ class Chain:
     def _grids(self, results: dict) -> None:
         methods = [(row_key(label)[:20], Path(r["folder"]) / "syn") for label, r in results.items()
                    if label != "hazy input"]
-        build_grids(self.data / "test_syn" / "hazy", methods, self.out / f"grids{self.suffix}", self.data / "test_syn" / "clean",
-                    height=128)
+        build_grids(self.data / "test_syn" / "hazy", methods, self.out / f"grids{self.suffix}",
+                    self.data / "test_syn" / "clean", height=128)
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -590,8 +594,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", "## Agreement with the 50-step spaced output (PSNR, dB)", ""]
         lines += [f"- {label}: {value:.2f}" for label, value in report["agreement"].items()]
     lines += ["", "## Learning checks", ""]
-    lines += [f"- {name}: {c['value']:.3f} vs {c['baseline']:.3f} (margin {c['margin']}): {'ok' if c['ok'] else 'FAILED'}"
-              for name, c in report.get("checks", {}).items()]
+    lines += [f"- {name}: {c['value']:.3f} vs {c['baseline']:.3f} (margin {c['margin']}): "
+              f"{'ok' if c['ok'] else 'FAILED'}" for name, c in report.get("checks", {}).items()]
     lines += ["", "## Wall-clock per stage", "", "| stage | seconds | peak RSS (MB) |", "|---|---|---|"]
     lines += [f"| {k} | {v['seconds']} | {v['peak_rss_mb']} |" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
@@ -649,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         if not folder.is_dir():
             parser.error(f"not a folder: {folder}")
     try:
-        report = Chain(args.out, args.kodak, args.real, replace(PRESETS[args.preset], seed=args.seed), args.broken).run(stages)
+        plan = replace(PRESETS[args.preset], seed=args.seed)
+        report = Chain(args.out, args.kodak, args.real, plan, args.broken).run(stages)
     except subprocess.CalledProcessError as err:
         LOG.error("%s failed (exit %d); last lines:\n%s", " ".join(map(str, err.cmd[:3])), err.returncode, err.output)
         return 1

@@ -3,12 +3,13 @@
 The published method starts both stages from the released SD-2.1-base weights. Those cannot be had offline, and the
 mini model of ``configs/mini/model.yaml`` has none, so :func:`train_prior` makes them from clean photos, in two phases:
 
-1. **VAE**: the KL autoencoder trained as in LDM minus its downloaded parts: L1 reconstruction of clean crops
-   (``vae_crop_size``: the VAE is convolutional, so small crops train it at a fraction of the cost) in [-1,1] plus ``kl_weight`` x the KL of the posterior to N(0, I) (no LPIPS network, no discriminator). The trained VAE
-   is then *rescaled* (:func:`rescale_latents`) so that its posterior means, multiplied by the model's fixed
+1. **VAE**: the KL autoencoder trained as in LDM minus its downloaded parts: L1 reconstruction of clean crops in
+   [-1,1] (``vae_crop_size``: the VAE is convolutional, so small crops train it at a fraction of the cost) plus
+   ``kl_weight`` x the KL of the posterior to N(0, I) (no LPIPS network, no discriminator). The trained VAE is then
+   *rescaled* (:func:`rescale_latents`) so that its posterior means, multiplied by the model's fixed
    ``latent_scale_factor`` (SD's 0.18215), have unit standard deviation on the training crops: the encoder's mean
-   output is multiplied by c and the decoder's first 1x1 conv divided by c (the log-variance shifted by 2 ln c), which
-   leaves every decoded image unchanged.
+   output is multiplied by c and the decoder's first 1x1 conv divided by c (the log-variance shifted by 2 ln c),
+   which leaves every decoded image unchanged.
 2. **UNet**: a latent diffusion model on the scaled clean latents with the model's own schedule and parameterisation
    (:class:`model.gaussian_diffusion.Diffusion`: t ~ U{0..T-1}, the eps MSE), conditioned on the frozen text encoder's
    embedding of ``prior.prompt`` (the text encoder stays at its random initialisation: it does not understand words).

@@ -73,8 +73,9 @@ def test_swap_pairs_exchanges_target_and_condition(tmp_path):
 
 
 def _report(psnr: float, hazy: float, loss: float, loss0: float, fade_gen: float, fade_clean: float) -> dict:
+    control = {"syn_psnr": 12.0, "heldout_eps_mse": loss0}
     return {"rows": {"hazy input": {"per_seed": [{"syn_psnr": hazy}]},
-                     "prior + untrained ControlNet (control)": {"per_seed": [{"syn_psnr": 12.0, "heldout_eps_mse": loss0}]},
+                     "prior + untrained ControlNet (control)": {"per_seed": [control]},
                      "DiffDehaze-mini, spaced 10 steps": {"per_seed": [{"syn_psnr": psnr, "heldout_eps_mse": loss}]}},
             "hazegen_fade": {"hazegen_pairs": {"mean": fade_gen}, "clean_train": {"mean": fade_clean}}}
 
