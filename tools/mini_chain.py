@@ -403,6 +403,11 @@ class Chain:
         """The ControlNet of a stage-2 variant, or of the control row (``control``)."""
         return self._control_checkpoint() if name == "control" else checkpoint_of(self.stage2_root / name)
 
+    def _trained(self, name: str) -> bool:
+        """Whether the stage-2 variant ``name`` (or the control) has a checkpoint to evaluate."""
+        folder = self.stage2_root / name / "checkpoints"
+        return name == "control" or any(p.stem.isdigit() for p in folder.glob("*.pt"))
+
     def _control_checkpoint(self) -> Path:
         """The control row's ControlNet: initialised from the prior's UNet, never trained."""
         path = self.stage2_root / "control" / "checkpoints" / "0000000.pt"
@@ -433,7 +438,9 @@ class Chain:
 
     def stage_evaluate(self) -> tuple[dict, float]:
         syn, real = self.data / "test_syn", self.data / "test_real"
-        runs = [(row, name) for row in rows(self.plan) for name in (row.ckpts or (None,))]
+        trained = {row.label: tuple(n for n in row.ckpts if self._trained(n)) or (() if row.ckpts else (None,))
+                   for row in rows(self.plan)}
+        runs = [(row, name) for row in rows(self.plan) for name in trained[row.label]]
 
         def dehaze(run: tuple[Row, str | None]) -> float:
             row, name = run
@@ -444,7 +451,11 @@ class Chain:
             peaks = list(pool.map(dehaze, runs))
         results: dict[str, dict] = {}
         for row in rows(self.plan):
-            seeds = row.ckpts or (None,)
+            seeds = trained[row.label]
+            if not seeds:
+                self.say(f"evaluate: {row.label}: no trained checkpoint, reported as not trained")
+                results[row.label] = {"seeds": [], "per_seed": [], "note": "not trained in this run", "folder": ""}
+                continue
             per_seed = []
             for name in seeds:
                 dst = self.eval_root / row_key(row.label) / (name or "run")
@@ -490,7 +501,8 @@ class Chain:
             return out
         ref = Path(results[ref_label]["folder"]) / "syn"
         for label in results:
-            if label.startswith("DiffDehaze-mini,") and label != ref_label and "HCD-YC" not in label:
+            if label.startswith("DiffDehaze-mini,") and label != ref_label and "HCD-YC" not in label \
+                    and results[label]["per_seed"]:
                 other = Path(results[label]["folder"]) / "syn"
                 report = evaluation.evaluate_folders(other, ref)
                 out[label] = evaluation.summarize(report)["psnr"]["mean"]
@@ -498,7 +510,7 @@ class Chain:
 
     def _grids(self, results: dict) -> None:
         methods = [(row_key(label)[:20], Path(r["folder"]) / "syn") for label, r in results.items()
-                   if label != "hazy input"]
+                   if label != "hazy input" and r["per_seed"]]
         build_grids(self.data / "test_syn" / "hazy", methods, self.out / f"grids{self.suffix}",
                     self.data / "test_syn" / "clean", height=128)
 
@@ -615,7 +627,7 @@ def learning_checks(report: dict) -> dict[str, dict]:
     diffusion loss below step 0's (the untrained control's) by :data:`LEARNING_MARGIN_EPS` (relative); the sampled
     output beats the hazy input by :data:`LEARNING_MARGIN_DB` PSNR; HazeGen-mini adds haze (mean FADE above its clean
     inputs by :data:`HAZE_MARGIN_FADE`). Each entry: the two numbers compared, the margin and ``ok``."""
-    by_label = {label: r["per_seed"][0] for label, r in report["rows"].items()}
+    by_label = {label: r["per_seed"][0] for label, r in report["rows"].items() if r["per_seed"]}
     trained = next(v for k, v in by_label.items() if k.startswith("DiffDehaze-mini, spaced"))
     control = next(v for k, v in by_label.items() if "(control)" in k)
     fade = report["hazegen_fade"]
