@@ -41,6 +41,7 @@ from model.builder import cldm_config
 from model.cldm import ControlLDM
 from model.gaussian_diffusion import Diffusion
 from model.vae import AutoencoderKL, DiagonalGaussian
+from training.guard import EXIT_DIVERGED, nonfinite_keys
 from utils.atomic import atomic_write
 from utils.common import instantiate_from_config, load_config, seed_everything
 from utils.rules import Rule, first_violation, is_int, is_number
@@ -198,6 +199,18 @@ def train_unet(ldm: ControlLDM, diffusion: Diffusion, data: CleanCrops, s: Prior
     unet.eval().requires_grad_(False)
 
 
+class PriorDiverged(RuntimeError):
+    """A phase ended with non-finite weights; nothing of it was written."""
+
+
+def require_finite(tensors: dict[str, torch.Tensor], phase: str) -> None:
+    """PriorDiverged naming ``phase`` and a tensor when any of ``tensors`` holds a NaN or an infinity."""
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise PriorDiverged(f"prior: the {phase} phase diverged ({len(bad)} tensors not finite, e.g. '{bad[0]}'); "
+                            f"nothing of it was written, lower prior.{phase.lower()}_lr")
+
+
 def save_sd_checkpoint(ldm: ControlLDM, path: str | Path) -> None:
     """``ldm``'s UNet / VAE / text encoder in the ``v2-1_512-ema-pruned.ckpt`` layout, written atomically."""
     state = {"state_dict": {k: v.detach().contiguous() for k, v in ldm.sd_state_dict().items()}}
@@ -222,6 +235,7 @@ def train_prior(cfg: DictConfig) -> Path:
     else:
         train_vae(ldm.vae, vae_data, s)
         probe = torch.stack([data[i]["image"] for i in range(min(len(data), 256))])
+        require_finite(ldm.vae.state_dict(), "VAE")
         c = rescale_latents(ldm.vae, probe, ldm.scale_factor)
         log.info("VAE latents rescaled by %.4f (scaled latent std 1 at latent_scale_factor %g)", c, ldm.scale_factor)
         vae_file.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +244,7 @@ def train_prior(cfg: DictConfig) -> Path:
         tmp.replace(vae_file)
     ldm.vae.eval().requires_grad_(False)
     train_unet(ldm, diffusion, data, s)
+    require_finite(ldm.unet.state_dict(), "UNet")
     save_sd_checkpoint(ldm, out)
     log.info("prior written: %s", out)
     return out
@@ -237,7 +252,7 @@ def train_prior(cfg: DictConfig) -> Path:
 
 def main(default_config: str = "configs/mini/prior.yaml") -> None:
     """CLI of ``train_prior.py``: ``--config`` and ``--set prior.key=value ...``; exit 2 with one line for a bad
-    config or data folder."""
+    config or data folder, 3 when a phase diverged (no non-finite weights are ever written)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Pretrain the mini prior (VAE, then UNet) on clean photos")
@@ -256,3 +271,6 @@ def main(default_config: str = "configs/mini/prior.yaml") -> None:
     except DataError as err:
         log.error("%s", err)
         sys.exit(2)
+    except PriorDiverged as err:
+        log.error("%s", err)
+        sys.exit(EXIT_DIVERGED)

@@ -14,8 +14,8 @@ from PIL import Image
 from model.builder import build_model, cldm_config
 from model.vae import DiagonalGaussian
 from tests.helpers import ROOT, manifest
-from training.prior import (kl_to_standard_normal, read_settings, rescale_latents, save_sd_checkpoint, train_prior,
-                            vae_loss)
+from training.prior import (PriorDiverged, kl_to_standard_normal, read_settings, rescale_latents, save_sd_checkpoint,
+                            train_prior, vae_loss)
 from utils.checkpoint import load_state_dict
 from utils.common import instantiate_from_config, load_config
 
@@ -146,3 +146,15 @@ def test_cli_refuses_a_missing_clean_folder_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "none" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_diverging_phase_writes_nothing(tmp_path):
+    clean = _clean_folder(tmp_path / "clean")
+    out = tmp_path / "prior" / "sd.ckpt"
+    cfg = load_config(MINI / "prior.yaml", [f"prior.clean_folder={clean}", f"prior.out_path={out}",
+                                            "prior.vae_steps=3", "prior.unet_steps=1", "prior.batch_size=2",
+                                            "prior.vae_lr=1e30"])
+    torch.set_num_threads(1)
+    with pytest.raises(PriorDiverged, match="VAE phase diverged"):
+        train_prior(cfg)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
