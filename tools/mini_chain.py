@@ -405,8 +405,13 @@ class Chain:
 
     def _trained(self, name: str) -> bool:
         """Whether the stage-2 variant ``name`` (or the control) has a checkpoint to evaluate."""
-        folder = self.stage2_root / name / "checkpoints"
-        return name == "control" or any(p.stem.isdigit() for p in folder.glob("*.pt"))
+        if name == "control":
+            return True
+        try:
+            checkpoint_of(self.stage2_root / name)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _control_checkpoint(self) -> Path:
         """The control row's ControlNet: initialised from the prior's UNet, never trained."""

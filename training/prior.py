@@ -152,6 +152,11 @@ def _batches(data: CleanCrops, batch_size: int, seed: int) -> Iterator[torch.Ten
         epoch += 1
 
 
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """Half-cosine decay from ``lr`` at step 0 to 10 % of it at step ``total``."""
+    return lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, total)))
+
+
 def train_vae(vae: AutoencoderKL, data: CleanCrops, s: PriorSettings) -> None:
     """Phase 1 (module doc) for ``s.vae_steps`` AdamW steps."""
     from tqdm.auto import tqdm
@@ -162,8 +167,8 @@ def train_vae(vae: AutoencoderKL, data: CleanCrops, s: PriorSettings) -> None:
     batches = _batches(data, s.batch_size, s.seed)
     bar = tqdm(range(s.vae_steps), desc="prior: VAE", dynamic_ncols=True)
     for step in bar:
-        for group in opt.param_groups:  # cosine decay to 10 %
-            group["lr"] = s.vae_lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, s.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(s.vae_lr, step, s.vae_steps)
         loss, logs = vae_loss(vae, next(batches), s.kl_weight, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,7 +190,7 @@ def train_unet(ldm: ControlLDM, diffusion: Diffusion, data: CleanCrops, s: Prior
     bar = tqdm(range(s.unet_steps), desc="prior: UNet", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = s.unet_lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, s.unet_steps)))
+            group["lr"] = cosine_lr(s.unet_lr, step, s.unet_steps)
         with torch.no_grad():
             z0 = ldm.vae_encode(next(batches), sample=True, generator=gen)
         t = torch.randint(0, diffusion.num_timesteps, (z0.shape[0],), generator=gen)
