@@ -68,8 +68,8 @@ MINI = ROOT / "configs" / "mini"
 MINI_STAGE_CONFIGS = {
     # mini config -> (shipped config, keys outside `model` that the mini one may change: paths, budgets, CPU scale)
     "stage1.yaml": ("train/stage1.yaml", {"dataset.params.syn_folder", "dataset.params.real_folder",
-                                          "dataset.params.crop_size", "train.sd_path", "train.exp_dir",
-                                          "train.resume", "train.learning_rate", "train.num_workers",
+                                          "dataset.params.crop_size", "dataset.params.p", "train.sd_path",
+                                          "train.exp_dir", "train.resume", "train.learning_rate", "train.num_workers",
                                           "train.train_steps", "train.log_every", "train.ckpt_every",
                                           "train.image_every", "train.keep_last", "train.gradient_checkpointing",
                                           "train.seed"}),

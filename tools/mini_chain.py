@@ -67,24 +67,33 @@ class Plan:
     size: int = 128                 # side of every clean photo and short side of the real ones (px)
     held_in: int = 20               # Kodak photos used for training (the rest of the non-held-out ones are unused)
     held_out: int = 4               # of KODAK_HELD_OUT
-    prior_vae_steps: int = 1000
-    prior_unet_steps: int = 1200
-    stage1_steps: int = 1000
+    prior_vae_steps: int = 1500
+    prior_unet_steps: int = 1500
+    stage1_steps: int = 1500
     pairs_per_photo: int = 2        # HazeGen-mini (and RIDCP) hazy variants per held-in photo
-    stage2_steps: int = 1000
+    stage2_steps: int = 800
     seeds: tuple[int, ...] = (0, 1, 2)
     test_betas: tuple[float, ...] = (0.8, 1.6)
     test_airlight: float = 0.9
     eval_steps: int = 50            # the spaced sampler's steps in the evaluation rows (published 50)
     extras: bool = True             # AccSamp / fast / DPM++ / RIDCP / HCD-YC rows (False: the learning test's subset)
+    main_pairs: str = "hazegen"     # training pairs of the main DiffDehaze-mini rows: hazegen | ridcp
     jobs: int = 4                   # processes at once: stage-2 trainings, evaluation runs, pair shards (1 thread each)
     seed: int = 0                   # base seed of the data synthesis, the prior, stage 1 and the stage-2 seeds
+    pairs_steps: int = 50           # HazeGen-mini's sampler steps when making the pairs (published 50)
+
+    def __post_init__(self) -> None:
+        if self.main_pairs not in ("hazegen", "ridcp"):
+            raise ValueError(f"main_pairs must be hazegen or ridcp, got {self.main_pairs!r}")
+        if self.extras and self.main_pairs != "hazegen":
+            raise ValueError("the extra rows compare RIDCP-trained with HazeGen-trained models: main_pairs hazegen")
 
 
 PRESETS = {
     "full": Plan(),
-    "quick": Plan(size=64, held_in=8, held_out=2, prior_vae_steps=150, prior_unet_steps=200, stage1_steps=40,
-                  pairs_per_photo=2, stage2_steps=300, seeds=(0,), test_betas=(1.6,), eval_steps=10, extras=False),
+    "quick": Plan(size=64, held_in=8, held_out=2, prior_vae_steps=200, prior_unet_steps=200, stage1_steps=40,
+                  pairs_per_photo=2, pairs_steps=10, stage2_steps=300, seeds=(0,), test_betas=(1.6,), eval_steps=10,
+                  extras=False, main_pairs="ridcp", jobs=2),
 }
 
 
@@ -223,8 +232,10 @@ class Variant:
 
 
 def variants(plan: Plan) -> list[Variant]:
-    """HazeGen pairs per seed; with ``plan.extras`` also RIDCP pairs per seed and every HCD-YC extension (seed 0)."""
-    out = [Variant(f"hazegen_s{s}", "stage2.yaml", "hazegen_pairs", plan.seed + s) for s in plan.seeds]
+    """``plan.main_pairs`` (HazeGen's) pairs per seed; with ``plan.extras`` also RIDCP pairs per seed and every HCD-YC
+    extension (seed 0)."""
+    out = [Variant(f"{plan.main_pairs}_s{s}", "stage2.yaml", f"{plan.main_pairs}_pairs", plan.seed + s)
+           for s in plan.seeds]
     if plan.extras:
         out += [Variant(f"ridcp_s{s}", "stage2.yaml", "ridcp_pairs", plan.seed + s) for s in plan.seeds]
         out.append(Variant("hcdyc_s0", "stage2_hcdyc.yaml", "hazegen_pairs", plan.seed))
@@ -255,14 +266,15 @@ class Row:
 
 def rows(plan: Plan) -> list[Row]:
     """The evaluation rows (module doc); ``plan.extras`` False keeps hazy / DCP / control / 50-step spaced."""
-    hazegen = tuple(f"hazegen_s{s}" for s in plan.seeds)
+    hazegen = tuple(f"{plan.main_pairs}_s{s}" for s in plan.seeds)
+    trained_on = "" if plan.main_pairs == "hazegen" else f" (trained on {plan.main_pairs.upper()} pairs)"
     steps = (f"inference.steps={plan.eval_steps}",)
     out = [Row("hazy input", None, None),
            Row("DCP", "inference_dcp.py", str(ROOT / "configs/inference/dcp.yaml")),
            Row("prior + untrained ControlNet (control)", "inference_stage2.py", "infer_stage2.yaml", ("control",),
                steps, model_loss=True),
-           Row(f"DiffDehaze-mini, spaced {plan.eval_steps} steps", "inference_stage2.py", "infer_stage2.yaml",
-               hazegen, steps, model_loss=True)]
+           Row(f"DiffDehaze-mini, spaced {plan.eval_steps} steps{trained_on}", "inference_stage2.py",
+               "infer_stage2.yaml", hazegen, steps, model_loss=True)]
     if plan.extras:
         out += [
             Row("DiffDehaze-mini, published AccSamp", "inference_accsamp.py", "infer_accsamp.yaml", hazegen[:1]),
@@ -368,6 +380,7 @@ class Chain:
                                  inference__controlnet_path=checkpoint_of(self.out / "stage1"),
                                  inference__image_folder=self.data / "clean_train", inference__result_folder=results,
                                  inference__num_samples=self.plan.pairs_per_photo,
+                                 inference__steps=self.plan.pairs_steps,
                                  inference__min_short_side=self.plan.size)],
                           self.out / "logs" / "pairs.log")
 

@@ -59,6 +59,7 @@ class PriorSettings:
     vae_crop_size: int = 32
     scale_range: tuple[float, float] = (0.25, 1.0)
     batch_size: int = 16
+    vae_batch_size: int = 8
     vae_steps: int = 1000
     vae_lr: float = 5e-4
     kl_weight: float = 1e-6
@@ -77,7 +78,7 @@ class PriorSettings:
 PRIOR_RULES: tuple[Rule, ...] = (
     (("clean_folder", "out_path", "prompt"), lambda v: isinstance(v, str), "a string"),
     (("crop_size", "vae_crop_size"), lambda v: is_int(v) and v >= 8 and v % 8 == 0, "a multiple of 8"),
-    (("batch_size",), lambda v: is_int(v) and v > 0, "a positive integer"),
+    (("batch_size", "vae_batch_size"), lambda v: is_int(v) and v > 0, "a positive integer"),
     (("vae_steps", "unet_steps"), lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     (("vae_lr", "unet_lr"), lambda v: is_number(v) and v > 0, "a number > 0"),
     (("kl_weight",), lambda v: is_number(v) and v >= 0, "a number >= 0"),
@@ -164,7 +165,7 @@ def train_vae(vae: AutoencoderKL, data: CleanCrops, s: PriorSettings) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(s.seed)
-    batches = _batches(data, s.batch_size, s.seed)
+    batches = _batches(data, s.vae_batch_size, s.seed)
     bar = tqdm(range(s.vae_steps), desc="prior: VAE", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:

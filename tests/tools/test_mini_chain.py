@@ -72,6 +72,20 @@ def test_swap_pairs_exchanges_target_and_condition(tmp_path):
     assert torch.equal(load_rgb01(new_clean / "a.png"), load_rgb01(hazy / "a_0.png"))
 
 
+def test_the_quick_preset_trains_its_dehazer_on_ridcp_pairs_and_names_it():
+    quick = mini_chain.PRESETS["quick"]
+    assert [(v.name, v.pairs) for v in mini_chain.variants(quick)] == [("ridcp_s0", "ridcp_pairs")]
+    main = [r for r in mini_chain.rows(quick) if r.label.startswith("DiffDehaze-mini, spaced")]
+    assert [(r.label, r.ckpts) for r in main] == [("DiffDehaze-mini, spaced 10 steps (trained on RIDCP pairs)",
+                                                    ("ridcp_s0",))]
+    full = mini_chain.PRESETS["full"]
+    assert {v.pairs for v in mini_chain.variants(full)} == {"hazegen_pairs", "ridcp_pairs"}
+    with pytest.raises(ValueError, match="main_pairs"):
+        mini_chain.Plan(main_pairs="ridcp")
+    with pytest.raises(ValueError, match="hazegen or ridcp"):
+        mini_chain.Plan(main_pairs="clean", extras=False)
+
+
 def _report(psnr: float, hazy: float, loss: float, loss0: float, fade_gen: float, fade_clean: float) -> dict:
     control = {"syn_psnr": 12.0, "heldout_eps_mse": loss0}
     return {"rows": {"hazy input": {"per_seed": [{"syn_psnr": hazy}]},

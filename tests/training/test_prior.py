@@ -121,7 +121,7 @@ def test_two_phase_run_writes_a_loadable_prior_and_skips_the_finished_vae_phase(
     clean = _clean_folder(tmp_path / "clean")
     out = tmp_path / "prior" / "sd.ckpt"
     overrides = [f"prior.clean_folder={clean}", f"prior.out_path={out}", "prior.vae_steps=3", "prior.unet_steps=2",
-                 "prior.batch_size=2"]
+                 "prior.batch_size=2", "prior.vae_batch_size=2"]
     cfg = load_config(MINI / "prior.yaml", overrides)
     torch.set_num_threads(1)
     train_prior(cfg)
@@ -152,7 +152,7 @@ def test_a_diverging_phase_writes_nothing(tmp_path):
     clean = _clean_folder(tmp_path / "clean")
     out = tmp_path / "prior" / "sd.ckpt"
     cfg = load_config(MINI / "prior.yaml", [f"prior.clean_folder={clean}", f"prior.out_path={out}",
-                                            "prior.vae_steps=3", "prior.unet_steps=1", "prior.batch_size=2",
+                                            "prior.vae_steps=3", "prior.unet_steps=1", "prior.batch_size=2", "prior.vae_batch_size=2",
                                             "prior.vae_lr=1e30"])
     torch.set_num_threads(1)
     with pytest.raises(PriorDiverged, match="VAE phase diverged"):
