@@ -1,12 +1,16 @@
 """Losses of the one-step student (``model.onestep``): the data term on pixels and variational score distillation
 (VSD) in latent space with DMD's per-sample gradient normalisation.
 
-Data term (pixels, against the clean target):
+Data term (pixels, against the clean target), with one perceptual term P named by the config:
 
-    L_data = w_mse · mean((x̂ − y)²) + w_ssim · mean_b(1 − MS-SSIM((x̂ + 1)/2, (y + 1)/2))      x̂, y in [-1, 1]
+    L_data = w_mse · mean((x̂ − y)²) + w_p · mean_b P(x̂, y)                                     x̂, y in [-1, 1]
 
-MS-SSIM is ``metrics.ssim.ms_ssim`` (textbook form) with the first ``ssim_scales`` of the published scale weights
-(renormalised), so crops smaller than the 5-scale minimum (~176 px) can use fewer scales.
+    P = 1 − MS-SSIM((x̂ + 1)/2, (y + 1)/2)     "ms_ssim" (no weights needed)
+    P = LPIPS(x̂, y)                          "lpips" (:class:`losses.lpips.LPIPS`, when the user supplies its weights)
+
+Both are 0 at x̂ = y, so the clean target minimises L_data. MS-SSIM is ``metrics.ssim.ms_ssim`` (textbook form) with
+the first ``ssim_scales`` of the published scale weights (renormalised), so crops smaller than the 5-scale minimum
+(~176 px) can use fewer scales.
 
 VSD (Wang et al. 2023, as DMD, Yin et al. 2024, and OSEDiff use it): for the student latent z, a noised
 z_t = sqrt(ᾱ_t)·z + sqrt(1 − ᾱ_t)·ε and the two scores' clean estimates x̂0_real (frozen teacher) and x̂0_fake (the
@@ -18,6 +22,8 @@ applied through the surrogate L_vsd = ½·mean((z − sg(z − g))²), whose gra
 g is zero exactly when the fake score equals the real one: the student's distribution is then the teacher's.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +44,24 @@ def ms_ssim_loss(pred_pm1: torch.Tensor, target_pm1: torch.Tensor, scales: int =
     return (1.0 - value).mean()
 
 
-def data_loss(pred_pm1: torch.Tensor, target_pm1: torch.Tensor, mse_weight: float = 1.0, ssim_weight: float = 1.0,
-              ssim_scales: int = 5) -> dict[str, torch.Tensor]:
-    """The data term: ``{"mse", "ms_ssim", "data"}`` (the weighted sum), pred/target (B,3,H,W) in [-1,1]."""
+PERCEPTUAL_TERMS = ("ms_ssim", "lpips")
+"""Names of the perceptual term P of the data term (module docstring)."""
+
+
+def data_loss(pred_pm1: torch.Tensor, target_pm1: torch.Tensor, mse_weight: float = 1.0,
+              perceptual_weight: float = 1.0, ssim_scales: int = 5,
+              lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The data term, pred/target (B,3,H,W) in [-1,1]: ``{"mse", <P's name>, "data"}`` (``data`` the weighted sum).
+    P is LPIPS when an ``lpips`` network ((B,3,H,W) pair -> (B,) distances) is given, else 1 − MS-SSIM."""
     mse = F.mse_loss(pred_pm1.float(), target_pm1.float())
-    structure = ms_ssim_loss(pred_pm1, target_pm1, ssim_scales) if ssim_weight else mse.new_zeros(())
-    return {"mse": mse, "ms_ssim": structure, "data": mse_weight * mse + ssim_weight * structure}
+    name = "ms_ssim" if lpips is None else "lpips"
+    if not perceptual_weight:
+        term = mse.new_zeros(())
+    elif lpips is None:
+        term = ms_ssim_loss(pred_pm1, target_pm1, ssim_scales)
+    else:
+        term = lpips(pred_pm1, target_pm1).mean()
+    return {"mse": mse, name: term, "data": mse_weight * mse + perceptual_weight * term}
 
 
 @torch.no_grad()

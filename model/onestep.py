@@ -145,16 +145,21 @@ class AdapterMeta:
                 "timestep": str(self.timestep)}
 
 
-def save_adapter_file(denoiser: LoRADenoiser, timestep: int, path: str | os.PathLike) -> None:
-    """Write the trainable tensors of ``denoiser`` and their :class:`AdapterMeta` to ``path`` (``.safetensors``),
-    atomically."""
+def write_adapter_file(tensors: Mapping[str, torch.Tensor], meta: AdapterMeta, path: str | os.PathLike) -> None:
+    """Write adapter tensors (:meth:`LoRADenoiser.adapter_state_dict` names, e.g. an EMA copy of them) and ``meta``
+    to ``path`` (``.safetensors``), atomically."""
     from safetensors.torch import save
 
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"adapter files are .safetensors, got {path}")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in denoiser.adapter_state_dict().items()}
-    meta = AdapterMeta(denoiser.rank, denoiser.alpha, int(timestep)).as_metadata()
-    atomic_write(path, lambda handle: handle.write(save(tensors, metadata=meta)))
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda handle: handle.write(save(cpu, metadata=meta.as_metadata())))
+
+
+def save_adapter_file(denoiser: LoRADenoiser, timestep: int, path: str | os.PathLike) -> None:
+    """Write the trainable tensors of ``denoiser`` and their :class:`AdapterMeta` to ``path`` (``.safetensors``),
+    atomically."""
+    write_adapter_file(denoiser.adapter_state_dict(), AdapterMeta(denoiser.rank, denoiser.alpha, int(timestep)), path)
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterMeta]:

@@ -12,7 +12,8 @@ from utils.common import load_config
 
 MODEL_FILE = ROOT / "configs" / "model" / "sd21_ircontrolnet.yaml"
 STAGE_CONFIGS = ["inference/stage1.yaml", "inference/stage2.yaml", "inference/stage2_accsamp.yaml",
-                 "inference/stage2_accsamp_fast.yaml", "train/stage1.yaml", "train/stage2.yaml"]
+                 "inference/stage2_accsamp_fast.yaml", "inference/stage2_onestep.yaml", "train/stage1.yaml",
+                 "train/stage2.yaml", "train/stage3_onestep.yaml"]
 ABLATIONS = sorted(p.name for p in (ROOT / "configs" / "train" / "ablation").glob("*.yaml"))
 
 
@@ -79,6 +80,13 @@ MINI_STAGE_CONFIGS = {
                                           "train.num_workers", "train.train_steps", "train.log_every",
                                           "train.ckpt_every", "train.image_every", "train.keep_last",
                                           "train.gradient_checkpointing", "train.seed"}),
+    "stage3.yaml": ("train/stage3_onestep.yaml", {"dataset.params.hazy_folder", "dataset.params.clean_folder",
+                                                  "dataset.params.crop_size", "train.sd_path", "train.exp_dir",
+                                                  "train.resume", "train.learning_rate", "train.num_workers",
+                                                  "train.train_steps", "train.log_every", "train.ckpt_every",
+                                                  "train.image_every", "train.keep_last",
+                                                  "train.gradient_checkpointing", "train.seed",
+                                                  "distill.controlnet_path", "distill.ssim_scales"}),
     **{f"infer_{n}.yaml": (f"inference/{b}.yaml", {"inference.sd_path", "inference.controlnet_path",
                                                    "inference.result_folder", "inference.device",
                                                    "inference.min_short_side"})

@@ -260,9 +260,11 @@ class BaselineTask(TrainTask):
         return make_grid(rows, nrow=min(n, hazy.shape[0]), padding=2), None
 
 
-def gan_step(trainer, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def gan_step(trainer, data_iter: Iterator[dict[str, Any]]
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """One DeblurGAN step on one batch: ``n_critic`` WGAN-GP critic updates against the generator's current output,
-    then one generator update (critic frozen). Every draw comes from a generator seeded by (seed, step, process)."""
+    then one generator update (critic frozen). Every draw comes from a generator seeded by (seed, step, process).
+    The non-finite guard does not decide on this step (no offending names are returned)."""
     acc, loop, obj = trainer.accelerator, trainer.loop, trainer.task.objective
     critic, critic_optimizer = trainer.extra_parts[0].module, trainer.extra_parts[0].optimizer
     step = trainer.progress.step
@@ -295,7 +297,7 @@ def gan_step(trainer, data_iter: Iterator[dict[str, Any]]) -> tuple[dict[str, An
         trainer.optimizer.zero_grad(set_to_none=True)
     finally:
         critic.requires_grad_(True)
-    return batch, [{**out["logs"], "loss_critic": loss_critic.detach(), **critic_logs}]
+    return batch, [{**out["logs"], "loss_critic": loss_critic.detach(), **critic_logs}], []
 
 
 def train_baseline(config: str | Path, overrides: list[str] | None = None) -> int:

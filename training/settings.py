@@ -215,12 +215,12 @@ def resolve_aliases(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def check_sections(cfg: DictConfig) -> None:
-    """The top level (known sections, did-you-mean), the ``model`` section (``cldm`` with its ``text_processor``
+def check_sections(cfg: DictConfig, sections: tuple[str, ...] = TRAIN_SECTIONS) -> None:
+    """The top level (known ``sections``, did-you-mean), the ``model`` section (``cldm`` with its ``text_processor``
     switch, ``diffusion``) and the ``dataset`` as target blocks (:func:`utils.rules.check_target_block`); TrainError
     naming the key path."""
     try:
-        check_top_level(cfg, TRAIN_SECTIONS)
+        check_top_level(cfg, sections)
         for section in ("model", "dataset", "train"):
             if section not in cfg:
                 raise SettingsError(f"config has no '{section}' section")

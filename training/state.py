@@ -255,18 +255,39 @@ def save_training_state(accelerator, progress: Progress, ema: EMA | None, exp_di
     return final
 
 
+def part_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a training state holds of one trainable part: its ``trainable_state_dict()`` where the part defines one (a
+    part whose frozen weights are rebuilt from the weight files at every start, such as the adapted copies of the
+    one-step distillation, :class:`training.distill.AdaptedPart`), else its whole state dict."""
+    own = getattr(module, "trainable_state_dict", None)
+    return own() if callable(own) else module.state_dict()
+
+
+def load_part_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load :func:`part_state_dict` tensors back, strictly (TrainError naming ``source`` for another key set)."""
+    own = getattr(module, "load_trainable_state_dict", None)
+    try:
+        if callable(own):
+            own(sd, source)
+        else:
+            module.load_state_dict(sd, strict=True)
+    except (RuntimeError, ValueError) as err:
+        raise TrainError(f"{source}: {str(err).splitlines()[0]}") from None
+
+
 def install_state_hooks(accelerator) -> None:
-    """Save/load the trainable weights unwrapped (no ``module.`` prefix) so states move between process counts."""
+    """Save/load the trainable weights unwrapped (no ``module.`` prefix) so states move between process counts, each
+    part as :func:`part_state_dict` gives it."""
     from safetensors.torch import load_file
 
     def save_hook(models, weights, output_dir):
-        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
+        weights[:] = [part_state_dict(accelerator.unwrap_model(m)) for m in models]
 
     def load_hook(models, input_dir):
         for i, model in enumerate(models):
             path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
             sd = load_file(str(path), device="cpu")
-            accelerator.unwrap_model(model).load_state_dict(sd, strict=True)
+            load_part_state_dict(accelerator.unwrap_model(model), sd, str(path))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -3,13 +3,15 @@
 The trainer owns everything a run shares — accelerate, the exp_dir lock, the data order, exact resume, EMA, the
 optimizer-step loop, metrics, checkpoints on disk — and asks its task for the parts that depend on the model: the
 settings, the start-up checks, the trainable modules with their optimizers, the weights it releases, previews and,
-for models with several optimizers (a GAN), the optimizer step itself. Tasks: the ControlLDM stages
-(:class:`training.trainer.DiffusionTask`) and the feed-forward baselines (:class:`training.baseline.BaselineTask`).
+for models with several optimizers (a GAN, the one-step distillation), the optimizer step itself. Tasks: the ControlLDM
+stages (:class:`training.trainer.DiffusionTask`), the feed-forward baselines (:class:`training.baseline.BaselineTask`)
+and the one-step distillation (:class:`training.stage3.OneStepTask`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from training.settings import TrainSettings
+from utils.checkpoint import save_state_dict_atomic
 
 
 @dataclass
@@ -54,7 +57,13 @@ class TrainTask(ABC):
 
     @abstractmethod
     def checkpoint_files(self, ema: dict[str, torch.Tensor] | None) -> dict[str, dict[str, torch.Tensor]]:
-        """``{file suffix: state dict}`` written as ``checkpoints/<step:07d><suffix>.pt`` (suffix "" = the release)."""
+        """``{file suffix: state dict}`` written by :meth:`write_checkpoint` as ``checkpoints/<step:07d><suffix>``
+        plus the task's extension (suffix "" = the release)."""
+
+    def write_checkpoint(self, state: dict[str, torch.Tensor], stem: Path) -> None:
+        """Write one of :meth:`checkpoint_files` to ``<stem>.pt`` (a flat state dict), atomically; a task whose release
+        has another format (the one-step adapter file) writes it here."""
+        save_state_dict_atomic(state, stem.with_name(stem.name + ".pt"))
 
     def tracker_config(self) -> dict[str, Any]:
         """Flat hyper-parameters for the tracker."""
@@ -69,6 +78,8 @@ class TrainTask(ABC):
         """A message to log once when these micro-step logs show a problem, or None."""
         return None
 
-    custom_step: Callable[[Any, Iterator[dict[str, Any]]], tuple[dict[str, Any], list[dict[str, Any]]]] | None = None
-    """For tasks with several optimizers: ``custom_step(trainer, data_iter) -> (last batch, logs per micro-step)``
-    replaces the trainer's one-optimizer step."""
+    custom_step: Callable[[Any, Iterator[dict[str, Any]]],
+                          tuple[dict[str, Any], list[dict[str, Any]], list[str]]] | None = None
+    """For tasks with several optimizers: ``custom_step(trainer, data_iter) -> (last batch, logs per micro-step,
+    offending names)`` replaces the trainer's one-optimizer step; offending names ([] = the step was taken) are what
+    ``trainer.guard.decide`` found not finite, and the trainer then counts the skip and leaves the EMA alone."""

@@ -1,6 +1,7 @@
 """The one training loop, built on accelerate: HazeGen (stage 1) and DiffDehaze (stage 2) as :class:`DiffusionTask`,
-the feed-forward baselines as :class:`training.baseline.BaselineTask` (the model side of a run:
-:class:`training.task.TrainTask`; several optimizers, as a GAN needs, through its ``custom_step``).
+the feed-forward baselines as :class:`training.baseline.BaselineTask`, the one-step distillation (stage 3) as
+:class:`training.stage3.OneStepTask` (the model side of a run: :class:`training.task.TrainTask`; several optimizers,
+as a GAN or the distillation needs, through its ``custom_step``).
 
 Published behaviour ("Learning Hazing to Dehazing", CVPR 2025): only the ControlNet trains (AdamW; stage 2 at lr 3e-5,
 then 1e-5 after 50k steps), the SD-2.1 UNet, VAE and text encoder are frozen, the ControlNet starts from the UNet,
@@ -42,7 +43,7 @@ from training.state import (EMA, EMA_FILE, LOCK_FILE, LOG_WINDOW_FILE, METRICS_F
                             install_state_hooks, is_main_rank, lock_holder_alive, save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
 from training.task import Part, TrainTask
-from utils.checkpoint import CheckpointError, WeightFile, check_weight_files, save_state_dict_atomic
+from utils.checkpoint import CheckpointError, WeightFile, check_weight_files
 from utils.common import load_config, seed_everything
 from utils.distributed import launched_world_size, report_to_launcher, use_cpu_backend_if_needed
 
@@ -365,7 +366,7 @@ class Trainer:
             if self.task.custom_step is None:
                 batch, logs, offending = self._optimizer_step(data_iter)
             else:
-                (batch, logs), offending = self.task.custom_step(self, data_iter), []
+                batch, logs, offending = self.task.custom_step(self, data_iter)
             self.unreadable.sync(acc, p.step + 1)
             p.step += 1
             p.batch_in_epoch += 1
@@ -444,7 +445,7 @@ class Trainer:
         name = f"{self.progress.step:0{STATE_NAME_DIGITS}d}"
         files = self.task.checkpoint_files(self.ema.state_dict() if self.ema is not None else None)
         for suffix, state in files.items():
-            save_state_dict_atomic(state, ckpt_dir / f"{name}{suffix}.pt")
+            self.task.write_checkpoint(state, ckpt_dir / f"{name}{suffix}")
 
 
 def main(stage: int, default_config: str) -> None:

@@ -62,7 +62,7 @@ def test_student_loss_reaches_only_the_student_and_the_fake_step_no_student_weig
 
 def test_vsd_through_the_networks_is_zero_at_init_and_its_closed_form_afterwards(tiny):
     teacher, diffusion = tiny
-    step = DistillationStep(teacher, diffusion, DistillSettings(ssim_scales=2, mse_weight=0.0, ssim_weight=0.0))
+    step = DistillationStep(teacher, diffusion, DistillSettings(ssim_scales=2, mse_weight=0.0, perceptual_weight=0.0))
     with torch.no_grad():
         cond = step.condition(batch())
         z = step.student(cond)
@@ -108,3 +108,19 @@ def test_each_optimiser_step_changes_only_its_own_weights(tiny):
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="vsd_t_min"):
         DistillSettings(vsd_t_min=900, vsd_t_max=100)
+    with pytest.raises(ValueError, match="distill.lora_rank must be a positive integer"):
+        DistillSettings(lora_rank=0)
+
+
+def test_lpips_is_the_perceptual_term_when_configured(tiny, tmp_path):
+    from losses.lpips import LPIPS
+    from tests.losses.test_lpips import write_lin_weights
+
+    teacher, diffusion = tiny
+    settings = DistillSettings(perceptual="lpips", lpips_path="lin.pth", vgg_path="vgg.pth")
+    lpips = LPIPS(write_lin_weights(tmp_path / "lin.pth"), None, allow_random_init=True)
+    with pytest.raises(ValueError, match="pass an LPIPS network exactly when it is lpips"):
+        DistillationStep(teacher, diffusion, settings)
+    step = DistillationStep(teacher, diffusion, settings, lpips)
+    _, _, _, logs = step.student_loss(batch(), torch.Generator().manual_seed(8))
+    assert "lpips" in logs and "ms_ssim" not in logs and logs["lpips"] > 0
