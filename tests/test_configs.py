@@ -88,10 +88,10 @@ MINI_STAGE_CONFIGS = {
                                                   "train.gradient_checkpointing", "train.seed",
                                                   "distill.controlnet_path", "distill.ssim_scales"}),
     **{f"infer_{n}.yaml": (f"inference/{b}.yaml", {"inference.sd_path", "inference.controlnet_path",
-                                                   "inference.result_folder", "inference.device",
-                                                   "inference.min_short_side"})
+                                                   "inference.adapter_path", "inference.result_folder",
+                                                   "inference.device", "inference.min_short_side"})
        for n, b in (("stage1", "stage1"), ("stage2", "stage2"), ("accsamp", "stage2_accsamp"),
-                    ("accsamp_fast", "stage2_accsamp_fast"))},
+                    ("accsamp_fast", "stage2_accsamp_fast"), ("onestep", "stage2_onestep"))},
 }
 
 

@@ -306,7 +306,8 @@ class Chain:
         self.data = out / "data"
         self.sd = out / "prior" / "sd.ckpt"
         suffix = f"_{broken}" if broken else ""
-        self.stage2_root = out / f"stage2{suffix}"      # a broken chain keeps the sound one's results
+        # swapped pairs train their own stage-2 models (the sound chain's are kept); other breaks evaluate the sound ones
+        self.stage2_root = out / ("stage2_swap_pairs" if broken == "swap_pairs" else "stage2")
         self.eval_root = out / f"eval{suffix}"
         self.report_name = f"report{suffix}"
         self.suffix = suffix
@@ -479,9 +480,9 @@ class Chain:
                 dst = self.eval_root / row_key(row.label) / (name or "run")
                 per_seed.append(score_folders(dst / "syn", syn / "clean", dst / "real"))
                 per_seed[-1]["s_per_image"] = self._seconds_per_image(dst)
-                if row.model_loss:
-                    per_seed[-1]["heldout_eps_mse"] = heldout_eps_mse(
-                        self.sd, self._checkpoint(name), syn, self._model_overrides())
+                if row.model_loss:  # step 0 (the control) always in the sound conventions: the fixed reference
+                    overrides = [] if name == "control" else self._model_overrides()
+                    per_seed[-1]["heldout_eps_mse"] = heldout_eps_mse(self.sd, self._checkpoint(name), syn, overrides)
             results[row.label] = {"seeds": list(seeds) if row.ckpts else [], "per_seed": per_seed, "note": row.note,
                                   "folder": str(self.eval_root / row_key(row.label) / (seeds[0] or "run"))}
         peak = sum(sorted(peaks)[-self.plan.jobs:])
@@ -646,8 +647,10 @@ def learning_checks(report: dict) -> dict[str, dict]:
     output beats the hazy input by :data:`LEARNING_MARGIN_DB` PSNR; HazeGen-mini adds haze (mean FADE above its clean
     inputs by :data:`HAZE_MARGIN_FADE`). Each entry: the two numbers compared, the margin and ``ok``."""
     by_label = {label: r["per_seed"][0] for label, r in report["rows"].items() if r["per_seed"]}
-    trained = next(v for k, v in by_label.items() if k.startswith("DiffDehaze-mini, spaced"))
+    trained = next((v for k, v in by_label.items() if k.startswith("DiffDehaze-mini, spaced")), None)
     control = next(v for k, v in by_label.items() if "(control)" in k)
+    if trained is None:
+        return {"trained_model_evaluated": {"value": math.nan, "baseline": math.nan, "margin": 0.0, "ok": False}}
     fade = report["hazegen_fade"]
     loss, loss0 = trained["heldout_eps_mse"], control["heldout_eps_mse"]
     psnr, psnr_hazy = trained["syn_psnr"], by_label["hazy input"]["syn_psnr"]

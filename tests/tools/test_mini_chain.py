@@ -100,6 +100,9 @@ def test_learning_checks_need_the_margins():
     m, e = mini_chain.LEARNING_MARGIN_DB, mini_chain.LEARNING_MARGIN_EPS
     bad = mini_chain.learning_checks(_report(14.0 + m - 0.01, 14.0, 0.1 * (1 - e) + 1e-4, 0.1, 0.55, 0.5))
     assert [name for name, c in bad.items() if c["ok"]] == []
+    untrained = _report(16.0, 14.0, 0.08, 0.1, 1.5, 0.5)
+    del untrained["rows"]["DiffDehaze-mini, spaced 10 steps"]
+    assert [c["ok"] for c in mini_chain.learning_checks(untrained).values()] == [False]
 
 
 def _chain(out: Path, *extra: str) -> dict:
