@@ -40,7 +40,8 @@ from training.preview import preview_grid
 from training.settings import ExtensionSettings, TrainSettings, resolve_aliases, split_settings
 from training.state import (EMA, EMA_FILE, LOCK_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS,
                             ExpDirLock, LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state,
-                            install_state_hooks, is_main_rank, lock_holder_alive, save_training_state)
+                            install_state_hooks, is_main_rank, lock_holder_alive, part_state_dict,
+                            save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
 from training.task import Part, TrainTask
 from utils.checkpoint import CheckpointError, WeightFile, check_weight_files
@@ -280,6 +281,9 @@ class Trainer:
                              f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         self.accelerator.load_state(str(state_dir))
         refuse_nonfinite(self.task.released_weights(), f"training state {state_dir}")
+        for part in self.extra_parts:
+            refuse_nonfinite(part_state_dict(self.accelerator.unwrap_model(part.module)),
+                             f"training state {state_dir}")
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
@@ -420,8 +424,9 @@ class Trainer:
 
     def _may_save(self) -> bool:
         """Whether this step's checkpoint and state may be written: not while the last steps were skipped as
-        non-finite, and only when every weight (and EMA) tensor is finite, so ``keep_last`` never rotates a good
-        checkpoint out for a bad one. The weights are the same on every process, so all decide alike."""
+        non-finite, and only when every weight tensor (released, EMA, the other trained parts) is finite, so
+        ``keep_last`` never rotates a good checkpoint out for a bad one. The weights are the same on every process,
+        so all decide alike."""
         step, main = self.progress.step, self.accelerator.is_main_process
         if self.guard.consecutive:
             if main:
@@ -430,6 +435,8 @@ class Trainer:
             return False
         bad = nonfinite_keys(self.task.released_weights())
         bad += nonfinite_keys(self.ema.state_dict()) if self.ema is not None else []
+        for part in self.extra_parts:  # what the training state holds of the other parts (a GAN's critic)
+            bad += nonfinite_keys(part_state_dict(self.accelerator.unwrap_model(part.module)))
         if bad:
             if main:
                 log.warning("step %d: no checkpoint written, %d weight tensor(s) are not finite (e.g. '%s')", step,
