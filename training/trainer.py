@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -363,6 +364,7 @@ class Trainer:
                    disable=not acc.is_main_process, dynamic_ncols=True)
         window = self.window
         warned, data_iter = False, None
+        deadline = None if loop.max_seconds is None else time.monotonic() + loop.max_seconds
         self.model.train()
         while p.step < loop.train_steps:
             if data_iter is None:
@@ -388,21 +390,38 @@ class Trainer:
             if warning is not None and acc.is_main_process:
                 log.warning("%s", warning)
                 warned = True
-            if p.step % loop.log_every == 0 or p.step == loop.train_steps:
+            out_of_time = self._out_of_time(deadline)
+            last = p.step == loop.train_steps or out_of_time
+            if p.step % loop.log_every == 0 or last:
                 window.flush(acc, p.step, self.exp_dir / METRICS_FILE, bool(loop.log_with),
                              {"train/lr": loop.lr_at(p.step - 1)})
             if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
                 self._preview(batch)
-            if (p.step % loop.ckpt_every == 0 or p.step == loop.train_steps) and self._may_save():
+            if (p.step % loop.ckpt_every == 0 or last) and self._may_save():
                 self._save_checkpoint()
                 save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
                                     window)
+            if out_of_time:
+                if acc.is_main_process:
+                    log.info("train.max_seconds=%g reached: stopped after step %d of train.train_steps=%d",
+                             loop.max_seconds, p.step, loop.train_steps)
+                break
         bar.close()
         for line in (self.guard.summary(), self.unreadable.summary()):
             if line and acc.is_main_process:
                 log.warning("%s", line)
         acc.end_training()
         return 0
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        """Whether ``train.max_seconds`` has run out (``deadline``: the monotonic clock's end of the budget, None
+        without one) on any process: the flags are reduced, so every process stops after the same step."""
+        if deadline is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() >= deadline)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
     def _preview(self, batch: dict[str, Any]) -> None:
         """The task's preview grid of the main process's last micro-batch and its texts to TensorBoard (other

@@ -227,6 +227,28 @@ def test_gan_generator_loss_nan_at_one_step_skips_it_and_its_checkpoint(data, tm
     assert _finite_checkpoints(tmp_path / "gen_nan") == ["0000001.pt", "0000003.pt", "0000004.pt"]
 
 
+def test_max_seconds_ends_the_run_after_the_step_it_runs_out_in(data, tmp_path):
+    """train.max_seconds: a run of a million steps stops after about 2 s of steps, writing that step's checkpoint,
+    state and metrics row as at train_steps, with one INFO line; a budget of 0 is refused at the door."""
+    exp = tmp_path / "timed"
+    cfg = write_config(tmp_path / "timed.yaml", "baseline_aodnet.yaml", model=TINY_MODELS["aodnet"],
+                       dataset=pairs_dataset(data),
+                       train={"exp_dir": str(exp), "train_steps": 10**6, "ckpt_every": 10**6, "log_every": 10**6,
+                              "max_seconds": 2})
+    start = time.time()
+    proc = run_python("train_baseline.py", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.time() - start < 60
+    steps = int(proc.stderr.split("train.max_seconds=2 reached: stopped after step ")[1].split()[0])
+    assert steps > 1 and "of train.train_steps=1000000" in proc.stderr
+    assert [p.name for p in (exp / "checkpoints").glob("*.pt")] == [f"{steps:07d}.pt"]
+    assert [s.name for s in complete_states(exp / "state")] == [f"{steps:07d}"]
+    assert sorted(metrics(exp)) == [steps]
+    bad = run_python("train_baseline.py", cfg, "--set", "train.max_seconds=0", f"train.exp_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2
+    assert "train.max_seconds must be a number of seconds > 0 or null, got max_seconds=0" in bad.stderr
+
+
 def test_baseline_start_up_errors_name_the_key(data, tmp_path):
     base = {"model": TINY_MODELS["aodnet"], "dataset": pairs_dataset(data), "train": {"exp_dir": str(tmp_path / "x")}}
     for objective, message in (({"data_loss": "huber"}, "objective.data_loss must be"),
