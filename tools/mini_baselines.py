@@ -204,9 +204,20 @@ def rows(plan: Any, make_row: Callable[..., R]) -> list[R]:
 def row_facts(row: Any, ckpt: Path | None) -> dict:
     """``parameters`` of the model a row runs (all of them: for the diffusion rows the ControlLDM's UNet,
     ControlNet, VAE and text encoder; 0 for DCP; None for the input itself) and ``train_steps`` of its checkpoint
-    (the step in its name; None without one)."""
-    steps = int(ckpt.stem) if ckpt is not None and ckpt.stem.isdigit() else None
-    return {"parameters": _parameters(row.script, row.config, row.overrides), "train_steps": steps}
+    (:func:`trained_steps`; None without one)."""
+    return {"parameters": _parameters(row.script, row.config, row.overrides), "train_steps": trained_steps(ckpt)}
+
+
+def trained_steps(ckpt: Path | None) -> int | None:
+    """The optimizer steps behind a checkpoint ``<exp_dir>/checkpoints/<step>.pt``: its step, plus those of the
+    checkpoint its run started from (``objective.init_weights`` in ``<exp_dir>/config.yaml``: the CrossDehaze
+    second stage); None for a checkpoint without a step in its name."""
+    if ckpt is None or not ckpt.stem.isdigit():
+        return None
+    steps = int(ckpt.stem)
+    config = ckpt.parent.parent / "config.yaml"
+    init = load_config(config).get("objective", {}).get("init_weights") if config.is_file() else None
+    return steps + (trained_steps(Path(init)) or 0) if init else steps
 
 
 @lru_cache(maxsize=None)
