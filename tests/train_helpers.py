@@ -15,6 +15,7 @@ from PIL import Image
 
 from dataset import StaticPairedData
 from losses.vgg import VGGFeatures
+from model.baselines.deblurgan import PatchCritic
 from tests.helpers import ROOT, TINY_MODEL, build_tiny, write_release_checkpoints
 from utils.common import load_config
 
@@ -117,6 +118,26 @@ class TruncatingPairs(StaticPairedData):
         if data.endswith(b"IEND\xaeB`\x82"):  # still a whole PNG
             self.truncate.write_bytes(data[:len(data) // 2])
         return super().__getitem__(index)
+
+
+class NaNCritic(PatchCritic):
+    """A PatchCritic whose scores turn NaN at the (1-based) optimizer steps ``nan_steps`` of a GAN run, in one phase
+    of the step: ``critic`` (the critic's own updates: its loss is NaN) or ``generator`` (the generator's update,
+    critic frozen: the adversarial term is NaN). Gradients stay finite. The step is counted by the generator-phase
+    calls (one per step taken), so a ``critic`` skip must be the run's last step (``train.max_nonfinite_steps: 1``)."""
+
+    def __init__(self, phase: str, nan_steps: list[int], **params) -> None:
+        super().__init__(**params)
+        self.phase, self.nan_steps, self.steps_taken = phase, set(nan_steps), 0
+
+    def forward(self, img01: torch.Tensor) -> torch.Tensor:
+        scores = super().forward(img01)
+        frozen = not any(p.requires_grad for p in self.parameters())
+        step = self.steps_taken + 1
+        self.steps_taken += int(frozen)
+        if ("generator" if frozen else "critic") == self.phase and step in self.nan_steps:
+            return scores + float("nan")
+        return scores
 
 
 def tiny_train_config(config: Path, exp_dir: Path, sd_path: Path, dataset: dict | None = None, **train) -> Path:

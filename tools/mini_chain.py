@@ -14,7 +14,9 @@ and is skipped on rerun, a killed training stage resumes from its last state):
 4. ``pairs``: ``inference_stage1.py`` on the held-in clean photos -> HazeGen-mini's stage-2 training pairs.
 5. ``stage2``: ``train_stage2.py`` for every variant of :func:`variants` (HazeGen pairs and RIDCP pairs, several
    seeds; every HCD-YC extension on), two at a time.
-6. ``evaluate``: every row of :func:`rows` over the held-out sets (``inference_*.py``, ``evaluate``'s metrics), the
+6. ``baselines`` (``Plan.baselines``; on in the full preset): the feed-forward baselines of
+   :mod:`tools.mini_baselines` trained on the same data for the same wall-clock budget ``Plan.baseline_seconds``.
+7. ``evaluate``: every row of :func:`rows` over the held-out sets (``inference_*.py``, ``evaluate``'s metrics), the
    markdown table ``report.md`` / ``report.json`` and picture grids ``grids/``.
 
 ``--break swap_pairs`` (stage-2 targets and conditions exchanged) and ``--break no_latent_scale`` (latent scale factor
@@ -42,6 +44,7 @@ import torch
 from dataset.degradation import degrade, depth_proxy
 from metrics import evaluation
 from model.builder import build_model
+from tools import mini_baselines
 from tools.compare_grid import build_grids
 from tools.make_benchmark import build_benchmark
 from utils.atomic import atomic_write, write_text_atomic
@@ -56,7 +59,7 @@ KODAK_HELD_OUT = ("kodim01", "kodim08", "kodim13", "kodim21")
 """Whole Kodak photos never seen by any stage (outdoor scenes with depth: house, buildings, river, lighthouse)."""
 REAL_HELD_OUT = ("real_5", "real_7")
 """Real hazy photos of the published sample inputs kept for the real-photo rows."""
-STAGES = ("data", "prior", "stage1", "pairs", "stage2", "evaluate")
+STAGES = ("data", "prior", "stage1", "pairs", "stage2", "baselines", "evaluate")
 BREAKS = ("swap_pairs", "no_latent_scale")
 
 
@@ -81,6 +84,8 @@ class Plan:
     jobs: int = 4                   # processes at once: stage-2 trainings, evaluation runs, pair shards (1 thread each)
     seed: int = 0                   # base seed of the data synthesis, the prior, stage 1 and the stage-2 seeds
     pairs_steps: int = 50           # HazeGen-mini's sampler steps when making the pairs (published 50)
+    baselines: bool = True          # stage ``baselines``: the feed-forward baselines' rows (tools.mini_baselines)
+    baseline_seconds: float = 120.0  # wall-clock training budget of each baseline (train.max_seconds)
 
     def __post_init__(self) -> None:
         if self.main_pairs not in ("hazegen", "ridcp"):
@@ -93,7 +98,7 @@ PRESETS = {
     "full": Plan(),
     "quick": Plan(size=64, held_in=8, held_out=2, prior_vae_steps=200, prior_unet_steps=200, stage1_steps=40,
                   pairs_per_photo=2, pairs_steps=10, stage2_steps=300, seeds=(0,), test_betas=(1.6,), eval_steps=10,
-                  extras=False, main_pairs="ridcp", jobs=2),
+                  extras=False, main_pairs="ridcp", jobs=2, baselines=False),
 }
 
 
@@ -288,6 +293,8 @@ def rows(plan: Plan) -> list[Row]:
                 ("hcdyc_s0",), steps,
                 "the text-guidance parts need a text encoder that understands words; the mini one does not"),
         ]
+    if plan.baselines:
+        out += mini_baselines.rows(plan, Row)
     return out
 
 
@@ -335,6 +342,8 @@ class Chain:
         self.out.mkdir(parents=True, exist_ok=True)
         report = {}
         for stage in tqdm(stages, desc="mini chain", unit="stage"):
+            if stage == "baselines" and not self.plan.baselines:
+                continue
             if self._done(stage) and stage != "evaluate":
                 self.say(f"{stage}: done before, skipped")
                 continue
@@ -409,12 +418,17 @@ class Chain:
             peaks = list(pool.map(one, todo))
         return sum(sorted(peaks)[-self.plan.jobs:]) if peaks else 0.0
 
+    def stage_baselines(self) -> float:
+        return mini_baselines.BaselineTrainer(self.out, self.plan, run_logged, checkpoint_of, self.say).run()
+
     def _model_overrides(self) -> list[str]:
         """Config overrides of every diffusion evaluation: the no_latent_scale break."""
         return ["model.cldm.params.latent_scale_factor=1.0"] if self.broken == "no_latent_scale" else []
 
     def _checkpoint(self, name: str) -> Path:
-        """The ControlNet of a stage-2 variant, or of the control row (``control``)."""
+        """The ControlNet of a stage-2 variant, or of the control row (``control``); a baseline's network."""
+        if name in mini_baselines.NAMES:
+            return checkpoint_of(self.out / mini_baselines.FOLDER / name)
         return self._control_checkpoint() if name == "control" else checkpoint_of(self.stage2_root / name)
 
     def _trained(self, name: str) -> bool:
@@ -422,7 +436,7 @@ class Chain:
         if name == "control":
             return True
         try:
-            checkpoint_of(self.stage2_root / name)
+            self._checkpoint(name)
         except FileNotFoundError:
             return False
         return True
@@ -437,7 +451,12 @@ class Chain:
         return path
 
     def _dehaze(self, row: Row, ckpt_name: str | None, folder: Path, dst: Path) -> float:
-        """Run ``row``'s script with the ControlNet of ``ckpt_name`` over ``folder`` into ``dst``."""
+        """Run ``row``'s script with the ControlNet of ``ckpt_name`` over ``folder`` into ``dst``; a finished result
+        set (every image and its timing) is kept as it is, so a rerun keeps its seconds per image."""
+        stamp = dst.with_name(dst.name + "_seconds.json")
+        if row.script is not None and stamp.is_file() and all((dst / f"{p.stem}.png").is_file()
+                                                              for p in list_images(folder)):
+            return 0.0
         if row.script is None:
             dst.mkdir(parents=True, exist_ok=True)
             for path in list_images(folder):
@@ -445,14 +464,16 @@ class Chain:
             return 0.0
         config = row.config if Path(row.config).is_absolute() else str(MINI / row.config)
         extra = [f"inference.image_folder={folder}", f"inference.result_folder={dst}", *row.overrides]
-        if ckpt_name is not None:
+        if ckpt_name is not None and row.script == "inference_baseline.py":
+            extra.append(f"inference.checkpoint_path={self._checkpoint(ckpt_name)}")
+        elif ckpt_name is not None:
             extra += [f"inference.sd_path={self.sd}", f"inference.controlnet_path={self._checkpoint(ckpt_name)}",
                       f"inference.min_short_side={self.plan.size}", *self._model_overrides()]
         start = time.time()
         peak = run_logged([sys.executable, row.script, "--config", config, "--skip-existing", "--set", *extra],
                           self.out / "logs" / f"eval_{dst.parent.parent.name}_{dst.parent.name}_{dst.name}.log")
         seconds = (time.time() - start) / max(1, len(list_images(folder)))
-        write_text_atomic(dst.with_name(dst.name + "_seconds.json"), json.dumps({"s_per_image": seconds}) + "\n")
+        write_text_atomic(stamp, json.dumps({"s_per_image": seconds}) + "\n")
         return peak
 
     def stage_evaluate(self) -> tuple[dict, float]:
@@ -480,6 +501,7 @@ class Chain:
                 dst = self.eval_root / row_key(row.label) / (name or "run")
                 per_seed.append(score_folders(dst / "syn", syn / "clean", dst / "real"))
                 per_seed[-1]["s_per_image"] = self._seconds_per_image(dst)
+                per_seed[-1].update(mini_baselines.row_facts(row, self._checkpoint(name) if name else None))
                 if row.model_loss:  # step 0 (the control) always in the sound conventions: the fixed reference
                     overrides = [] if name == "control" else self._model_overrides()
                     per_seed[-1]["heldout_eps_mse"] = heldout_eps_mse(self.sd, self._checkpoint(name), syn, overrides)
@@ -593,16 +615,16 @@ def score_folders(syn: Path, clean: Path, real: Path) -> dict:
 COLUMNS = (("syn_psnr", "PSNR ↑", 2), ("syn_ssim", "SSIM ↑", 3), ("syn_deltae00", "ΔE00 ↓", 2),
            ("syn_fade", "FADE ↓", 3), ("real_fade", "real FADE ↓", 3), ("real_niqe_hcdyc", "real NIQE ↓", 2),
            ("real_brisque_svr", "real BRISQUE ↓", 1), ("heldout_eps_mse", "held-out ε-MSE ↓", 4),
-           ("s_per_image", "s / image", 2))
+           ("s_per_image", "s / image", 2), ("parameters", "parameters", 0), ("train_steps", "train steps", 0))
 
 
 def _cell(values: list[float | None], digits: int) -> str:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return "n/a"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
+    if len(set(vals)) == 1:
+        return f"{vals[0]:,.{digits}f}"
+    return f"{np.mean(vals):,.{digits}f} ± {np.std(vals, ddof=1):,.{digits}f}"
 
 
 def report_markdown(report: dict) -> str:

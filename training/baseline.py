@@ -14,7 +14,8 @@ A config has the trainer's sections — ``model`` (``target`` + ``params`` of a 
   network from a trained release checkpoint (the first, supervised stage's);
 * GAN (DeblurGAN): ``gan: true`` trains the network as the generator against ``critic`` (a model config), with
   ``n_critic`` WGAN-GP critic updates (λ ``gp_weight``) per generator update and the generator loss
-  ``adversarial_weight`` · (-D(G(I))) + ``perceptual_weight`` · perceptual(G(I), J) (VGG file ``vgg_path``, L1 without).
+  ``adversarial_weight`` · (-D(G(I))) + ``perceptual_weight`` · perceptual(G(I), J) (VGG file ``vgg_path``, L1 without);
+  the trainer's non-finite guard checks each of its updates (:func:`gan_step`).
 
 Both optimizers are Adam (``adam_betas``) at ``train.lr_schedule`` / ``learning_rate``; checkpoints
 ``<exp_dir>/checkpoints/<step:07d>.pt`` hold the network's state dict (``_ema.pt``: its EMA), the file
@@ -264,10 +265,16 @@ def gan_step(trainer, data_iter: Iterator[dict[str, Any]]
              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """One DeblurGAN step on one batch: ``n_critic`` WGAN-GP critic updates against the generator's current output,
     then one generator update (critic frozen). Every draw comes from a generator seeded by (seed, step, process).
-    The non-finite guard does not decide on this step (no offending names are returned)."""
-    acc, loop, obj = trainer.accelerator, trainer.loop, trainer.task.objective
+
+    Non-finite values (the trainer's guard, :class:`training.guard.NonFiniteGuard`, as for one optimizer): before each
+    update the loss (``critic`` for the critic, the generator's terms) and the gradients of the part it updates are
+    checked on every process; the first update with a NaN or an infinity is not taken and ends the step (no later
+    critic update, no generator update; the finite critic updates before it stand). Returns (batch, logs, the
+    offending names; [] when every update was taken)."""
+    acc, loop, obj, guard = trainer.accelerator, trainer.loop, trainer.task.objective, trainer.guard
     critic, critic_optimizer = trainer.extra_parts[0].module, trainer.extra_parts[0].optimizer
     step = trainer.progress.step
+    check_gradients = acc.scaler is None  # fp16: overflowing scaled gradients are the gradient scaler's business
     for optimizer in (trainer.optimizer, critic_optimizer):
         for group in optimizer.param_groups:
             group["lr"] = loop.lr_at(step)
@@ -283,6 +290,12 @@ def gan_step(trainer, data_iter: Iterator[dict[str, Any]]
         critic_optimizer.zero_grad(set_to_none=True)
         loss_critic, critic_logs = critic_loss(critic, clean, fake, obj.gp_weight, gen)
         acc.backward(loss_critic)
+        guard.watch_terms({"critic": loss_critic})
+        offending = guard.decide(acc, ["critic"], critic.parameters(), check_gradients)
+        if offending:
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_logs = {"loss": loss_critic.detach(), "loss_critic": loss_critic.detach(), **critic_logs}
+            return batch, [critic_logs], offending
         if loop.max_grad_norm is not None:
             acc.clip_grad_norm_(critic.parameters(), loop.max_grad_norm)
         critic_optimizer.step()
@@ -291,13 +304,18 @@ def gan_step(trainer, data_iter: Iterator[dict[str, Any]]
     try:
         out = trainer.model(batch, step, gen, random.Random(seed))
         acc.backward(out["loss"])
-        if loop.max_grad_norm is not None:
-            acc.clip_grad_norm_(trainer.step_module.net.parameters(), loop.max_grad_norm)
-        trainer.optimizer.step()
+        guard.watch_terms(out["terms"])
+        net_parameters = list(trainer.step_module.net.parameters())
+        offending = guard.decide(acc, out["terms"], net_parameters, check_gradients)
+        if not offending:
+            if loop.max_grad_norm is not None:
+                acc.clip_grad_norm_(net_parameters, loop.max_grad_norm)
+            trainer.optimizer.step()
+            guard.took_step(trainer.optimizer.step_was_skipped or critic_optimizer.step_was_skipped)
         trainer.optimizer.zero_grad(set_to_none=True)
     finally:
         critic.requires_grad_(True)
-    return batch, [{**out["logs"], "loss_critic": loss_critic.detach(), **critic_logs}], []
+    return batch, [{**out["logs"], "loss_critic": loss_critic.detach(), **critic_logs}], offending
 
 
 def train_baseline(config: str | Path, overrides: list[str] | None = None) -> int:

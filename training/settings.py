@@ -13,6 +13,7 @@ continues exactly across a switch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,9 @@ class TrainSettings:
     per_process_batch_size: int | None = None
     num_workers: int = 4
     train_steps: int = 5000
+    max_seconds: float | None = None
+    """Wall-clock budget of the optimizer-step loop of this process's run (start-up excluded): the run ends after the
+    step during which it ran out, with that step's checkpoint and state, as at ``train_steps``; null = no budget."""
     log_every: int = 50
     ckpt_every: int = 1000
     image_every: int | None = 500
@@ -165,6 +169,8 @@ LOOP_RULES: tuple[Rule, ...] = (
      "a positive integer or null"),
     (("num_workers",), lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     (("learning_rate", "max_grad_norm"), optional(lambda v: is_number(v) and v > 0), "a number > 0 or null"),
+    (("max_seconds",), optional(lambda v: is_number(v) and math.isfinite(v) and v > 0),
+     "a number of seconds > 0 or null"),
     (("ema_decay",), optional(lambda v: is_number(v) and 0.0 < v < 1.0), "a number in (0, 1) or null"),
     (("mixed_precision",), lambda v: v in MIXED_PRECISION, "no, fp16, bf16 or null"),
     (("gradient_checkpointing",), lambda v: isinstance(v, bool), "true or false"),

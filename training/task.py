@@ -81,5 +81,7 @@ class TrainTask(ABC):
     custom_step: Callable[[Any, Iterator[dict[str, Any]]],
                           tuple[dict[str, Any], list[dict[str, Any]], list[str]]] | None = None
     """For tasks with several optimizers: ``custom_step(trainer, data_iter) -> (last batch, logs per micro-step,
-    offending names)`` replaces the trainer's one-optimizer step; offending names ([] = the step was taken) are what
-    ``trainer.guard.decide`` found not finite, and the trainer then counts the skip and leaves the EMA alone."""
+    offending names)`` replaces the trainer's one-optimizer step. Like that step it asks ``trainer.guard``
+    (:class:`training.guard.NonFiniteGuard`) before each optimizer update and returns the offending loss terms /
+    gradients of an update it did not take ([] when every update was taken); the trainer then counts the skip, leaves
+    out the EMA update and the checkpoint, and stops the run after ``train.max_nonfinite_steps`` of them."""

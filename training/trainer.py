@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,7 +41,8 @@ from training.preview import preview_grid
 from training.settings import ExtensionSettings, TrainSettings, resolve_aliases, split_settings
 from training.state import (EMA, EMA_FILE, LOCK_FILE, LOG_WINDOW_FILE, METRICS_FILE, PROGRESS_FILE, STATE_NAME_DIGITS,
                             ExpDirLock, LogWindow, Progress, TrainError, drop_metrics_after, find_resume_state,
-                            install_state_hooks, is_main_rank, lock_holder_alive, save_training_state)
+                            install_state_hooks, is_main_rank, lock_holder_alive, part_state_dict,
+                            save_training_state)
 from training.step import ALIGN_SKIP_REASON, TrainingStep, build_cycle_loss, image_embedder_for, trainable_parameters
 from training.task import Part, TrainTask
 from utils.checkpoint import CheckpointError, WeightFile, check_weight_files
@@ -280,6 +282,9 @@ class Trainer:
                              f"{self.plan.describe()}; its data position would not match (keep the global batch)")
         self.accelerator.load_state(str(state_dir))
         refuse_nonfinite(self.task.released_weights(), f"training state {state_dir}")
+        for part in self.extra_parts:
+            refuse_nonfinite(part_state_dict(self.accelerator.unwrap_model(part.module)),
+                             f"training state {state_dir}")
         self.progress = Progress.load(state_dir / PROGRESS_FILE)
         if self.ema is not None:
             if not (state_dir / EMA_FILE).is_file():
@@ -359,6 +364,7 @@ class Trainer:
                    disable=not acc.is_main_process, dynamic_ncols=True)
         window = self.window
         warned, data_iter = False, None
+        deadline = None if loop.max_seconds is None else time.monotonic() + loop.max_seconds
         self.model.train()
         while p.step < loop.train_steps:
             if data_iter is None:
@@ -384,21 +390,38 @@ class Trainer:
             if warning is not None and acc.is_main_process:
                 log.warning("%s", warning)
                 warned = True
-            if p.step % loop.log_every == 0 or p.step == loop.train_steps:
+            out_of_time = self._out_of_time(deadline)
+            last = p.step == loop.train_steps or out_of_time
+            if p.step % loop.log_every == 0 or last:
                 window.flush(acc, p.step, self.exp_dir / METRICS_FILE, bool(loop.log_with),
                              {"train/lr": loop.lr_at(p.step - 1)})
             if loop.image_every is not None and (p.step == 1 or p.step % loop.image_every == 0):
                 self._preview(batch)
-            if (p.step % loop.ckpt_every == 0 or p.step == loop.train_steps) and self._may_save():
+            if (p.step % loop.ckpt_every == 0 or last) and self._may_save():
                 self._save_checkpoint()
                 save_training_state(acc, p, self.ema, loop.exp_dir, loop.keep_last, self.plan.global_batch,
                                     window)
+            if out_of_time:
+                if acc.is_main_process:
+                    log.info("train.max_seconds=%g reached: stopped after step %d of train.train_steps=%d",
+                             loop.max_seconds, p.step, loop.train_steps)
+                break
         bar.close()
         for line in (self.guard.summary(), self.unreadable.summary()):
             if line and acc.is_main_process:
                 log.warning("%s", line)
         acc.end_training()
         return 0
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        """Whether ``train.max_seconds`` has run out (``deadline``: the monotonic clock's end of the budget, None
+        without one) on any process: the flags are reduced, so every process stops after the same step."""
+        if deadline is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() >= deadline)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
     def _preview(self, batch: dict[str, Any]) -> None:
         """The task's preview grid of the main process's last micro-batch and its texts to TensorBoard (other
@@ -420,8 +443,9 @@ class Trainer:
 
     def _may_save(self) -> bool:
         """Whether this step's checkpoint and state may be written: not while the last steps were skipped as
-        non-finite, and only when every weight (and EMA) tensor is finite, so ``keep_last`` never rotates a good
-        checkpoint out for a bad one. The weights are the same on every process, so all decide alike."""
+        non-finite, and only when every weight tensor (released, EMA, the other trained parts) is finite, so
+        ``keep_last`` never rotates a good checkpoint out for a bad one. The weights are the same on every process,
+        so all decide alike."""
         step, main = self.progress.step, self.accelerator.is_main_process
         if self.guard.consecutive:
             if main:
@@ -430,6 +454,8 @@ class Trainer:
             return False
         bad = nonfinite_keys(self.task.released_weights())
         bad += nonfinite_keys(self.ema.state_dict()) if self.ema is not None else []
+        for part in self.extra_parts:  # what the training state holds of the other parts (a GAN's critic)
+            bad += nonfinite_keys(part_state_dict(self.accelerator.unwrap_model(part.module)))
         if bad:
             if main:
                 log.warning("step %d: no checkpoint written, %d weight tensor(s) are not finite (e.g. '%s')", step,

@@ -177,6 +177,78 @@ def test_gan_trains_critic_and_generator_with_two_optimizers(data, tmp_path):
     assert (state / "model_1.safetensors").is_file() and (state / "optimizer_1.bin").is_file()
 
 
+def _nan_gan_config(data, path: Path, phase: str, nan_steps: list[int], **train) -> Path:
+    return write_config(path, "baseline_deblurgan_cpu.yaml", model=TINY_MODELS["gan"], dataset=pairs_dataset(data),
+                        train={"exp_dir": str(path.with_suffix("")), "ckpt_every": 1, **train},
+                        objective={"n_critic": 2, "critic": {"target": "tests.train_helpers.NaNCritic",
+                                                             "params": {"channels": 8, "phase": phase,
+                                                                        "nan_steps": nan_steps}}})
+
+
+def _finite_checkpoints(exp: Path) -> list[str]:
+    """Names of the checkpoints of ``exp``, after checking that they and the states' both models are finite."""
+    from safetensors.torch import load_file
+
+    from training.guard import nonfinite_keys
+
+    files = sorted((exp / "checkpoints").glob("*.pt"))
+    assert all(not nonfinite_keys(load_state_dict(f)) for f in files)
+    for state in complete_states(exp / "state"):
+        for name in ("model.safetensors", "model_1.safetensors"):
+            assert not nonfinite_keys(load_file(str(state / name))), state / name
+    return [f.name for f in files]
+
+
+def test_gan_critic_loss_turning_nan_stops_the_run_at_that_step_with_exit_3(data, tmp_path):
+    """The critic's loss is NaN at step 3: its update is not taken, the step is skipped with the trainer's WARNING, and
+    with train.max_nonfinite_steps 1 the run stops there with the trainer's ERROR line and exit status 3, keeping only
+    the finite checkpoints of steps 1 and 2."""
+    cfg = _nan_gan_config(data, tmp_path / "critic_nan.yaml", "critic", [3], train_steps=6, max_nonfinite_steps=1)
+    proc = run_python("train_baseline.py", cfg)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert ("WARNING step 3 skipped (no optimizer, learning-rate or EMA update): loss term 'critic' not finite"
+            in proc.stderr)
+    assert proc.stderr.count("ERROR") == 1 and "Traceback" not in proc.stderr
+    assert ("ERROR training stopped at step 3: 1 consecutive steps had non-finite loss or gradients "
+            "(train.max_nonfinite_steps=1; learning rate 0.001)") in proc.stderr
+    assert _finite_checkpoints(tmp_path / "critic_nan") == ["0000001.pt", "0000002.pt"]
+    assert [s.name for s in complete_states(tmp_path / "critic_nan" / "state")] == ["0000001", "0000002"]
+
+
+def test_gan_generator_loss_nan_at_one_step_skips_it_and_its_checkpoint(data, tmp_path):
+    """The adversarial term is NaN at step 2 only: the generator update of that step is not taken, the step is skipped
+    (named, counted, no checkpoint), and the run goes on to its end with finite checkpoints (exit 0)."""
+    cfg = _nan_gan_config(data, tmp_path / "gen_nan.yaml", "generator", [2], train_steps=4, keep_last=4)
+    proc = run_python("train_baseline.py", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING step 2 skipped" in proc.stderr and "loss term 'adversarial' not finite" in proc.stderr
+    assert "step 2: no checkpoint written, the last 1 step(s) were skipped as non-finite" in proc.stderr
+    assert "1 step(s) skipped for non-finite loss or gradients" in proc.stderr
+    assert _finite_checkpoints(tmp_path / "gen_nan") == ["0000001.pt", "0000003.pt", "0000004.pt"]
+
+
+def test_max_seconds_ends_the_run_after_the_step_it_runs_out_in(data, tmp_path):
+    """train.max_seconds: a run of a million steps stops after about 2 s of steps, writing that step's checkpoint,
+    state and metrics row as at train_steps, with one INFO line; a budget of 0 is refused at the door."""
+    exp = tmp_path / "timed"
+    cfg = write_config(tmp_path / "timed.yaml", "baseline_aodnet.yaml", model=TINY_MODELS["aodnet"],
+                       dataset=pairs_dataset(data),
+                       train={"exp_dir": str(exp), "train_steps": 10**6, "ckpt_every": 10**6, "log_every": 10**6,
+                              "max_seconds": 2})
+    start = time.time()
+    proc = run_python("train_baseline.py", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.time() - start < 60
+    steps = int(proc.stderr.split("train.max_seconds=2 reached: stopped after step ")[1].split()[0])
+    assert steps > 1 and "of train.train_steps=1000000" in proc.stderr
+    assert [p.name for p in (exp / "checkpoints").glob("*.pt")] == [f"{steps:07d}.pt"]
+    assert [s.name for s in complete_states(exp / "state")] == [f"{steps:07d}"]
+    assert sorted(metrics(exp)) == [steps]
+    bad = run_python("train_baseline.py", cfg, "--set", "train.max_seconds=0", f"train.exp_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2
+    assert "train.max_seconds must be a number of seconds > 0 or null, got max_seconds=0" in bad.stderr
+
+
 def test_baseline_start_up_errors_name_the_key(data, tmp_path):
     base = {"model": TINY_MODELS["aodnet"], "dataset": pairs_dataset(data), "train": {"exp_dir": str(tmp_path / "x")}}
     for objective, message in (({"data_loss": "huber"}, "objective.data_loss must be"),
