@@ -85,7 +85,7 @@ class Plan:
     seed: int = 0                   # base seed of the data synthesis, the prior, stage 1 and the stage-2 seeds
     pairs_steps: int = 50           # HazeGen-mini's sampler steps when making the pairs (published 50)
     baselines: bool = True          # stage ``baselines``: the feed-forward baselines' rows (tools.mini_baselines)
-    baseline_seconds: float = 120.0  # wall-clock training budget of each baseline (train.max_seconds)
+    baseline_seconds: float = 300.0  # wall-clock training budget of each baseline (train.max_seconds)
 
     def __post_init__(self) -> None:
         if self.main_pairs not in ("hazegen", "ridcp"):

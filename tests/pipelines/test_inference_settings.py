@@ -48,7 +48,7 @@ def test_published_values_are_read_and_absent_keys_take_the_defaults():
                                                                                         "remove dense fog")
     fast = settings_of("stage2_accsamp_fast.yaml")  # its own keys over the published AccSamp config (base:)
     assert (fast.sampler, fast.steps, fast.spacing, fast.guidance_every, fast.guidance_pullback, fast.tau) == (
-        "dpmpp_2m", 10, "logsnr", 2, "linear", 0.8)
+        "ddim", 10, "logsnr", 2, "linear", 0.8)
     dcp = settings_of("dcp.yaml")  # no diffusion keys in the file: the defaults
     assert (dcp.steps, dcp.sampler, dcp.batch_size, dcp.sd_path) == (50, "spaced", 1, None)
     assert InferenceSettings.from_config(OmegaConf.create({})) == InferenceSettings()
