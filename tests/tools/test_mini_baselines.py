@@ -72,7 +72,8 @@ def test_quick_preset_has_no_baselines_and_the_full_one_adds_their_rows():
     gan = next(r for r in mini_baselines.rows(mini_chain.PRESETS["full"], mini_chain.Row) if "GAN" in r.label)
     assert {"network.params.channels=16", "network.params.n_blocks=3"} <= set(gan.overrides)
     mscnn = next(r for r in mini_baselines.rows(mini_chain.PRESETS["full"], mini_chain.Row) if r.label == "MSCNN")
-    assert "data/ridcp_syn" in mscnn.note and mscnn.note.startswith("120 s of training")
+    budget = mini_chain.PRESETS["full"].baseline_seconds
+    assert "data/ridcp_syn" in mscnn.note and mscnn.note.startswith(f"{budget:.0f} s of training")
 
 
 @pytest.mark.slow
