@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,11 +38,11 @@ from losses.restoration import (DATA_LOSSES, PerceptualLoss, critic_loss, data_l
                                 ssl_beta, ssl_consistency)
 from training.data import UNREADABLE_KEY, to_device
 from training.settings import TrainSettings
-from training.state import TrainError, is_main_rank
+from training.state import TrainError
 from training.task import Part, TrainTask
-from training.trainer import run_task, step_seed
+from training.trainer import run_config, task_cli, step_seed
 from utils.checkpoint import CheckpointError, check_shapes, load_state_dict
-from utils.common import instantiate_from_config, load_config
+from utils.common import instantiate_from_config
 from utils.rules import Rule, first_violation, is_int, is_number, optional
 
 log = logging.getLogger("hcdyc.train")
@@ -321,24 +320,11 @@ def gan_step(trainer, data_iter: Iterator[dict[str, Any]]
 def train_baseline(config: str | Path, overrides: list[str] | None = None) -> int:
     """Train the baseline of a config file with ``--set``-style overrides (``["train.train_steps=100", ...]``) in
     this process; returns the exit status (2: start-up problem, logged as one line)."""
-    try:
-        cfg = load_config(config, overrides)
-    except (FileNotFoundError, ValueError) as err:
-        if is_main_rank():
-            log.error("%s", err)
-        return 2
-    return run_task(lambda: BaselineTask(cfg))
+    return run_config(config, overrides, BaselineTask)
 
 
 def main(default_config: str = "configs/train/baseline_aodnet.yaml") -> None:
     """CLI of ``train_baseline.py``: ``--config`` and ``--set key=value ...``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train a feed-forward dehazing baseline")
-    parser.add_argument("--config", default=default_config, help="baseline YAML (model / dataset / train / objective)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set train.train_steps=1000 train.resume=latest")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    sys.exit(train_baseline(args.config, args.set))
+    task_cli("Train a feed-forward dehazing baseline", default_config,
+             "baseline YAML (model / dataset / train / objective)", "train.train_steps=1000 train.resume=latest",
+             train_baseline)

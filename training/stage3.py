@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,12 +42,10 @@ from model.onestep import AdapterMeta, write_adapter_file
 from training.data import UNREADABLE_KEY, to_device
 from training.distill import DistillationStep, DistillSettings, FakeScoreObjective, StudentObjective
 from training.settings import TRAIN_SECTIONS, TrainSettings, check_sections
-from training.state import TrainError, find_resume_state, is_main_rank
+from training.state import TrainError, find_resume_state
 from training.task import Part, TrainTask
-from training.trainer import run_task, set_gradient_checkpointing, step_seed
+from training.trainer import run_config, task_cli, set_gradient_checkpointing, step_seed
 from utils.checkpoint import CheckpointError, WeightFile, check_weight_files
-from utils.common import load_config
-from utils.distributed import report_to_launcher
 from utils.rules import SettingsError, check_section_keys, unknown_keys_message
 
 log = logging.getLogger("hcdyc.train")
@@ -237,25 +234,11 @@ def distill_step(trainer, data_iter: Iterator[dict[str, Any]]
 def train_stage3(config: str | Path, overrides: list[str] | None = None) -> int:
     """Run the stage-3 config ``config`` with ``--set``-style overrides (``["train.train_steps=100", ...]``) in this
     process; returns the exit status (2: start-up problem, logged as one line; 3/4: stopped by the guards)."""
-    try:
-        cfg = load_config(config, overrides)
-    except (FileNotFoundError, ValueError) as err:
-        if is_main_rank():
-            log.error("%s", err)
-        report_to_launcher(str(err))
-        return 2
-    return run_task(lambda: OneStepTask(cfg))
+    return run_config(config, overrides, OneStepTask)
 
 
 def main(default_config: str = "configs/train/stage3_onestep.yaml") -> None:
     """CLI of ``train_stage3.py``: ``--config`` and ``--set key=value ...``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train stage 3: distil DiffDehaze into a one-step student")
-    parser.add_argument("--config", default=default_config, help="stage-3 YAML (model / dataset / train / distill)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set train.batch_size=8 train.resume=latest")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    sys.exit(train_stage3(args.config, args.set))
+    task_cli("Train stage 3: distil DiffDehaze into a one-step student", default_config,
+             "stage-3 YAML (model / dataset / train / distill)", "train.batch_size=8 train.resume=latest",
+             train_stage3)

@@ -125,6 +125,37 @@ def run_training(cfg: DictConfig, stage: int) -> int:
     return run_task(lambda: DiffusionTask(cfg, stage))
 
 
+def run_config(config: str | Path, overrides: list[str] | None,
+               make_task: Callable[[DictConfig], TrainTask]) -> int:
+    """Load ``config`` with ``--set``-style ``overrides`` and train ``make_task(cfg)`` (:func:`run_task`); a config
+    that cannot be read or merged gives exit status 2, logged as one line and reported to the launcher."""
+    try:
+        cfg = load_config(config, overrides or [])
+    except (FileNotFoundError, ValueError) as err:
+        if is_main_rank():
+            log.error("%s", err)
+        report_to_launcher(str(err))
+        return 2
+    return run_task(lambda: make_task(cfg))
+
+
+def task_cli(description: str, default_config: str, config_help: str, example: str,
+             train: Callable[[str, list[str]], int]) -> None:
+    """The ``--config`` / ``--set key=value ...`` command line of a task's entry script; exits with ``train``'s
+    status."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help=config_help)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"override config keys, e.g. --set {example}")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    sys.exit(train(args.config, args.set))
+
+
 def run_task(make_task: Callable[[], TrainTask]) -> int:
     """Train the task ``make_task()`` builds (its constructor's start-up errors included). Returns the process exit
     status: 2 for start-up problems, logged as one line by the main process only (every process of the run stops at
