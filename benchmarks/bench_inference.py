@@ -213,16 +213,24 @@ class Bench:
             self.prepare_weights((hh // 8, ww // 8))
         return folder
 
+    def load_row(self, row: Row, root: Path) -> None:
+        """Model loading for ``row``, untimed like the scripts' own: the one-step student's adapters merged into
+        the model (random adapters of the shipped rank), then the packed weights remade by one denoiser call."""
+        self.script_folder(root)
+        if row.onestep and self.runner.onestep_timestep is None:
+            self.runner.load_adapters(str(write_random_adapters(self.cfg, root / "adapters.safetensors")))
+            hh, ww = self.runner.geometry(self.size, self.size).padded_hw
+            self.prepare_weights((hh // 8, ww // 8))
+
     def run_script(self, row: Row, root: Path) -> None:
         """One image through the scripts' per-image path (``run_folder`` + the script's batch function, on the
-        loaded model reconfigured with the row's settings): read, resize/pad, condition, sample (AccSamp: both
-        phases, AlignOp, DCP, guidance), decode, crop back, save. RuntimeError when the image fails."""
+        model loaded by :meth:`load_row` and reconfigured with the row's settings): read, resize/pad, condition,
+        sample (AccSamp: both phases, AlignOp, DCP, guidance), decode, crop back, save. RuntimeError when the
+        image fails."""
         cfg = OmegaConf.merge(row.config(self.cfg), {"inference": {
             "image_folder": str(self.script_folder(root)), "result_folder": str(root / "output")}})
         inf = InferenceSettings.from_config(cfg)
         script = onestep_script if row.onestep else accsamp_script if row.accsamp else stage2_script
-        if row.onestep and self.runner.onestep_timestep is None:
-            self.runner.load_adapters(str(write_random_adapters(self.cfg, root / "adapters.safetensors")))
         self.runner.configure(cfg, inf)
         status = run_folder(inf, script.make_process(cfg, inf, self.runner), script.output_names(inf), False,
                             row.name, self.runner.batch_key)
@@ -360,6 +368,7 @@ def run_case(case: str, bench: Bench, warmup: int, repeats: int, rows: list[Row]
         out = {"script_hw": list(bench.runner.geometry(bench.size, bench.size).padded_hw)}
         with tempfile.TemporaryDirectory(prefix="bench_inference_") as root:
             for k, row in enumerate(rows or make_rows()):
+                bench.load_row(row, Path(root))
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 out[f"row{k}_s"] = _best_time(partial(bench.run_script, row, Path(root)), dev, warmup, repeats)
