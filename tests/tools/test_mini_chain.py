@@ -83,6 +83,12 @@ def test_the_quick_preset_trains_its_dehazer_on_ridcp_pairs_and_names_it():
         mini_chain.Plan(main_pairs="ridcp")
     with pytest.raises(ValueError, match="hazegen or ridcp"):
         mini_chain.Plan(main_pairs="clean", extras=False)
+    with pytest.raises(ValueError, match="unknown stages"):
+        mini_chain.Plan(overrides={"stage3": ("train.batch_size=8",)})
+    with pytest.raises(ValueError, match="threads"):
+        mini_chain.Plan(threads=0)
+    ci = mini_chain.PRESETS["ci"]
+    assert not ci.real_rows and ci.threads == 2 and ci.overrides["prior"] == ("prior.vae_crop_size=32",)
 
 
 def _report(psnr: float, psnr0: float, hazy: float, fade_gen: float, fade_clean: float, fade_out: float = 0.3,
@@ -122,8 +128,8 @@ def _chain(out: Path, *extra: str) -> dict:
 @pytest.mark.skipif(not KODAK.is_dir(), reason="needs ../shared/data/clean_kodak")
 def test_the_chain_learns(tmp_path):
     """Prior -> HazeGen (2 processes) -> pairs -> DiffDehaze -> evaluation at the ``ci`` preset: the trained dehazer's
-    held-out diffusion loss is below step 0's, its output beats the hazy input, HazeGen adds haze — each by the
-    margin measured over five seeds (tools.mini_chain.LEARNING_MARGIN_*)."""
+    output beats step 0's and the hazy input by PSNR and removes haze by FADE, HazeGen adds haze, the held-out
+    diffusion loss stays at step 0's level — each by the margin measured over five seeds (docs/mini_chain.md)."""
     out = tmp_path / "mini"
     report = _chain(out)
     assert {k: c["ok"] for k, c in report["checks"].items()} == {k: True for k in report["checks"]}, report["checks"]
@@ -143,3 +149,16 @@ def test_the_learning_checks_catch_a_broken_chain(tmp_path):
     assert not all(c["ok"] for c in no_scale["checks"].values()), no_scale["checks"]
     swapped = _chain(out, "--break=swap_pairs", "--stages=stage2,evaluate")
     assert not all(c["ok"] for c in swapped["checks"].values()), swapped["checks"]
+
+
+def test_preset_overrides_and_threads_reach_the_stage_commands(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mini_chain, "run_logged", lambda cmd, log, threads=1: calls.append((cmd, threads)) or 0.0)
+    plan = mini_chain.Plan(threads=2, extras=False, main_pairs="ridcp", seeds=(0,),
+                           overrides={"prior": ("prior.vae_crop_size=32",), "stage2": ("train.batch_size=8",)})
+    chain = mini_chain.Chain(tmp_path, tmp_path, tmp_path, plan)
+    chain.stage_prior()
+    chain.stage_stage2()
+    (prior_cmd, prior_threads), (stage2_cmd, stage2_threads) = calls
+    assert prior_cmd[-1] == "prior.vae_crop_size=32" and prior_threads == 2
+    assert stage2_cmd[-1] == "train.batch_size=8" and stage2_threads == 2  # one stage-2 run: it runs alone
