@@ -21,28 +21,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
+
+from benchmarks.timing import peak_rss_mb, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build_step(config: Path, device: torch.device, grad_ckpt: bool, tiny: bool):
-    """(DistillationStep, student AdamW, fake AdamW) of ``config``'s model and ``distill`` section, random weights."""
+    """(DistillationStep, student AdamW, fake AdamW, train.max_grad_norm) of ``config``'s model, ``distill`` and
+    ``train`` sections, random weights."""
     from omegaconf import OmegaConf
 
     from model.builder import cldm_config
@@ -62,23 +56,29 @@ def build_step(config: Path, device: torch.device, grad_ckpt: bool, tiny: bool):
     set_gradient_checkpointing(teacher, grad_ckpt)
     step = DistillationStep(teacher.to(device), diffusion.to(device), settings)
     lr = float(cfg.train.learning_rate)
-    return step, torch.optim.AdamW(step.student_parameters(), lr=lr), torch.optim.AdamW(step.fake_parameters(), lr=lr)
+    return (step, torch.optim.AdamW(step.student_parameters(), lr=lr),
+            torch.optim.AdamW(step.fake_parameters(), lr=lr), cfg.train.max_grad_norm)
 
 
-def iteration(step, opt_student, opt_fake, batch: dict, autocast, generator: torch.Generator) -> None:
-    """One iteration as :func:`training.stage3.distill_step` runs it (without the guard and the gradient scaler)."""
+def iteration(step, opt_student, opt_fake, batch: dict, autocast, generator: torch.Generator,
+              max_grad_norm: float | None = None) -> None:
+    """One iteration as :func:`training.stage3.distill_step` runs it (without the guard and the gradient scaler):
+    each part's backward, clipping to ``max_grad_norm`` (None: none) and optimiser step."""
     with autocast():
         loss, z, cond, _ = step.student_loss(batch, generator)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(step.student_parameters(), 1.0)
-    opt_student.step()
-    opt_student.zero_grad(set_to_none=True)
+    _update(loss, step.student_parameters(), opt_student, max_grad_norm)
     with autocast():
         fake_loss, _ = step.fake_score_loss(z, cond, generator)
-    fake_loss.backward()
-    torch.nn.utils.clip_grad_norm_(step.fake_parameters(), 1.0)
-    opt_fake.step()
-    opt_fake.zero_grad(set_to_none=True)
+    _update(fake_loss, step.fake_parameters(), opt_fake, max_grad_norm)
+
+
+def _update(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+            max_grad_norm: float | None) -> None:
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.size % 8 or args.size < 64:
         parser.error(f"--size must be a multiple of 8 and at least 64, got {args.size}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -106,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--precision fp16/bf16 is for CUDA; the CPU runs fp32")
 
     start = time.perf_counter()
-    step, opt_student, opt_fake = build_step(args.config, device, args.grad_ckpt == "on", args.tiny)
+    step, opt_student, opt_fake, max_grad_norm = build_step(args.config, device, args.grad_ckpt == "on", args.tiny)
     built_s = time.perf_counter() - start
-    weights_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+    weights_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     gen = torch.Generator(device=device).manual_seed(1)
     batch = {"condition": torch.rand(args.batch, 3, args.size, args.size, generator=gen, device=device),
              "target": torch.rand(args.batch, 3, args.size, args.size, generator=gen, device=device) * 2 - 1,
@@ -121,15 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for k in range(args.warmup + args.iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        iteration(step, opt_student, opt_fake, batch, autocast, gen)
-        _sync(device)
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+    one = partial(iteration, step, opt_student, opt_fake, batch, autocast, gen, max_grad_norm)
+    times = [timed(one, device) for _ in range(args.warmup + args.iters)][args.warmup:]
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     trainable = sum(p.numel() for p in step.student_parameters())
     fake = sum(p.numel() for p in step.fake_parameters())
     median = statistics.median(times)

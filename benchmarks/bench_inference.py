@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import torch
 
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.timing import sync, timed
+from benchmarks.timing import peak_rss_mb, sync, timed
 from haze.dcp import estimate_transmission
 from model.builder import cldm_config
 from pipelines import accsamp as accsamp_script
@@ -123,10 +122,6 @@ def make_rows(fast_config: Path = FAST_CONFIG) -> list[Row]:
             spacing=f_spacing),
         Row("one-step student", "spaced", 50, onestep=True),  # last: its adapters are merged into the model
     ]
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Bench:
@@ -384,14 +379,14 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     bench = Bench(cfg, args.size, device, args.precision)
     sync(device)
-    weights_mb = _rss_mb()
+    weights_mb = peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = run_case(args.worker, bench, args.warmup, args.repeats, select_rows(args.rows))
     if device.type == "cuda":
         peak_mb, above_mb = torch.cuda.max_memory_allocated(device) / 2**20, float("nan")
     else:
-        peak_mb = _rss_mb()
+        peak_mb = peak_rss_mb()
         above_mb = peak_mb - weights_mb
     params_m = sum(p.numel() for p in bench.model.parameters()) / 1e6
     print(json.dumps({**result, "peak_mb": peak_mb, "above_mb": above_mb, "params_m": params_m}))

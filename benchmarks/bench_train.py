@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+
+from benchmarks.timing import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES: dict[str, dict] = {
@@ -106,7 +107,7 @@ def run_case(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = peak_rss_mb()
     return {"step_s": statistics.median(times), "peak_mb": peak_mb, "terms": sorted(out["terms"])}
 
 

@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmark scripts: CUDA work is synchronised before a clock is read."""
 from __future__ import annotations
 
+import resource
 import time
 from typing import Callable
 
@@ -11,6 +12,11 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued kernels (CUDA); a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark (``ru_maxrss``, MB): weights, runtime and activations."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

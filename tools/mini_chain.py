@@ -439,9 +439,12 @@ class Chain:
     def stage_baselines(self) -> float:
         return mini_baselines.BaselineTrainer(self.out, self.plan, run_logged, checkpoint_of, self.say).run()
 
-    def _model_overrides(self) -> list[str]:
-        """Config overrides of every diffusion evaluation: the no_latent_scale break."""
-        return ["model.cldm.params.latent_scale_factor=1.0"] if self.broken == "no_latent_scale" else []
+    def _model_overrides(self, ckpt_name: str) -> list[str]:
+        """Config overrides of the diffusion evaluations of ``ckpt_name``: the no_latent_scale break, except for the
+        control (step 0), the fixed reference that always runs in the sound conventions."""
+        if self.broken == "no_latent_scale" and ckpt_name != "control":
+            return ["model.cldm.params.latent_scale_factor=1.0"]
+        return []
 
     def _checkpoint(self, name: str) -> Path:
         """The ControlNet of a stage-2 variant, or of the control row (``control``); a baseline's network."""
@@ -485,9 +488,8 @@ class Chain:
         if ckpt_name is not None and row.script == "inference_baseline.py":
             extra.append(f"inference.checkpoint_path={self._checkpoint(ckpt_name)}")
         elif ckpt_name is not None:
-            sound = ckpt_name == "control"  # step 0 is the fixed reference: always in the sound conventions
             extra += [f"inference.sd_path={self.sd}", f"inference.controlnet_path={self._checkpoint(ckpt_name)}",
-                      f"inference.min_short_side={self.plan.size}", *([] if sound else self._model_overrides())]
+                      f"inference.min_short_side={self.plan.size}", *self._model_overrides(ckpt_name)]
         start = time.time()
         peak = run_logged([sys.executable, row.script, "--config", config, "--skip-existing", "--set", *extra],
                           self.out / "logs" / f"eval_{dst.parent.parent.name}_{dst.parent.name}_{dst.name}.log")
@@ -522,9 +524,9 @@ class Chain:
                 per_seed.append(score_folders(dst / "syn", syn / "clean", dst / "real" if self.plan.real_rows else None))
                 per_seed[-1]["s_per_image"] = self._seconds_per_image(dst)
                 per_seed[-1].update(mini_baselines.row_facts(row, self._checkpoint(name) if name else None))
-                if row.model_loss:  # step 0 (the control) always in the sound conventions: the fixed reference
-                    overrides = [] if name == "control" else self._model_overrides()
-                    per_seed[-1]["heldout_eps_mse"] = heldout_eps_mse(self.sd, self._checkpoint(name), syn, overrides)
+                if row.model_loss:
+                    per_seed[-1]["heldout_eps_mse"] = heldout_eps_mse(self.sd, self._checkpoint(name), syn,
+                                                                      self._model_overrides(name))
             results[row.label] = {"seeds": list(seeds) if row.ckpts else [], "per_seed": per_seed, "note": row.note,
                                   "folder": str(self.eval_root / row_key(row.label) / (seeds[0] or "run"))}
         peak = sum(sorted(peaks)[-self.plan.jobs:])

@@ -162,3 +162,11 @@ def test_preset_overrides_and_threads_reach_the_stage_commands(tmp_path, monkeyp
     (prior_cmd, prior_threads), (stage2_cmd, stage2_threads) = calls
     assert prior_cmd[-1] == "prior.vae_crop_size=32" and prior_threads == 2
     assert stage2_cmd[-1] == "train.batch_size=8" and stage2_threads == 2  # one stage-2 run: it runs alone
+
+
+def test_the_no_latent_scale_break_leaves_step_0_in_the_sound_conventions(tmp_path):
+    plan = mini_chain.PRESETS["ci"]
+    broken = mini_chain.Chain(tmp_path, tmp_path, tmp_path, plan, "no_latent_scale")
+    assert broken._model_overrides("ridcp_s0") == ["model.cldm.params.latent_scale_factor=1.0"]
+    assert broken._model_overrides("control") == []
+    assert mini_chain.Chain(tmp_path, tmp_path, tmp_path, plan)._model_overrides("ridcp_s0") == []
