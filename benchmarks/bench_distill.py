@@ -1,8 +1,8 @@
 """Benchmark one one-step distillation iteration (stage 3): time and peak memory with the three networks resident.
 
 The networks are those ``train_stage3.py`` builds (:class:`training.distill.DistillationStep`): the frozen stage-2
-teacher (SD-2.1 UNet + IRControlNet, VAE, text encoder), the student (a LoRA copy + trainable UNet input conv) and
-the fake score (a LoRA copy), from the model section of ``configs/train/stage3_onestep.yaml`` with random weights
+teacher (SD-2.1 UNet + IRControlNet, VAE, text encoder), the student (LoRA adapters + trainable UNet input conv)
+and the fake score (LoRA adapters), both on copies that share the teacher's frozen weights, from the model section of ``configs/train/stage3_onestep.yaml`` with random weights
 (random init does not change the cost). One iteration is what :func:`training.stage3.distill_step` does on one
 batch: the student loss (one evaluation at t*, VAE decode, MSE + MS-SSIM, the VSD term with the teacher's and the
 fake score's predictions) and backward, clipping and AdamW step; then the fake score's ε-MSE on the detached student

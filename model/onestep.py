@@ -8,8 +8,10 @@ and the ControlNet hint, and the output is x̂0 = ``model.gaussian_diffusion.pre
     x̂0 = predict_x0(z_h, ε_θ(z_h, t*, {c_txt, c_img = z_h}), ᾱ_t*)        (scaled latents, B×4×h×w)
 
 Adapters are created by ``peft.inject_adapter_in_model`` on plain modules (B = 0 at init, so every output equals the
-stage-2 model's bit for bit until the first update). The VAE and the text encoder are not copied: the student uses
-the stage-2 model's frozen ones. :class:`LoRADenoiser` is also the fake score of the distillation
+stage-2 model's bit for bit until the first update). The adapted UNet and ControlNet are structural copies that share
+the stage-2 model's frozen weights (:func:`shared_copy`): only the adapters and the trained input conv take new
+memory, so the teacher, the student and the fake score of the distillation hold one set of UNet + ControlNet weights
+between them. The VAE and the text encoder are not copied: the student uses the stage-2 model's frozen ones. :class:`LoRADenoiser` is also the fake score of the distillation
 (``training.distill``). The adapter file (:func:`save_adapter_file`) holds only the trainable tensors
 (``safetensors``, with the LoRA rank, alpha and t* in its metadata) and is merged into the stage-2 weights at load
 (:func:`merge_adapter_file`).
@@ -46,6 +48,16 @@ UNET_INPUT_CONV = "unet.input_blocks.0.0"
 ADAPTER_NAME = "default"
 
 
+def shared_copy(module: nn.Module, own: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of ``module``'s layers whose parameters and buffers are ``module``'s own tensors, shared rather than
+    duplicated, except those whose names start with a prefix in ``own``, which are copied. Adapters injected into
+    the copy wrap its layers and leave ``module`` unchanged; the shared tensors must stay frozen (an in-place
+    change of one, such as merging an adapter, changes ``module`` too)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    memo = {id(t): t for name, t in tensors if not name.startswith(own)}
+    return copy.deepcopy(module, memo)
+
+
 def lora_targets(module: nn.Module) -> list[str]:
     """Names of the Linear / Conv2d layers of ``module`` that :data:`LORA_LAYER_PATTERN` matches."""
     return [name for name, sub in module.named_modules()
@@ -57,9 +69,10 @@ class LoRADenoiser(nn.Module):
     """A copy of a ControlLDM's UNet + ControlNet with LoRA adapters of rank ``rank`` (scale ``alpha/rank``);
     ``forward(x (B,4,h,w), t (B,), cond)`` -> eps (or v) float32, as :meth:`ControlLDM.forward`.
 
-    Only the adapters require gradients (and, with ``train_input_conv``, the UNet's input convolution).
-    ``in_place``: inject the adapters into ``ldm``'s own UNet and ControlNet instead of copies (inference, where
-    they are merged at load and no second copy is wanted).
+    Only the adapters require gradients (and, with ``train_input_conv``, the UNet's input convolution, which is then
+    a copy of its own). The UNet and ControlNet are :func:`shared_copy` copies of ``ldm``'s: they share its weights,
+    which this freezes, and cannot be merged. ``in_place``: inject the adapters into ``ldm``'s own UNet and
+    ControlNet instead (inference, where they are merged at load).
     """
 
     def __init__(self, ldm: ControlLDM, rank: int = 4, alpha: float | None = None, train_input_conv: bool = False,
@@ -69,8 +82,10 @@ class LoRADenoiser(nn.Module):
 
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.unet = ldm.unet if in_place else copy.deepcopy(ldm.unet)
-        self.controlnet = ldm.controlnet if in_place else copy.deepcopy(ldm.controlnet)
+        own_conv = (UNET_INPUT_CONV.removeprefix("unet.") + ".",) if train_input_conv else ()
+        self.unet = ldm.unet if in_place else shared_copy(ldm.unet, own_conv)
+        self.controlnet = ldm.controlnet if in_place else shared_copy(ldm.controlnet)
+        self.in_place = in_place
         self.control_scales = ldm.control_scales
         self.rank, self.alpha = int(rank), float(alpha if alpha is not None else rank)
         self.requires_grad_(False)
@@ -115,8 +130,13 @@ class LoRADenoiser(nn.Module):
 
     def merge_adapters(self) -> "LoRADenoiser":
         """Fold every adapter into its layer's weight (W += scale·B·A; peft's ``merge``): inference then runs the
-        plain layers, at the stage-2 model's cost."""
+        plain layers, at the stage-2 model's cost. Only for ``in_place`` adapters: a copy's layers share the stage-2
+        model's weights, which merging would change (RuntimeError)."""
         from peft.tuners.lora import LoraLayer
+
+        if not self.in_place:
+            raise RuntimeError("merge_adapters needs adapters injected in place (LoRADenoiser(..., in_place=True)): "
+                               "this denoiser shares the stage-2 model's weights, which merging would change")
 
         for sub in self.modules():
             if isinstance(sub, LoraLayer):

@@ -59,6 +59,9 @@ KODAK_HELD_OUT = ("kodim01", "kodim08", "kodim13", "kodim21")
 """Whole Kodak photos never seen by any stage (outdoor scenes with depth: house, buildings, river, lighthouse)."""
 REAL_HELD_OUT = ("real_5", "real_7")
 """Real hazy photos of the published sample inputs kept for the real-photo rows."""
+REAL_PREFIX = "real_"
+"""The real hazy photos of ``--real`` are its files named ``real_<k>``; other images there (``inputs/`` also holds
+synthetic samples made by ``tools.make_inputs``) are not real haze and are left out, listed in the manifest."""
 STAGES = ("data", "prior", "stage1", "pairs", "stage2", "baselines", "evaluate")
 BREAKS = ("swap_pairs", "no_latent_scale")
 
@@ -184,7 +187,8 @@ def make_data(out: Path, kodak: Path, real: Path, plan: Plan, broken: str | None
     data = out / "data"
     photos = {p.stem: p for p in list_images(kodak)}
     missing = [n for n in KODAK_HELD_OUT if n not in photos]
-    reals = {p.stem: p for p in list_images(real)}
+    images = list_images(real)
+    reals = {p.stem: p for p in images if p.stem.startswith(REAL_PREFIX)}
     if missing or any(n not in reals for n in REAL_HELD_OUT):
         raise SystemExit(f"mini_chain: {kodak} must hold {list(KODAK_HELD_OUT)} and {real} {list(REAL_HELD_OUT)}")
     held_out = list(KODAK_HELD_OUT[:plan.held_out])
@@ -214,6 +218,7 @@ def make_data(out: Path, kodak: Path, real: Path, plan: Plan, broken: str | None
         "held_out_clean": held_out,
         "real_train": real_train,
         "real_held_out": list(REAL_HELD_OUT),
+        "real_ignored": sorted(p.stem for p in images if p.stem not in reals),
         "photo_size": f"Kodak: centre square, bicubic to {plan.size}x{plan.size}; real: short side {plan.size}",
         "ridcp": "dataset.degradation.degrade (published RIDCP ranges) with the depth proxy "
                  "dataset.degradation.depth_proxy (brightness/saturation cue plus a vertical ramp), "
@@ -729,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kodak", type=Path, default=ROOT.parent / "shared" / "data" / "clean_kodak",
                         help="the 24 Kodak photos (kodim01..24)")
     parser.add_argument("--real", type=Path, default=ROOT / "inputs",
-                        help="folder holding the real hazy photos real_1..real_7 (default: inputs/)")
+                        help="folder holding the real hazy photos real_<k> (default: inputs/; other images there are "
+                             "not used)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0, help="base seed of data, prior, stage 1 and stage 2")

@@ -4,8 +4,9 @@ As parts of the one trainer (``training.stage3``): :class:`StudentObjective` and
 with its own optimiser, whose training state is only their trainable tensors (:class:`AdaptedPart`).
 
 Networks (``model.onestep``): the frozen stage-2 ControlLDM (teacher = real score, and the VAE and text encoder
-every network shares), the student (LoRA copy + trainable UNet input conv, one evaluation at t*), and the fake score
-(a LoRA copy of the teacher, same conditioning). Per iteration, with two optimisers:
+every network shares), the student (LoRA adapters + trainable UNet input conv, one evaluation at t*), and the fake
+score (LoRA adapters, same conditioning as the teacher); both adapt copies of the teacher's layers that share its
+frozen weights (``model.onestep.shared_copy``). Per iteration, with two optimisers:
 
 1. student: z = student(cond) (x̂0 latent at t*), x̂ = decode(z); loss = data(x̂, clean) + w_vsd · VSD(z), VSD with
    t ~ U{t_min..t_max}, both scores evaluated without gradient on z_t (``losses.onestep``);

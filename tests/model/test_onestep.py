@@ -3,6 +3,7 @@ is the teacher's x̂0 at t*, only adapters and the UNet input conv train, the ad
 folds the adapters in, and the full-size trainable-parameter count (meta device) against OSEDiff's 8.5 M."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -67,13 +68,13 @@ def test_student_one_step_at_init_equals_teacher_x0_at_its_timestep(tiny):
         OneStepStudent(teacher, diffusion, timestep=1000)
 
 
-def test_only_adapters_and_the_unet_input_conv_train_and_the_teacher_is_a_separate_copy(tiny):
+def test_only_adapters_and_the_unet_input_conv_train_and_the_teacher_keeps_its_own(tiny):
     teacher, diffusion = tiny
     student = OneStepStudent(teacher, diffusion)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or n.startswith(f"denoiser.{UNET_INPUT_CONV}.") for n in trainable)
     assert f"denoiser.{UNET_INPUT_CONV}.weight" in trainable and f"denoiser.{UNET_INPUT_CONV}.bias" in trainable
-    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters() if p.requires_grad}
     before = teacher.unet.input_blocks[0][0].weight.clone()
     with torch.no_grad():
         student.denoiser.unet.input_blocks[0][0].weight.add_(1.0)
@@ -132,13 +133,36 @@ def test_merged_adapters_give_the_same_output(tiny):
     student = OneStepStudent(teacher, diffusion)
     randomize_adapters_(student.denoiser, 6)
     _, _, cond = inputs(teacher)
+    with pytest.raises(RuntimeError, match="in_place"):  # its layers share the teacher's weights
+        student.denoiser.merge_adapters()
+    own = copy.deepcopy(teacher)
+    merged = LoRADenoiser(own, rank=4, train_input_conv=True, in_place=True)
+    merged.load_adapter_state_dict(student.denoiser.adapter_state_dict())
     with torch.no_grad():
         before = student(cond)
-        student.denoiser.merge_adapters()
-        after = student(cond)
+        merged.merge_adapters()
+        after = one_step_x0(merged, diffusion, cond, 999)
     assert not torch.equal(before, student.diffusion.predict_x0(cond["c_img"], torch.full((2,), 999),
                                                                 teacher(cond["c_img"], torch.full((2,), 999), cond)))
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
+
+
+def test_adapted_copies_share_the_frozen_weights_and_own_the_trained_ones(tiny):
+    teacher, diffusion = tiny
+    student, fake = OneStepStudent(teacher, diffusion), LoRADenoiser(teacher, rank=4)
+    base = {p.data_ptr() for p in [*teacher.unet.parameters(), *teacher.controlnet.parameters()]}
+    conv = {p.data_ptr() for p in teacher.unet.input_blocks[0][0].parameters()}
+    for copy_ in (student.denoiser, fake):
+        frozen = [p for p in copy_.parameters() if not p.requires_grad]
+        assert frozen and {p.data_ptr() for p in frozen} <= base  # no second UNet / ControlNet in memory
+        assert not {p.data_ptr() for p in copy_.parameters() if p.requires_grad} & base
+    # the student trains its own input conv, equal to the teacher's at init; the teacher's stays frozen
+    own_conv = list(student.denoiser.unet.input_blocks[0][0].parameters())
+    assert all(p.requires_grad for p in own_conv) and not {p.data_ptr() for p in own_conv} & conv
+    assert all(torch.equal(a, b) for a, b in zip(own_conv, teacher.unet.input_blocks[0][0].parameters()))
+    assert not any(p.requires_grad for p in [*teacher.unet.parameters(), *teacher.controlnet.parameters()])
+    new_memory = sum(p.numel() for p in student.denoiser.parameters() if p.data_ptr() not in base)
+    assert new_memory == sum(v.numel() for v in student.denoiser.adapter_state_dict().values())
 
 
 def lora_count(module: nn.Module, rank: int) -> int:

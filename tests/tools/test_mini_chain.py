@@ -42,8 +42,8 @@ def test_data_stage_keeps_held_out_photos_out_of_every_training_folder(tmp_path)
     kodak.mkdir(), real.mkdir()
     for i in range(1, 25):
         _photo(kodak / f"kodim{i:02d}.png", i)
-    for name in ("real_1", "real_2", "real_5", "real_7"):
-        _photo(real / f"{name}.png", hash(name) % 1000, (50, 70))
+    for name in ("real_1", "real_2", "real_5", "real_7", "astronaut"):  # astronaut: a synthetic sample, not real
+        _photo(real / f"{name}.png", sum(map(ord, name)), (50, 70))
     plan = mini_chain.Plan(size=32, held_in=5, held_out=2, pairs_per_photo=2, test_betas=(0.8, 1.6))
     manifest = mini_chain.make_data(tmp_path / "run", kodak, real, plan, None)
     data = tmp_path / "run" / "data"
@@ -52,7 +52,8 @@ def test_data_stage_keeps_held_out_photos_out_of_every_training_folder(tmp_path)
                    for p in list_images(data / folder)}
     assert train_names == set(manifest["held_in_clean"]) and len(train_names) == 5
     assert not train_names & set(mini_chain.KODAK_HELD_OUT)
-    assert sorted(p.stem for p in list_images(data / "real_train")) == ["real_1", "real_2"]
+    assert sorted(p.stem for p in list_images(data / "real_train")) == manifest["real_train"] == ["real_1", "real_2"]
+    assert manifest["real_ignored"] == ["astronaut"]
     assert sorted(p.stem for p in list_images(data / "test_real")) == list(mini_chain.REAL_HELD_OUT)
     assert len(list_images(data / "test_syn" / "hazy")) == 4 and len(list_images(data / "ridcp_pairs")) == 10
     assert load_rgb01(data / "clean_train" / "kodim02.png").shape == (3, 32, 32)
