@@ -1,14 +1,14 @@
 """Benchmark one one-step distillation iteration (stage 3): time and peak memory with the three networks resident.
 
 The networks are those ``train_stage3.py`` builds (:class:`training.distill.DistillationStep`): the frozen stage-2
-teacher (SD-2.1 UNet + IRControlNet, VAE, text encoder), the student (LoRA adapters + trainable UNet input conv)
-and the fake score (LoRA adapters), both on copies that share the teacher's frozen weights, from the model section of ``configs/train/stage3_onestep.yaml`` with random weights
-(random init does not change the cost). One iteration is what :func:`training.stage3.distill_step` does on one
-batch: the student loss (one evaluation at t*, VAE decode, MSE + MS-SSIM, the VSD term with the teacher's and the
-fake score's predictions) and backward, clipping and AdamW step; then the fake score's ε-MSE on the detached student
-latent, backward, clipping and AdamW step. The batch is random images of ``--size``² (hazy condition, clean
-target). Mixed precision is autocast (bf16 / fp16) as accelerate's ``mixed_precision`` applies it, without the fp16
-gradient scaler.
+teacher (SD-2.1 UNet + IRControlNet, VAE, text encoder), the student (LoRA adapters + trainable UNet input conv) and
+the fake score (LoRA adapters), both on copies that share the teacher's frozen weights, from the model section of
+``configs/train/stage3_onestep.yaml`` with random weights (random init does not change the cost). One iteration is
+what :func:`training.stage3.distill_step` does on one batch: the student loss (one evaluation at t*, VAE decode, MSE
++ MS-SSIM, the VSD term with the teacher's and the fake score's predictions) and backward, clipping and AdamW step;
+then the fake score's ε-MSE on the detached student latent, backward, clipping and AdamW step. The batch is random
+images of ``--size``² (hazy condition, clean target). Mixed precision is autocast (bf16 / fp16) as accelerate's
+``mixed_precision`` applies it, without the fp16 gradient scaler.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (weights included), on CPU the process high-water mark
 (``ru_maxrss``: weights, the Python / torch runtime and activations). "per 1k iterations" is 1000 × the median

@@ -11,10 +11,10 @@ Adapters are created by ``peft.inject_adapter_in_model`` on plain modules (B = 0
 stage-2 model's bit for bit until the first update). The adapted UNet and ControlNet are structural copies that share
 the stage-2 model's frozen weights (:func:`shared_copy`): only the adapters and the trained input conv take new
 memory, so the teacher, the student and the fake score of the distillation hold one set of UNet + ControlNet weights
-between them. The VAE and the text encoder are not copied: the student uses the stage-2 model's frozen ones. :class:`LoRADenoiser` is also the fake score of the distillation
-(``training.distill``). The adapter file (:func:`save_adapter_file`) holds only the trainable tensors
-(``safetensors``, with the LoRA rank, alpha and t* in its metadata) and is merged into the stage-2 weights at load
-(:func:`merge_adapter_file`).
+between them. The VAE and the text encoder are not copied: the student uses the stage-2 model's frozen ones.
+:class:`LoRADenoiser` is also the fake score of the distillation (``training.distill``). The adapter file
+(:func:`save_adapter_file`) holds only the trainable tensors (``safetensors``, with the LoRA rank, alpha and t* in
+its metadata) and is merged into the stage-2 weights at load (:func:`merge_adapter_file`).
 """
 from __future__ import annotations
 
