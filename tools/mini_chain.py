@@ -41,8 +41,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from dataset.checks import pair_hazy_with_clean
 from dataset.degradation import degrade, depth_proxy
 from metrics import evaluation
+from metrics.content_kept import affine_fit_psnr, detail_kept
 from model.builder import build_model
 from tools import mini_baselines
 from tools.compare_grid import build_grids
@@ -559,6 +561,7 @@ class Chain:
         out = {k: {"mean": float(np.mean(v)), "sd": float(np.std(v)), "n": len(v)} for k, v in values.items()}
         for k in ("hazegen_pairs", "ridcp_pairs"):
             out[k]["w1_to_real"] = wasserstein1(values[k], real)
+            out[k].update(pair_content(folders[k], folders["clean_train"]))
         return out
 
     def _agreement(self, results: dict) -> dict:
@@ -588,6 +591,19 @@ def fade_values(folder: Path) -> list[float]:
     """FADE (fade-python, through metrics.iqa) of every image of ``folder``."""
     report = evaluation.evaluate_folders(folder, None, ("fade",))
     return [r["fade"] for r in report.rows if math.isfinite(r.get("fade", math.nan))]
+
+
+def pair_content(hazy: Path, clean: Path) -> dict[str, float]:
+    """Mean :func:`metrics.content_kept.affine_fit_psnr` (``fit_psnr``, dB) and
+    :func:`metrics.content_kept.detail_kept` (``detail_kept``) of the training pairs ``hazy/<name>_<k>`` against
+    ``clean/<name>``: how much of the clean photo a generated hazy image keeps, whatever its haze."""
+    fits, details = [], []
+    for hazy_path, clean_path in pair_hazy_with_clean(list_images(hazy), clean):
+        hazy01 = load_rgb01(hazy_path)[None]
+        clean01 = resize01(load_rgb01(clean_path)[None], tuple(hazy01.shape[2:])).clamp(0, 1)
+        fits.append(float(affine_fit_psnr(hazy01, clean01)[0]))
+        details.append(float(detail_kept(hazy01, clean01)[0]))
+    return {"fit_psnr": float(np.mean(fits)), "detail_kept": float(np.mean(details))}
 
 
 def wasserstein1(a: Sequence[float], b: Sequence[float]) -> float:
@@ -667,10 +683,16 @@ def report_markdown(report: dict) -> str:
     notes = [f"- {label}: {r['note']}" for label, r in report["rows"].items() if r["note"]]
     lines += ["", "Mean ± sd over training seeds where several; synthetic: held-out Kodak photos hazed by "
               "tools.make_benchmark's model; real: held-out real hazy photos.", *notes, "",
-              "## Generated haze (FADE, higher = hazier)", "", "| set | mean | sd | n | W1 to real hazy |",
-              "|---|---|---|---|---|"]
+              "## Generated haze (FADE, higher = hazier)", "",
+              "Content kept by the training pairs: the clean photo fitted from the hazy one by a per-image affine "
+              "colour map (which undoes homogeneous haze), PSNR against the clean photo; detail kept: mean gradient "
+              "of the hazy image over the clean one's (metrics.content_kept).", "",
+              "| set | mean | sd | n | W1 to real hazy | content kept (fit PSNR, dB) | detail kept |",
+              "|---|---|---|---|---|---|---|"]
     for k, v in report["hazegen_fade"].items():
-        lines.append(f"| {k} | {v['mean']:.3f} | {v['sd']:.3f} | {v['n']} | {v.get('w1_to_real', float('nan')):.3f} |")
+        extra = [f"{v[c]:.{d}f}" if c in v else "" for c, d in (("w1_to_real", 3), ("fit_psnr", 2),
+                                                                   ("detail_kept", 2))]
+        lines.append(f"| {k} | {v['mean']:.3f} | {v['sd']:.3f} | {v['n']} | " + " | ".join(extra) + " |")
     if report["agreement"]:
         lines += ["", "## Agreement with the 50-step spaced output (PSNR, dB)", ""]
         lines += [f"- {label}: {value:.2f}" for label, value in report["agreement"].items()]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.helpers import ROOT
 from tools import mini_chain
-from utils.image_io import list_images, load_rgb01
+from utils.image_io import list_images, load_rgb01, save_png01
 
 KODAK = ROOT.parent / "shared" / "data" / "clean_kodak"
 BREAKS_REQUESTED = os.environ.get("HCDYC_LEARNING_TEST") == "1"
@@ -70,6 +70,25 @@ def test_swap_pairs_exchanges_target_and_condition(tmp_path):
     new_hazy, new_clean = mini_chain.swap_pairs(hazy, clean, tmp_path / "swapped")
     assert torch.equal(load_rgb01(new_hazy / "a_1.png"), load_rgb01(clean / "a.png"))
     assert torch.equal(load_rgb01(new_clean / "a.png"), load_rgb01(hazy / "a_0.png"))
+
+
+def test_pair_content_scores_each_pair_against_its_clean_photo(tmp_path):
+    """Homogeneous haze keeps all content (fit PSNR far above a blurred pair's) and t of the detail; a pair whose
+    hazy image is another photo keeps little."""
+    hazy, clean = tmp_path / "hazy", tmp_path / "clean"
+    hazy.mkdir(), clean.mkdir()
+    ramp = np.linspace(40, 215, 48)
+    for name, seed in (("a", 1), ("b", 2)):
+        rng = np.random.default_rng(seed)
+        photo = np.clip(ramp[None, :, None] + rng.normal(0, 20, (48, 48, 3)), 0, 255).round()
+        Image.fromarray(photo.astype(np.uint8)).save(clean / f"{name}.png")
+    save_png01(0.5 * load_rgb01(clean / "a.png") + 0.45, hazy / "a_0.png")
+    save_png01(0.5 * load_rgb01(clean / "b.png") + 0.45, hazy / "a_1.png")      # another photo: content lost
+    mixed = mini_chain.pair_content(hazy, clean)
+    (hazy / "a_1.png").unlink()
+    homogeneous = mini_chain.pair_content(hazy, clean)
+    assert homogeneous["fit_psnr"] > 45.0 and homogeneous["detail_kept"] == pytest.approx(0.5, abs=0.01)
+    assert mixed["fit_psnr"] < homogeneous["fit_psnr"] - 10.0
 
 
 def test_the_quick_preset_trains_its_dehazer_on_ridcp_pairs_and_names_it():
