@@ -8,8 +8,8 @@ colour channel, an affine map of the clean image (``I = t J + (1 - t) A`` with c
   map (3x3 matrix plus offset, over all pixels), clamped to [0,1], scored by PSNR against the clean image. Any
   homogeneous haze is undone exactly (up to clamping and quantisation); what remains is what the map cannot
   explain: depth-varying haze, blur, changed content.
-* :func:`detail_kept`: the hazy image's mean gradient magnitude (forward differences, luma-free: over the three RGB
-  channels) as a share of the clean image's. Homogeneous haze of transmission ``t`` keeps ``t``; blur lowers it
+* :func:`detail_kept`: the hazy image's mean gradient magnitude (forward differences over the three RGB channels)
+  as a share of the clean image's. Homogeneous haze of transmission ``t`` keeps ``t``; blur lowers it
   further. It is not invariant to the haze's density: read it beside the fit.
 
 Both take ``hazy01, clean01: (B,3,H,W)`` in [0,1] of equal shape and return (B,) float64 tensors.
@@ -18,23 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from metrics.full_reference import psnr
+from metrics.full_reference import check_pair, psnr
 
 FIT_RIDGE = 1e-8
 """Tikhonov term of the affine least-squares fit (relative to the mean diagonal of the normal matrix): keeps the
 solve defined for flat images."""
 
 
-def _check(hazy01: torch.Tensor, clean01: torch.Tensor) -> None:
-    if hazy01.ndim != 4 or hazy01.shape[1] != 3 or hazy01.shape != clean01.shape:
-        raise ValueError(f"expected two (B,3,H,W) images of equal shape, got {tuple(hazy01.shape)} and "
-                         f"{tuple(clean01.shape)}")
-
-
 def affine_fit(hazy01: torch.Tensor, clean01: torch.Tensor) -> torch.Tensor:
     """The per-image least-squares affine colour map of ``hazy01`` onto ``clean01``, applied and clamped to [0,1]:
     (B,3,H,W) float64."""
-    _check(hazy01, clean01)
+    check_pair(hazy01, clean01)
     b = hazy01.shape[0]
     x = hazy01.double().reshape(b, 3, -1).transpose(1, 2)                      # (B, N, 3)
     x = torch.cat([x, torch.ones_like(x[..., :1])], dim=2)                     # (B, N, 4)
@@ -61,6 +55,6 @@ def mean_gradient(img01: torch.Tensor) -> torch.Tensor:
 
 def detail_kept(hazy01: torch.Tensor, clean01: torch.Tensor) -> torch.Tensor:
     """:func:`mean_gradient` of ``hazy01`` over that of ``clean01``: (B,) float64 (nan for a flat clean image)."""
-    _check(hazy01, clean01)
+    check_pair(hazy01, clean01)
     ref = mean_gradient(clean01)
     return torch.where(ref > 0, mean_gradient(hazy01) / ref.clamp_min(1e-300), torch.full_like(ref, float("nan")))

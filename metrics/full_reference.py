@@ -36,7 +36,8 @@ SETTINGS = {
 }
 
 
-def _check_pair(x01: torch.Tensor, y01: torch.Tensor) -> None:
+def check_pair(x01: torch.Tensor, y01: torch.Tensor) -> None:
+    """ValueError unless x01 and y01 are (B,3,H,W) images of equal shape."""
     if x01.ndim != 4 or x01.shape[1] != 3 or x01.shape != y01.shape:
         raise ValueError(f"expected two (B,3,H,W) images of equal shape, got {tuple(x01.shape)} and {tuple(y01.shape)}")
 
@@ -54,7 +55,7 @@ def ssim_rgb(x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
 
     Float32 inputs are computed in float32 (agrees with float64 to ~1e-5, 4x faster on CPU);
     float64 inputs in float64."""
-    _check_pair(x01, y01)
+    check_pair(x01, y01)
     return ssim(x01, y01, data_range=1.0, window_size=11, sigma=1.5, k1=0.01, k2=0.03).double()
 
 
@@ -133,7 +134,7 @@ def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor, k_l: float = 1.0, k_c: flo
 
 def delta_e00(x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
     """Mean CIEDE2000 per image. x01, y01: (B,3,H,W) sRGB in [0,1] -> (B,) float64."""
-    _check_pair(x01, y01)
+    check_pair(x01, y01)
     return ciede2000(rgb01_to_lab(x01), rgb01_to_lab(y01)).flatten(1).mean(dim=1)
 
 

@@ -73,8 +73,8 @@ def test_swap_pairs_exchanges_target_and_condition(tmp_path):
 
 
 def test_pair_content_scores_each_pair_against_its_clean_photo(tmp_path):
-    """Homogeneous haze keeps all content (fit PSNR far above a blurred pair's) and t of the detail; a pair whose
-    hazy image is another photo keeps little."""
+    """A homogeneously hazed pair keeps all content (fit PSNR limited only by 8-bit rounding) and t of the detail;
+    a pair whose hazy image is another photo pulls the set's mean fit PSNR down by more than 10 dB."""
     hazy, clean = tmp_path / "hazy", tmp_path / "clean"
     hazy.mkdir(), clean.mkdir()
     ramp = np.linspace(40, 215, 48)
